@@ -1,0 +1,1 @@
+"""Data: the sample schema, tokenizers, sources, the shard store and preprocessing."""

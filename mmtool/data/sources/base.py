@@ -1,0 +1,146 @@
+"""The source interface, its registry, and `--opt key=value` parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmtool.data.schema import SPLITS, Record, assign_split
+from mmtool.errors import MMToolError
+from mmtool.registry import Registry
+
+SOURCES: Registry[type["Source"]] = Registry(
+    "sources", "dataset adapters that read raw records for `mmtool preprocess`",
+    builtins="mmtool.data.sources",
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SAMPLE_DATA = REPO_ROOT / "sample_data"
+"""The bundled `sample_data/` folder (sources read it by default)."""
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A source without options."""
+
+
+class Source(ABC):
+    """Reads raw records by index: random access makes parallel and resumed runs exact.
+
+    Subclasses set `Options` to a dataclass whose fields (with defaults and a `help` metadata entry)
+    are the source's `--opt key=value` options, and implement `__len__`, `record_id` and `read`.
+    Construction may load an index (file list, dataset handle), but should not decode every record.
+
+    Args:
+        options: an instance of `Options`.
+        split: "all" or one of train/validation/test; see `indices`.
+    """
+
+    Options: ClassVar[type] = NoOptions
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, options: Any, split: str = "all"):
+        self.options = options
+        self.split = split
+
+    @property
+    def name(self) -> str:
+        """The registered name of this source."""
+        return self.registry_name
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of records before split selection."""
+
+    @abstractmethod
+    def record_id(self, index: int) -> str:
+        """The stable id of record `index`, cheap (no decoding): splits are assigned from it."""
+
+    @abstractmethod
+    def read(self, index: int) -> Record:
+        """Reads and decodes record `index`.
+
+        Raises:
+            RecordError: the record is bad (undecodable, missing file, NaN, ...).
+        """
+
+    def location(self, index: int) -> str:
+        """Where record `index` lives, for error messages and `rejected.jsonl`."""
+        return f"{self.name} record {index}"
+
+    def split_of(self, index: int) -> str:
+        """The split of record `index`: a stable hash of its id (80/10/10) unless overridden."""
+        return assign_split(self.name, self.record_id(index))
+
+    def indices(self) -> list[int]:
+        """Record indices that belong to `self.split`, in reading order."""
+        if self.split == "all":
+            return list(range(len(self)))
+        return [i for i in range(len(self)) if self.split_of(i) == self.split]
+
+
+def _coerce(value: str, annotation: Any, key: str, source: str) -> Any:
+    """Converts an `--opt` string to the option's annotated type."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "bool": bool, "str": str, "Path": Path}.get(
+            annotation.replace("| None", "").replace("None |", "").strip(), str)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if args else str
+    try:
+        if annotation is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation in (int, float, Path, str):
+            return annotation(value)
+    except ValueError:
+        raise MMToolError(
+            f"--opt {key}={value}: source {source!r} expects {getattr(annotation, '__name__', annotation)}"
+        ) from None
+    return value
+
+
+def parse_options(source_cls: type[Source], pairs: list[str] | dict[str, Any] | None) -> Any:
+    """Builds `source_cls.Options` from `key=value` strings (or a dict), naming bad keys clearly."""
+    fields = {f.name: f for f in dataclasses.fields(source_cls.Options)}
+    items = pairs.items() if isinstance(pairs, dict) else [
+        (p.split("=", 1) if "=" in p else (p, None)) for p in (pairs or [])
+    ]
+    kwargs = {}
+    for key, value in items:
+        if value is None:
+            raise MMToolError(f"--opt {key!r}: expected key=value")
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise MMToolError(
+                f"--opt {key}: source {source_cls.registry_name!r} has no option {key!r} (options: {known})"
+            )
+        kwargs[key] = _coerce(value, fields[key].type, key, source_cls.registry_name) \
+            if isinstance(value, str) else value
+    return source_cls.Options(**kwargs)
+
+
+def build_source(name: str, options: list[str] | dict[str, Any] | None = None,
+                 split: str = "all") -> Source:
+    """Builds the registered source `name` from `--opt` strings or a dict of options."""
+    if split != "all" and split not in SPLITS:
+        raise MMToolError(f"--split {split}: expected all, {', '.join(SPLITS)}")
+    cls = SOURCES.get(name)
+    return cls(parse_options(cls, options), split=split)
+
+
+def option_help(source_cls: type[Source]) -> list[tuple[str, str, str]]:
+    """(name, default, help) for each option of a source, for `mmtool ls sources -v`."""
+    out = []
+    for f in dataclasses.fields(source_cls.Options):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        out.append((f.name, str(default), f.metadata.get("help", "")))
+    return out

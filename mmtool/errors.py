@@ -1,0 +1,28 @@
+"""Errors that a user can fix. The CLI prints them as one line; the library never exits."""
+
+from __future__ import annotations
+
+
+class MMToolError(Exception):
+    """An error caused by input or flags, with a message that says what to change."""
+
+
+class RecordError(MMToolError):
+    """One input record cannot be turned into a sample.
+
+    Args:
+        reason: what is wrong with the record, e.g. "cannot decode image: truncated file".
+        location: where the record is, e.g. "sample_data/jsonl/records.jsonl:12".
+    """
+
+    def __init__(self, reason: str, location: str | None = None):
+        self.reason = reason
+        self.location = location
+        super().__init__(f"{location}: {reason}" if location else reason)
+
+    def at(self, location: str) -> "RecordError":
+        """Returns this error with `location` filled in where it was missing."""
+        if self.location is None:
+            self.location = location
+            self.args = (f"{location}: {self.reason}",)
+        return self
