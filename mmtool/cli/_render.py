@@ -1,0 +1,51 @@
+"""Rich progress bars and summary tables shared by the subcommands (the library never prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mmtool.data.preprocess import PreprocessConfig, preprocess
+
+
+def human_bytes(n: float) -> str:
+    """1234567 → "1.2 MB"."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def run_preprocess(cfg: PreprocessConfig, console: Console) -> dict[str, Any]:
+    """Runs `preprocess` under a rich progress bar and returns its manifest."""
+    with Progress(TextColumn(f"[bold]{cfg.source}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("records"), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(cfg.source, total=None)
+        return preprocess(cfg, progress=lambda n: bar.advance(task, n),
+                          on_start=lambda total: bar.update(task, total=total))
+
+
+def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:
+    """A table of rows and tokens per source and modality, with rejects, shards and bytes."""
+    status = "up to date" if manifest.get("up_to_date") else (
+        f"resumed ({manifest['resumed_parts']} parts reused)" if manifest.get("resumed_parts") else "done")
+    seconds = manifest.get("seconds")
+    rate = f", {manifest['records'] / seconds:,.0f} records/s" if seconds else ""
+    table = Table(title=f"{out}: {status}{rate}", title_justify="left", show_edge=False)
+    for col in ("source / modality", "rows", "segments", "tokens"):
+        table.add_column(col, justify="left" if col.startswith("source") else "right")
+    for name, c in manifest["sources"].items():
+        table.add_row(f"[bold]{name}[/]", f"{c['rows']:,}", "", f"{c['tokens']:,}")
+    for name, c in manifest["modalities"].items():
+        table.add_row(f"  {name}", f"{c['rows']:,}", f"{c['segments']:,}", f"{c['tokens']:,}")
+    shard_bytes = sum(s["bytes"] for s in manifest["shards"])
+    table.caption = (f"records {manifest['records']:,} = rows {manifest['rows']:,} + rejected "
+                     f"{manifest['rejected']:,} · splits {manifest['splits']} · "
+                     f"{len(manifest['shards'])} shard(s), {human_bytes(shard_bytes)}")
+    table.caption_justify = "left"
+    return table

@@ -1,0 +1,254 @@
+"""Decoding raw media files (images, WAV audio, UTF-8 text, NPZ arrays) into the raw forms of
+`mmtool.data.schema.Field.data`, shared by every source.
+
+Every helper turns a bad input into a `RecordError` whose reason names the problem ("image file not
+found", "cannot decode image: ...", "image is 5000x5000 = 25000000 pixels, above max_pixels ..."),
+without a location: the calling source knows where the record lives and adds it with
+`RecordError.at(location)`. Nothing here prints, retries or unpickles.
+
+Inputs are a path or the file's bytes (Hugging Face datasets hand over `{"bytes", "path"}` dicts;
+`media_input` picks the right one).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import wave
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from mmtool.data.schema import Audio
+from mmtool.errors import RecordError
+
+PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Images with more pixels than this are rejected from their header, before any decoding: a
+tiny PNG can expand to gigabytes (a "decompression bomb"), and no patch tokenizer wants them."""
+
+
+def _describe(src: PathOrBytes) -> str:
+    return f"{len(src)} bytes" if isinstance(src, (bytes, bytearray, memoryview)) else str(src)
+
+
+def _open_binary(src: PathOrBytes, kind: str):
+    """Returns a binary file object over `src`, or raises RecordError if the file is missing."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(src))
+    path = Path(src)
+    if not path.is_file():
+        raise RecordError(f"{kind} file not found: {path}")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise RecordError(f"cannot open {kind} file {path}: {exc.strerror or exc}") from None
+
+
+def media_input(value: Any, base_dir: str | os.PathLike | None = None) -> PathOrBytes:
+    """Normalises a media reference: a path (relative paths resolved against `base_dir`), bytes, or
+    a Hugging Face `{"bytes": ..., "path": ...}` dict (bytes win when present).
+
+    Raises:
+        RecordError: the value is none of these.
+    """
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        path = Path(value)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        return path
+    raise RecordError(f"expected a file path or bytes, got {type(value).__name__}: {value!r:.80}")
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decodes an image file (anything Pillow reads: PNG, JPEG, GIF's first frame, ...).
+
+    Args:
+        src: a path or the encoded bytes.
+        max_pixels: reject images with more pixels than this, checked from the header before the
+            pixel data is decoded; None disables the check (Pillow's own bomb limit still applies).
+
+    Returns:
+        uint8 `[H, W]` for grayscale, `[H, W, 3]` for colour, `[H, W, 4]` when there is alpha.
+        16-bit grayscale keeps its 8 most significant bits.
+
+    Raises:
+        RecordError: missing file, undecodable or truncated data, too many pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    fh = _open_binary(src, "image")
+    try:
+        try:
+            im = Image.open(fh)
+        except Image.DecompressionBombError as exc:
+            raise RecordError(f"image rejected as a decompression bomb: {exc}") from None
+        except UnidentifiedImageError:
+            raise RecordError(f"cannot decode image: not a recognised image format ({_describe(src)})") \
+                from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise RecordError(f"cannot decode image: {exc}") from None
+        with im:
+            width, height = im.size
+            if width <= 0 or height <= 0:
+                raise RecordError(f"image has no pixels ({width}x{height})")
+            if max_pixels is not None and width * height > max_pixels:
+                raise RecordError(
+                    f"image is {width}x{height} = {width * height} pixels, above max_pixels="
+                    f"{max_pixels}"
+                )
+            try:
+                im.load()
+                return _to_uint8(im)
+            except Image.DecompressionBombError as exc:
+                raise RecordError(f"image rejected as a decompression bomb: {exc}") from None
+            except (OSError, ValueError, SyntaxError, EOFError) as exc:
+                # Pillow says "image file is truncated" / "broken data stream" / zlib errors here.
+                raise RecordError(f"cannot decode image (truncated or corrupt): {exc}") from None
+    finally:
+        fh.close()
+
+
+def _to_uint8(im) -> np.ndarray:
+    """A decoded Pillow image as uint8 [H, W] (L), [H, W, 3] (RGB) or [H, W, 4] (RGBA)."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+    if mode in ("1", "I", "F"):
+        im = im.convert("L")
+    elif mode in ("P", "PA"):
+        im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
+    elif mode == "LA":
+        im = im.convert("RGBA")
+    elif mode not in ("L", "RGB", "RGBA"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
+# -- audio ----------------------------------------------------------------------------------------
+
+_STREAMING_SIZE = 0x7FFF0000
+"""WAV writers that stream (e.g. to a pipe) put a huge placeholder in the data size; such files
+are read to their end instead of being called truncated."""
+
+
+def load_audio(src: PathOrBytes) -> Audio:
+    """Decodes an integer-PCM WAV file with the standard library (no ffmpeg needed).
+
+    8-bit (unsigned), 16-, 24- and 32-bit (signed) samples and any number of channels are scaled to
+    float32 in [-1, 1]. Float WAVs, WAVE_FORMAT_EXTENSIBLE (on Python < 3.12) and compressed formats
+    (MP3, FLAC, ...) are rejected: convert them to PCM WAV first (`sox in.flac -b 16 out.wav`).
+
+    Returns:
+        `Audio` with samples `[n]` for mono or `[n, channels]`.
+
+    Raises:
+        RecordError: missing file, not a WAV, unsupported encoding, truncated, or empty.
+    """
+    fh = _open_binary(src, "audio")
+    try:
+        try:
+            with wave.open(fh, "rb") as w:
+                channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+                declared = w.getnframes()
+                data = w.readframes(declared)
+        except (wave.Error, EOFError) as exc:
+            raise RecordError(f"cannot decode audio as PCM WAV: {exc}") from None
+        except (OSError, ValueError, OverflowError, MemoryError) as exc:  # struct errors are ValueError
+            raise RecordError(f"cannot decode audio as PCM WAV: {exc}") from None
+    finally:
+        fh.close()
+    if channels < 1 or width not in (1, 2, 3, 4) or rate <= 0:
+        raise RecordError(
+            f"unsupported WAV: {channels} channels, {8 * width}-bit samples, {rate} Hz")
+    frame = channels * width
+    n = len(data) // frame
+    if n < declared and declared * frame < _STREAMING_SIZE:
+        raise RecordError(f"truncated WAV: header declares {declared} frames but the file holds {n}")
+    if n == 0:
+        raise RecordError("WAV has no samples")
+    raw = data[: n * frame]
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        v = np.where(v >= 1 << 23, v - (1 << 24), v)  # sign-extend 24 bits
+        x = v.astype(np.float32) / float(1 << 23)
+    else:
+        x = (np.frombuffer(raw, "<i4").astype(np.float64) / float(1 << 31)).astype(np.float32)
+    x = x.reshape(n, channels)
+    return Audio(samples=np.ascontiguousarray(x[:, 0] if channels == 1 else x), sample_rate=rate)
+
+
+# -- text and arrays ------------------------------------------------------------------------------
+
+def decode_text(data: bytes, what: str = "text") -> str:
+    """Decodes UTF-8 bytes (a leading BOM is dropped), naming the first bad byte on failure."""
+    try:
+        return bytes(data).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start: exc.start + 4]
+        raise RecordError(
+            f"{what} is not valid UTF-8: byte {exc.start} ({bytes(bad)!r}...): {exc.reason}"
+        ) from None
+
+
+def read_text_file(src: PathOrBytes) -> str:
+    """Reads a UTF-8 text file (or bytes) strictly."""
+    fh = _open_binary(src, "text")
+    with fh:
+        return decode_text(fh.read(), f"text file {_describe(src)}")
+
+
+def load_npz(src: PathOrBytes, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Loads arrays from an `.npz` (or `.npy`) file without ever unpickling.
+
+    Args:
+        src: a path or the file's bytes.
+        keys: load only these keys (missing ones are skipped); None loads all.
+
+    Raises:
+        RecordError: missing file, not an npz/npy file, or object (pickled) arrays.
+    """
+    fh = _open_binary(src, "npz")
+    try:
+        try:
+            loaded = np.load(fh, allow_pickle=False)
+        except ValueError:  # neither zip nor npy magic: numpy would only try unpickling it
+            raise RecordError("cannot read npz: not an .npz/.npy file") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise RecordError(f"cannot read npz: {exc}") from None
+        if isinstance(loaded, np.ndarray):
+            return {"arr_0": loaded}
+        with loaded:
+            out = {}
+            for k in loaded.files:
+                if keys is not None and k not in keys:
+                    continue
+                try:
+                    out[k] = loaded[k]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                        raise RecordError(f"npz array {k!r} is an object (pickled) array, which is "
+                                          "never loaded; save numeric arrays only") from None
+                    raise RecordError(f"cannot read npz array {k!r}: {exc}") from None
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                    raise RecordError(f"cannot read npz array {k!r}: {exc}") from None
+            return out
+    finally:
+        fh.close()

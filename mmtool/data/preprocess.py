@@ -1,0 +1,440 @@
+"""`mmtool preprocess`: a source's raw records → tokenized Arrow shards with a manifest.
+
+How a run is organised, and why:
+
+1. The selected record indices (split, then `max_samples`) are cut into fixed-size *parts*. The part
+   size depends only on the plan (source, options, tokenizers, shard size), never on `num_proc`, so a
+   parallel run writes exactly what a serial one does.
+2. Each part is tokenized (in a worker process when `num_proc > 1`) and written atomically to
+   `DIR/.partial/part-NNNNN.arrow`, followed by `part-NNNNN.json` with its counts and rejects. A part
+   with its JSON is finished; a rerun of the same command skips it. That is the whole resume story:
+   after `kill -9`, no finished part is redone, no unfinished one is trusted.
+3. When every part is done, consecutive parts are joined into shards of about `shard_size` bytes,
+   then `rejected.jsonl` and finally `manifest.json` are written (each atomically) and `.partial`
+   is removed. A folder with a manifest is complete.
+
+Counts always add up: `records == rows + rejected`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import shutil
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmtool import __version__
+from mmtool.data import shards as store
+from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, samples_to_batch
+from mmtool.data.sources import build_source
+from mmtool.data.sources.base import Source
+from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
+from mmtool.errors import MMToolError, RecordError
+
+PARTIAL = ".partial"
+PLAN = "plan.json"
+ON_ERROR = ("skip", "raise")
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything `mmtool preprocess` needs; the CLI flags map one to one onto these fields."""
+
+    source: str
+    """Registered source name (`mmtool ls sources`)."""
+    out: Path
+    """Output folder for shards, `manifest.json` and `rejected.jsonl`."""
+    options: list[str] = field(default_factory=list)
+    """Source options as `key=value` strings (`--opt`)."""
+    split: str = "all"
+    """Which split to write: all, train, validation or test."""
+    max_samples: int | None = None
+    """Read at most this many records of the split (rejected records count)."""
+    shard_size: str | int = "64MB"
+    """Target bytes per shard, e.g. "64MB"."""
+    num_proc: int = 1
+    """Worker processes; the output is identical for every value."""
+    overwrite: bool = False
+    """Replace a folder that holds a different or finished dataset."""
+    on_error: str = "skip"
+    """"skip": log bad records to rejected.jsonl; "raise": stop at the first one."""
+    max_rejected: float = 0.01
+    """Fail when more than this fraction of records is rejected."""
+    tokenizers: list[str] = field(default_factory=list)
+    """Tokenizer overrides, `MODALITY=NAME[:key=value,...]` (`--tokenizer`)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer selection
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_tokenizer_overrides(specs: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Parses `--tokenizer MODALITY=NAME[:k=v,...]` flags into `{modality: (name, options)}`."""
+    out = {}
+    for spec in specs:
+        modality, sep, rest = spec.partition("=")
+        if not sep or not rest:
+            raise MMToolError(f"--tokenizer {spec!r}: expected MODALITY=NAME[:key=value,...]")
+        name, _, opts = rest.partition(":")
+        options = {}
+        for pair in filter(None, opts.split(",")):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise MMToolError(f"--tokenizer {spec!r}: option {pair!r} is not key=value")
+            options[key] = _parse_value(value)
+        build_tokenizer(name, **options)  # fail now, naming the flag, rather than in a worker
+        out[modality] = (name, options)
+    return out
+
+
+class TokenizerSet:
+    """Picks and caches the tokenizer of each field: override, else the field's own, else default."""
+
+    def __init__(self, overrides: dict[str, tuple[str, dict[str, Any]]]):
+        self.overrides = overrides
+        self._cache: dict[str, Tokenizer] = {}
+        self.configs: dict[str, dict[str, Any]] = {}  # "modality/role" → tokenizer config
+
+    def encode(self, field_: Any) -> Any:
+        own = field_.tokenizer or DEFAULT_TOKENIZERS.get(field_.modality)
+        if field_.modality in self.overrides:
+            name, options = self.overrides[field_.modality]
+            options = {**(field_.options if name == own else {}), **options}
+        elif own is None:
+            raise RecordError(f"no tokenizer for modality {field_.modality!r}")
+        else:
+            name, options = own, field_.options
+        key = json.dumps([name, options], sort_keys=True, default=str)
+        tok = self._cache.get(key)
+        if tok is None:
+            tok = self._cache[key] = build_tokenizer(name, **options)
+        self.configs.setdefault(f"{field_.modality}/{field_.role}", {"name": name, **tok.config()})
+        return tok.encode(field_.data, field_.role)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work on one part (runs in the parent or in a worker process)
+
+_WORKER_CACHE: dict[str, tuple[Source, TokenizerSet]] = {}
+
+
+def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet]:
+    key = plan["fingerprint"]
+    if key not in _WORKER_CACHE:
+        source = build_source(plan["source"], plan["options"], split=plan["split"])
+        overrides = {m: (n, o) for m, (n, o) in plan["tokenizers"].items()}
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = (source, TokenizerSet(overrides))
+    return _WORKER_CACHE[key]
+
+
+def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
+    """Reads record `index` and tokenizes it; a `RecordError` names the record's location."""
+    location = source.location(index)
+    try:
+        record: Record = source.read(index)
+        segments = [tokenizers.encode(f) for f in record.fields]
+        if not segments:
+            raise RecordError("record has no fields")
+    except RecordError as exc:
+        raise exc.at(location)
+    label = None if record.label is None else int(record.label)
+    return Sample(id=str(record.id), source=source.name, task=record.task,
+                  split=source.split_of(index), segments=segments, label=label, meta=record.meta)
+
+
+def _count(stats: dict[str, Any], sample: Sample) -> None:
+    src = stats["sources"].setdefault(sample.source, {"rows": 0, "tokens": 0})
+    src["rows"] += 1
+    src["tokens"] += sample.n_tokens
+    stats["splits"][sample.split] = stats["splits"].get(sample.split, 0) + 1
+    seen = set()
+    for seg in sample.segments:
+        mod = stats["modalities"].setdefault(seg.modality, {"rows": 0, "segments": 0, "tokens": 0})
+        mod["segments"] += 1
+        mod["tokens"] += seg.n_tokens
+        if seg.modality not in seen:
+            mod["rows"] += 1
+            seen.add(seg.modality)
+
+
+def run_part(plan: dict[str, Any], part: int, indices: list[int], partial_dir: str,
+             on_error: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Tokenizes one part's records and writes `part-NNNNN.arrow` then `part-NNNNN.json`."""
+    source, tokenizers = _runtime(plan)
+    stats: dict[str, Any] = {"part": part, "records": len(indices), "rows": 0, "rejected": [],
+                             "sources": {}, "modalities": {}, "splits": {}}
+    samples: list[Sample] = []
+    for n, index in enumerate(indices, 1):
+        try:
+            sample = to_sample(source, tokenizers, index)
+        except RecordError as exc:
+            if on_error == "raise":
+                raise
+            stats["rejected"].append({"index": index, "location": exc.location, "reason": exc.reason})
+        else:
+            samples.append(sample)
+            _count(stats, sample)
+        if progress and n % 64 == 0:
+            progress(64)
+    if progress:
+        progress(len(indices) % 64)
+    stats["rows"] = len(samples)
+    stats["tokenizers"] = tokenizers.configs
+    base = Path(partial_dir) / f"part-{part:05d}"
+    batches = [samples_to_batch(samples[i:i + 1024]) for i in range(0, len(samples), 1024)]
+    stats["file"] = store.write_shard(base.with_suffix(".arrow"), batches)
+    store.atomic_write_json(base.with_suffix(".json"), stats)
+    return stats
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # workers are the parallelism; nested threads only contend
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning, resuming, assembling
+
+
+def _plan(cfg: PreprocessConfig, source: Source, n_records: int,
+          overrides: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The parameters that determine the output; equal plans produce identical folders."""
+    plan = {
+        "schema_version": SCHEMA_VERSION,
+        "source": cfg.source,
+        "options": sorted(cfg.options),
+        "resolved_options": json.loads(json.dumps(dataclasses.asdict(source.options), default=str)),
+        "split": cfg.split,
+        "max_samples": cfg.max_samples,
+        "records": n_records,
+        "shard_size": store.parse_size(cfg.shard_size),
+        "tokenizers": {m: [n, o] for m, (n, o) in sorted(overrides.items())},
+    }
+    plan["fingerprint"] = __import__("hashlib").sha256(
+        json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    return plan
+
+
+def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, shard_bytes: int) -> int:
+    """Records per part: about an eighth of a shard, estimated from the first records."""
+    sizes = []
+    for index in indices[:16]:
+        try:
+            sizes.append(sum(s.nbytes + 64 for s in to_sample(source, tokenizers, index).segments))
+        except RecordError:
+            continue
+    avg = max(float(np.mean(sizes)) if sizes else 1024.0, 1.0)
+    return int(min(max(shard_bytes / 8 / avg, 16), 2048))
+
+
+def _finished_parts(partial: Path, n_parts: int) -> dict[int, dict[str, Any]]:
+    done = {}
+    for k in range(n_parts):
+        meta = partial / f"part-{k:05d}.json"
+        data = partial / f"part-{k:05d}.arrow"
+        if meta.is_file() and data.is_file():
+            stats = json.loads(meta.read_text())
+            if data.stat().st_size == stats["file"]["bytes"]:
+                done[k] = stats
+    return done
+
+
+def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """Clears, resumes or refuses the output folder; returns the manifest if already complete."""
+    out = Path(cfg.out)
+    manifest_path, partial = out / store.MANIFEST, out / PARTIAL
+    if out.exists() and not out.is_dir():
+        raise MMToolError(f"--out {out}: exists and is not a folder")
+    if cfg.overwrite:
+        for path in [manifest_path, out / store.REJECTED, *out.glob("shard-*.arrow")]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("plan", {}).get("fingerprint") == plan["fingerprint"]:
+            return old
+        raise MMToolError(f"--out {out}: already holds a dataset made with other settings "
+                          f"({old.get('source', {}).get('name')}); pass --overwrite to replace it")
+    if (partial / PLAN).is_file():
+        old_plan = json.loads((partial / PLAN).read_text())
+        if old_plan.get("fingerprint") != plan["fingerprint"]:
+            raise MMToolError(f"--out {out}: holds an unfinished run with other settings; rerun that "
+                              "command to finish it, or pass --overwrite to start over")
+    partial.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_json(partial / PLAN, plan)
+    return None
+
+
+def _merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"records": 0, "rows": 0, "sources": {}, "modalities": {}, "splits": {},
+                             "tokenizers": {}}
+    for s in stats:
+        total["records"] += s["records"]
+        total["rows"] += s["rows"]
+        for key in ("sources", "modalities"):
+            for name, counts in s[key].items():
+                into = total[key].setdefault(name, defaultdict(int))
+                for k, v in counts.items():
+                    into[k] += v
+        for split, n in s["splits"].items():
+            total["splits"][split] = total["splits"].get(split, 0) + n
+        for key, conf in s["tokenizers"].items():
+            total["tokenizers"].setdefault(key, conf)
+    for key in ("sources", "modalities"):
+        total[key] = {k: dict(v) for k, v in sorted(total[key].items())}
+    total["splits"] = dict(sorted(total["splits"].items()))
+    return total
+
+
+def _assemble(out: Path, partial: Path, parts: list[dict[str, Any]], shard_bytes: int) -> list[dict]:
+    """Joins consecutive parts into shards of about `shard_bytes` each."""
+    groups: list[list[dict[str, Any]]] = []
+    size = 0
+    for part in parts:
+        if part["rows"] == 0:
+            continue
+        if not groups or size + part["file"]["bytes"] > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += part["file"]["bytes"]
+    shards = []
+    for j, group in enumerate(groups):
+        batches = (b for p in group for b in store.read_shard(partial / p["file"]["path"]).to_batches())
+        shards.append(store.write_shard(out / f"shard-{j:05d}.arrow", batches))
+    for stale in out.glob("shard-*.arrow"):
+        if int(stale.stem.split("-")[1]) >= len(groups):
+            stale.unlink()
+    return shards
+
+
+def _check_unique_ids(out: Path, shards: list[dict]) -> None:
+    ids = pa.chunked_array([store.read_shard(out / s["path"]).column("id") for s in shards]) \
+        if shards else pa.chunked_array([], pa.string())
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        raise MMToolError(f"{out}: {len(dup)} sample ids occur more than once "
+                          f"(e.g. {dup[0]['values'].as_py()!r}); ids must be unique within a source")
+
+
+def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
+               on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Runs (or resumes, or confirms) a preprocessing job and returns its manifest.
+
+    Args:
+        cfg: the job.
+        progress: called with the number of records just finished.
+        on_start: called once with the number of records still to process.
+
+    Returns:
+        The manifest; `manifest["resumed_parts"]` says how many parts an earlier run had finished
+        and `manifest["up_to_date"]` is True when the folder was already complete.
+
+    Raises:
+        MMToolError: bad flags, a folder made with other settings, too many rejected records, or
+            (with `on_error="raise"`) the first bad record.
+    """
+    if cfg.on_error not in ON_ERROR:
+        raise MMToolError(f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}")
+    if not 0 <= cfg.max_rejected <= 1:
+        raise MMToolError(f"--max-rejected {cfg.max_rejected}: expected a fraction in [0, 1] (e.g. 0.01)")
+    if cfg.num_proc < 1:
+        raise MMToolError(f"--num-proc {cfg.num_proc}: must be at least 1")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise MMToolError(f"--max-samples {cfg.max_samples}: must be at least 1")
+    start = time.perf_counter()
+    overrides = parse_tokenizer_overrides(cfg.tokenizers)
+    source = build_source(cfg.source, cfg.options, split=cfg.split)
+    indices = source.indices()[: cfg.max_samples]
+    if not indices:
+        raise MMToolError(f"source {cfg.source!r} has no records for --split {cfg.split}")
+    plan = _plan(cfg, source, len(indices), overrides)
+    out = Path(cfg.out)
+    done_manifest = _prepare_folder(cfg, plan)
+    if done_manifest is not None:
+        return {**done_manifest, "up_to_date": True, "resumed_parts": 0}
+    partial = out / PARTIAL
+
+    _WORKER_CACHE.clear()
+    _WORKER_CACHE[plan["fingerprint"]] = (source, TokenizerSet(overrides))
+    rows_per_part = _part_rows(source, indices, _WORKER_CACHE[plan["fingerprint"]][1],
+                               plan["shard_size"])
+    chunks = [indices[i:i + rows_per_part] for i in range(0, len(indices), rows_per_part)]
+    finished = _finished_parts(partial, len(chunks))
+    todo = [k for k in range(len(chunks)) if k not in finished]
+    if on_start:
+        on_start(sum(len(chunks[k]) for k in todo))
+
+    if cfg.num_proc == 1 or len(todo) <= 1:
+        for k in todo:
+            finished[k] = run_part(plan, k, chunks[k], str(partial), cfg.on_error, progress)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(cfg.num_proc, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(run_part, plan, k, chunks[k], str(partial), cfg.on_error): k
+                       for k in todo}
+            try:
+                for fut in futures:  # in submission order; results are tiny
+                    finished[futures[fut]] = fut.result()
+                    if progress:
+                        progress(len(chunks[futures[fut]]))
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+    parts = [finished[k] for k in range(len(chunks))]
+    totals = _merge(parts)
+    rejected = [r for p in parts for r in p["rejected"]]
+    store.atomic_write_text(out / store.REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
+    if len(rejected) > cfg.max_rejected * totals["records"]:
+        first = rejected[0]
+        raise MMToolError(
+            f"{len(rejected)} of {totals['records']} records ({len(rejected) / totals['records']:.1%}) "
+            f"were rejected, more than --max-rejected {cfg.max_rejected:g}; first: {first['location']}: "
+            f"{first['reason']} (all in {out / store.REJECTED}; finished parts are kept, so raising "
+            "--max-rejected and rerunning completes the job)"
+        )
+    shards = _assemble(out, partial, parts, plan["shard_size"])
+    _check_unique_ids(out, shards)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "mmtool_version": __version__,
+        "source": {"name": cfg.source, "options": plan["resolved_options"], "split": cfg.split,
+                   "max_samples": cfg.max_samples},
+        "records": totals["records"],
+        "rows": totals["rows"],
+        "rejected": len(rejected),
+        "sources": totals["sources"],
+        "modalities": totals["modalities"],
+        "splits": totals["splits"],
+        "tokenizers": dict(sorted(totals["tokenizers"].items())),
+        "shards": shards,
+        "plan": plan,
+    }
+    store.atomic_write_json(out / store.MANIFEST, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    return {**manifest, "up_to_date": False, "resumed_parts": len(chunks) - len(todo),
+            "seconds": time.perf_counter() - start}

