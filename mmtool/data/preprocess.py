@@ -128,7 +128,9 @@ class TokenizerSet:
         if tok is None:
             tok = self._cache[key] = build_tokenizer(name, **options)
         self.configs.setdefault(f"{field_.modality}/{field_.role}", {"name": name, **tok.config()})
-        return tok.encode(field_.data, field_.role)
+        segment = tok.encode(field_.data, field_.role)
+        segment.modality = field_.modality  # e.g. continuous actions through `mulaw` stay actions
+        return segment
 
 
 # ---------------------------------------------------------------------------------------------

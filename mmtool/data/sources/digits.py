@@ -52,6 +52,8 @@ class DigitsSource(Source):
         return f"digits-{index}"
 
     def read(self, index: int) -> Record:
+        if not 0 <= index < self.N_RECORDS:  # a negative index would wrap to another record
+            raise IndexError(f"digits: record {index} out of range 0..{self.N_RECORDS - 1}")
         images, labels = _load()
         image = images[index].copy()  # uint8 [8, 8]
         label = int(labels[index])

@@ -241,6 +241,8 @@ class PydocsSource(Source):
         return f"{stdlib_root() / e.file}:{e.line} ({e.name})"
 
     def read(self, index: int) -> Record:
+        if not 0 <= index < len(self._entries):  # a negative index would wrap to another record
+            raise IndexError(f"pydocs: record {index} out of range 0..{len(self._entries) - 1}")
         e = self._entries[index]
         text, limit = e.text, self.options.max_chars
         truncated = bool(limit) and len(text) > limit
