@@ -58,7 +58,7 @@ def test_builtin_registries_are_filled():
 def make_plugin(root):
     """A throwaway installed distribution on `root`: a package plus dist-info with entry points."""
     pkg = root / "mmtool_demo_plugin"
-    pkg.mkdir()
+    pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent('''
         """A third-party source, registered only through an entry point."""
         import dataclasses

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmtool.cli.app import app
@@ -26,14 +27,14 @@ def ls(
     for name, reg in registries.items():
         if kind is not None and name != kind:
             continue
-        table = Table(title=f"{name} — {reg.description}", title_justify="left", show_edge=False)
+        table = Table(title=escape(f"{name} — {reg.description}"), title_justify="left", show_edge=False)
         table.add_column("name", style="bold cyan", no_wrap=True)
         table.add_column("description")
         for entry in reg.names():
             desc = reg.describe(entry)
             if verbose:
                 desc += _options_text(reg.get(entry))
-            table.add_row(entry, desc)
+            table.add_row(entry, escape(desc))
         console.print(table)
         console.print()
 

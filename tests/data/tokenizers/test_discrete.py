@@ -60,3 +60,11 @@ def test_label_rejects(bad):
 def test_bad_options():
     with pytest.raises(MMToolError):
         Discrete(num_classes=-1)
+
+
+def test_every_default_tokenizer_is_registered():
+    from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, TOKENIZERS
+
+    for modality, name in DEFAULT_TOKENIZERS.items():
+        assert name in TOKENIZERS, modality
+        assert TOKENIZERS.describe(name)  # `mmtool ls` shows a one-line description
