@@ -99,7 +99,7 @@ def synthesize(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
             x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64) / 32768.0
     g = np.gcd(RATE, rate)
     y = resample_poly(x, RATE // g, rate // g)
-    loud = np.flatnonzero(np.abs(y) > 0.02 * np.abs(y).max())
+    loud = np.flatnonzero(np.abs(y) > 0.01 * np.abs(y).max())
     pad = RATE // 50  # keep 20 ms around the speech
     y = y[max(loud[0] - pad, 0): loud[-1] + pad]
     return (y / max(1.0, np.abs(y).max() / 0.99)).astype(np.float32)
@@ -235,7 +235,8 @@ def make_jsonl(digits) -> None:
     bad.mkdir()
     png = (media / "digit3.png").read_bytes()
     (bad / "truncated.png").write_bytes(png[: len(png) // 2])
-    (bad / "garbage.wav").write_bytes(np.random.default_rng(SEED).integers(0, 256, 600, np.uint8).tobytes())
+    noise = np.random.default_rng(SEED).integers(0, 256, 600, np.uint8)
+    (bad / "garbage.wav").write_bytes(noise.tobytes())
     # 5000x5000 = 25M pixels > the default max_pixels (4096*4096); 1-bit black compresses to a few KB.
     Image.new("1", (5000, 5000), 0).save(bad / "huge.png", optimize=True)
     save_npz(bad / "bad_actions.npz", observations=np.zeros((3, 2), np.float32),

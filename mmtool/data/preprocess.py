@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -210,9 +212,29 @@ def run_part(plan: dict[str, Any], part: int, indices: list[int], partial_dir: s
 
 
 def _worker_init() -> None:
-    import torch
+    # Workers are the parallelism: one thread each (read by torch/numpy when first imported).
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
-    torch.set_num_threads(1)  # workers are the parallelism; nested threads only contend
+
+def _pool(num_proc: int) -> ProcessPoolExecutor:
+    """A pool of `num_proc` workers forked from a forkserver.
+
+    forkserver: one clean process imports mmtool once, before any thread pool exists, and forks each
+    worker from it — safer than fork (torch and OpenMP dislike forking a threaded parent), and much
+    cheaper than spawn. On an error, queued parts are cancelled; finished ones stay on disk.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mmtool.data.preprocess"])
+    return _CancellingPool(num_proc, mp_context=ctx, initializer=_worker_init)
+
+
+class _CancellingPool(ProcessPoolExecutor):
+    def __exit__(self, *exc_info):
+        self.shutdown(wait=True, cancel_futures=True)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,24 +410,17 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     todo = [k for k in range(len(chunks)) if k not in finished]
     if on_start:
         on_start(sum(len(chunks[k]) for k in todo))
-
     if cfg.num_proc == 1 or len(todo) <= 1:
         for k in todo:
             finished[k] = run_part(plan, k, chunks[k], str(partial), cfg.on_error, progress)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(cfg.num_proc, mp_context=ctx, initializer=_worker_init) as pool:
+        with _pool(cfg.num_proc) as pool:
             futures = {pool.submit(run_part, plan, k, chunks[k], str(partial), cfg.on_error): k
                        for k in todo}
-            try:
-                for fut in futures:  # in submission order; results are tiny
-                    finished[futures[fut]] = fut.result()
-                    if progress:
-                        progress(len(chunks[futures[fut]]))
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
+            for fut in futures:  # in submission order; results are small
+                finished[futures[fut]] = fut.result()
+                if progress:
+                    progress(len(chunks[futures[fut]]))
 
     parts = [finished[k] for k in range(len(chunks))]
     totals = _merge(parts)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmtool.data.schema import Audio
-from mmtool.data.tokenizers.audio import LOG_FLOOR, LogMel, log_mel, mel_centres, mel_filterbank, resample
+from mmtool.data.melspec import LOG_FLOOR, log_mel, mel_centres, mel_filterbank, resample
+from mmtool.data.tokenizers.audio import LogMel
 from mmtool.errors import MMToolError, RecordError
 
 
