@@ -151,7 +151,8 @@ def import_submodules(package: str) -> None:
 
 # Packages whose import creates registries; `all_registries` imports them so that `mmtool ls`
 # sees every registry even before anything else touched it.
-REGISTRY_HOMES = ["mmtool.data.sources", "mmtool.data.tokenizers"]
+REGISTRY_HOMES = ["mmtool.data.sources", "mmtool.data.tokenizers", "mmtool.data.batching",
+                  "mmtool.models.attention"]
 
 
 def all_registries() -> dict[str, Registry]:

@@ -345,8 +345,11 @@ def _assemble(out: Path, partial: Path, parts: list[dict[str, Any]], shard_bytes
         size += part["file"]["bytes"]
     shards = []
     for j, group in enumerate(groups):
-        batches = (b for p in group for b in store.read_shard(partial / p["file"]["path"]).to_batches())
-        shards.append(store.write_shard(out / f"shard-{j:05d}.arrow", batches))
+        # One record batch per shard: every column is one contiguous buffer, so a reader can
+        # gather any sample's tokens with numpy straight from the memory map.
+        table = pa.concat_tables(store.read_shard(partial / p["file"]["path"]) for p in group)
+        shards.append(store.write_shard(out / f"shard-{j:05d}.arrow",
+                                        table.combine_chunks().to_batches(max_chunksize=None)))
     for stale in out.glob("shard-*.arrow"):
         if int(stale.stem.split("-")[1]) >= len(groups):
             stale.unlink()

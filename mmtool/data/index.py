@@ -1,0 +1,319 @@
+"""A token index over preprocessed folders: numpy views of the shard buffers, built once.
+
+Batching must not touch Python objects per sample. So when folders are opened, every shard is
+memory-mapped and its Arrow buffers are viewed as flat numpy arrays (zero-copy): the flat `ids`
+and `values` of all segments, and per segment its start in those buffers, its token count, its
+*stream* (the encoder that will read it, e.g. `text:wordpiece`), and where each of its tokens goes
+in the sample's token sequence. A batch is then a handful of vectorized gathers (`batching.py`).
+
+Token placement (`seg_base`, `seg_step`, `seg_stride`): token j of a segment lands at position
+`base + (j // step) * stride + j % step` of its sample. Ordinary segments have `step = n` (so they are
+contiguous). Trajectory segments (roles observation/action/reward of a sample that has both
+observations and actions, shape `[T, k]`) have `step = k` and `stride = ` the timestep length, which
+interleaves them as Gato does: `obs_t | separator | action_t | reward_t`, for t = 0..T-1, after any
+other segments (e.g. a prompt). Separators are tokens of the data-less `separator` stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmtool.data import shards as store
+from mmtool.errors import MMToolError
+
+SEPARATOR = "separator"
+TIMESTEP_ROLES = ("observation", "action", "reward")
+AFTER_SEPARATOR = ("action", "reward")
+# Config keys that only bound a vocabulary or a length: folders that differ in them still mix.
+NON_SEMANTIC = {"vocab_size", "num_classes", "max_tokens", "max_seconds", "max_pixels"}
+
+
+@dataclass
+class Stream:
+    """One encoder input: all tokens of one (modality, tokenizer) pair.
+
+    Attributes:
+        key: "modality:tokenizer", e.g. "text:wordpiece".
+        modality: the modality name.
+        kind: "ids" (discrete tokens), "values" (vectors of `dim`), or "none" (separators).
+        vocab_size: for ids, the largest vocabulary over all folders (None if unknown).
+        dim: for values, the vector size.
+        config: the tokenizer config shared by every folder.
+    """
+
+    key: str
+    modality: str
+    kind: str
+    vocab_size: int | None = None
+    dim: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Shard:
+    """Flat numpy views of one shard (one contiguous record batch) plus derived per-segment arrays."""
+
+    path: Path
+    table: pa.Table  # keeps the memory map alive
+    n: int  # samples
+    seg_offsets: np.ndarray  # int64 [n+1]: segments of sample i are seg_offsets[i]:seg_offsets[i+1]
+    ids: np.ndarray  # int32 [total ids]
+    values: np.ndarray  # float32 [total floats]
+    seg_start: np.ndarray  # int64 [G]: first id (ids streams) or first float (values streams)
+    seg_ntok: np.ndarray  # int64 [G]: tokens of the segment
+    seg_stream: np.ndarray  # int16 [G]: index into `TokenIndex.streams`
+    seg_base: np.ndarray  # int64 [G]: token placement, see module docstring
+    seg_step: np.ndarray  # int64 [G]
+    seg_stride: np.ndarray  # int64 [G]
+    sample_len: np.ndarray  # int64 [n]: tokens of each sample, separators included
+    sample_steps: np.ndarray  # int64 [n]: timesteps T (0 when not a trajectory)
+    sample_sep: np.ndarray  # int64 [n]: position of the first separator
+    sample_step_len: np.ndarray  # int64 [n]: tokens per timestep, separator included
+    labels: np.ndarray  # int64 [n], -1 when missing
+
+
+@dataclass
+class Folder:
+    """One preprocessed folder: its manifest and shards."""
+
+    path: Path
+    manifest: dict[str, Any]
+    shards: list[Shard]
+    name: str
+
+    @property
+    def n(self) -> int:
+        return sum(s.n for s in self.shards)
+
+
+def _list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 [n+1], flat values) of a list array, zero-copy where Arrow allows."""
+    offsets = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)
+    flat = arr.values.to_numpy(zero_copy_only=False)
+    return offsets, flat
+
+
+def _excl_cumsum_in_groups(x: np.ndarray, group_start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Exclusive cumulative sum of `x` restarting at each group (groups are consecutive runs)."""
+    cs = np.cumsum(x) - x  # [G] exclusive over everything
+    return cs - np.repeat(cs[group_start], counts) if len(x) else cs
+
+
+class TokenIndex:
+    """Opens preprocessed folders, checks that they can be mixed, and indexes their tokens.
+
+    Args:
+        folders: preprocessed folders (each with `manifest.json`).
+        verify: check every shard's sha256 against its manifest first (reads every byte once).
+
+    Raises:
+        MMToolError: a missing folder or shard, a corrupt shard, a manifest from a newer schema, or
+            folders whose tokenizers disagree.
+    """
+
+    def __init__(self, folders: list[str | Path], verify: bool = True):
+        if not folders:
+            raise MMToolError("no data folders given (--data DIR)")
+        manifests = []
+        for path in folders:
+            manifest = store.load_manifest(path)
+            if verify:
+                store.verify_shards(path, manifest)
+            manifests.append(manifest)
+        self.streams = self._merge_streams(folders, manifests)
+        self.stream_ids = {s.key: i for i, s in enumerate(self.streams)}
+        self.folders: list[Folder] = []
+        names = [Path(f).name or str(f) for f in folders]
+        for path, manifest, name in zip(folders, manifests, names):
+            shards = [self._open_shard(Path(path) / s["path"]) for s in manifest["shards"]]
+            self.folders.append(Folder(Path(path), manifest, shards, name))
+        # Global sample numbering: folder-major, then shard, then row.
+        self.shards = [s for f in self.folders for s in f.shards]
+        self.shard_start = np.cumsum([0] + [s.n for s in self.shards])  # [n_shards+1]
+        self.folder_start = np.cumsum([0] + [f.n for f in self.folders])  # [n_folders+1]
+        self._build_global()
+
+    def _build_global(self) -> None:
+        """Concatenates per-shard sample and segment arrays into global ones (small: no tokens)."""
+        cat = lambda name: np.concatenate([getattr(s, name) for s in self.shards])  # noqa: E731
+        self.lengths = cat("sample_len")  # [N] tokens per sample, separators included
+        self.steps = cat("sample_steps")  # [N]
+        self.sep = cat("sample_sep")  # [N]
+        self.step_len = cat("sample_step_len")  # [N]
+        self.labels = cat("labels")  # [N]
+        seg_counts = np.concatenate([np.diff(s.seg_offsets) for s in self.shards])  # [N]
+        self.seg_offsets = np.zeros(len(seg_counts) + 1, np.int64)  # [N+1]
+        np.cumsum(seg_counts, out=self.seg_offsets[1:])
+        self.seg_start = cat("seg_start")  # [G] into the owning shard's ids or values
+        self.seg_ntok = cat("seg_ntok")  # [G]
+        self.seg_stream = cat("seg_stream").astype(np.int64)  # [G]
+        self.seg_base = cat("seg_base")  # [G]
+        self.seg_step = cat("seg_step")  # [G]
+        self.seg_stride = cat("seg_stride")  # [G]
+        self.seg_shard = np.repeat(np.arange(len(self.shards)),
+                                   [len(s.seg_start) for s in self.shards])  # [G]
+        self.sample_folder = np.repeat(np.arange(len(self.folders)), self.folder_sizes())  # [N]
+        # Which streams each sample uses, as a bitmask (its "modality signature").
+        sample_of_seg = np.repeat(np.arange(len(seg_counts)), seg_counts)  # [G]
+        self.signature = np.zeros(len(seg_counts), np.int64)  # [N]
+        np.bitwise_or.at(self.signature, sample_of_seg, 1 << self.seg_stream)
+        self.signature |= np.where(self.steps > 0, 1 << self.stream_ids[SEPARATOR], 0)
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _merge_streams(self, folders, manifests) -> list[Stream]:
+        streams: dict[str, Stream] = {}
+        owner: dict[str, str] = {}
+        for folder, manifest in zip(folders, manifests):
+            for key, conf in manifest.get("tokenizers", {}).items():
+                modality = key.split("/")[0]
+                skey = f"{modality}:{conf['name']}"
+                semantic = {k: v for k, v in conf.items() if k not in NON_SEMANTIC}
+                kind = "ids" if "vocab_size" in conf else "values"
+                if skey not in streams:
+                    streams[skey] = Stream(skey, modality, kind, conf.get("vocab_size"),
+                                           conf.get("dim"), semantic)
+                    owner[skey] = str(folder)
+                    continue
+                s = streams[skey]
+                if s.config != semantic:
+                    diff = sorted(k for k in set(s.config) | set(semantic)
+                                  if s.config.get(k) != semantic.get(k))
+                    raise MMToolError(
+                        f"{folder} and {owner[skey]} tokenize {modality} with incompatible "
+                        f"{conf['name']} settings ({', '.join(diff)} differ); preprocess them with "
+                        "the same --tokenizer options")
+                if conf.get("vocab_size") is not None:
+                    s.vocab_size = max(s.vocab_size or 0, conf["vocab_size"])
+        ordered = sorted(streams.values(), key=lambda s: s.key)
+        return ordered + [Stream(SEPARATOR, SEPARATOR, "none", vocab_size=1)]
+
+    def _open_shard(self, path: Path) -> Shard:
+        table = store.read_shard(path)
+        batches = table.to_batches()
+        if len(batches) != 1:  # older writers: fall back to one copy into a single chunk
+            table = table.combine_chunks()
+        n = table.num_rows
+        segs = table.column("segments").chunk(0) if n else None
+        if segs is None:
+            raise MMToolError(f"{path}: empty shard")
+        seg_offsets, _ = _list_parts(segs)
+        seg_offsets = seg_offsets - seg_offsets[0]
+        struct = segs.values  # [G] structs (already offset-sliced by Arrow)
+        g = len(struct)
+        ids_off, ids = _list_parts(struct.field("ids"))
+        val_off, values = _list_parts(struct.field("values"))
+        shape_off, shape_flat = _list_parts(struct.field("shape"))
+        has_ids = pc.is_valid(struct.field("ids")).to_numpy(zero_copy_only=False)  # [G]
+        last_dim = shape_flat[shape_off[1:] - 1].astype(np.int64)  # [G] last shape entry
+        first_dim = shape_flat[shape_off[:-1]].astype(np.int64)  # [G] leading shape entry
+        n_ids = np.diff(ids_off)
+        n_vals = np.diff(val_off)
+        seg_ntok = np.where(has_ids, n_ids, n_vals // np.maximum(last_dim, 1))  # [G]
+        seg_start = np.where(has_ids, ids_off[:-1], val_off[:-1])  # [G]
+
+        keys = pc.binary_join_element_wise(struct.field("modality"), struct.field("tokenizer"), ":")
+        enc = pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) \
+            else pc.dictionary_encode(keys)
+        codes = enc.indices.to_numpy(zero_copy_only=False)
+        lookup = []
+        for key in enc.dictionary.to_pylist():
+            if key not in self.stream_ids:
+                raise MMToolError(f"{path}: segments of {key!r} are not described in its manifest")
+            lookup.append(self.stream_ids[key])
+        seg_stream = np.asarray(lookup, np.int16)[codes] if g else np.zeros(0, np.int16)
+        self._check_dims(path, seg_stream, has_ids, last_dim)
+
+        role = struct.field("role").to_numpy(zero_copy_only=False)  # [G] object; once per shard
+        is_obs = role == "observation"
+        is_act = role == "action"
+        n_seg = np.diff(seg_offsets)  # [n]
+        sample_of_seg = np.repeat(np.arange(n), n_seg)  # [G]
+        traj = (np.bincount(sample_of_seg, is_obs, n) > 0) & (np.bincount(sample_of_seg, is_act, n) > 0)
+        steps = np.zeros(n, np.int64)
+        obs_first = np.flatnonzero(is_obs)
+        steps[sample_of_seg[obs_first[::-1]]] = first_dim[obs_first[::-1]]  # first obs seg wins
+        steps = np.where(traj, steps, 0)
+        aligned = np.isin(role, TIMESTEP_ROLES) & traj[sample_of_seg] \
+            & (first_dim == steps[sample_of_seg]) & (steps[sample_of_seg] > 0)  # [G]
+        per_step = np.where(aligned, seg_ntok // np.maximum(steps[sample_of_seg], 1), seg_ntok)
+        after_sep = aligned & np.isin(role, AFTER_SEPARATOR)
+        group_start = seg_offsets[:-1][n_seg > 0]
+        counts = n_seg[n_seg > 0]
+        plain_tok = np.where(aligned, 0, seg_ntok)
+        step_tok = np.where(aligned, per_step, 0)
+        prefix = np.bincount(sample_of_seg, plain_tok, n).astype(np.int64)  # [n]
+        step_len = np.bincount(sample_of_seg, step_tok, n).astype(np.int64) + traj  # [n] (+1 sep)
+        obs_tok = np.bincount(sample_of_seg, np.where(aligned & ~after_sep, per_step, 0), n).astype(np.int64)
+        base_plain = _excl_cumsum_in_groups(plain_tok, group_start, counts)
+        base_step = _excl_cumsum_in_groups(step_tok, group_start, counts) + after_sep
+        seg_base = np.where(aligned, prefix[sample_of_seg] + base_step, base_plain)
+        seg_stride = np.where(aligned, step_len[sample_of_seg], 0)
+        sample_len = prefix + steps * step_len
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        labels = np.where(pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False),
+                          np.nan_to_num(labels.astype(np.float64), nan=-1), -1).astype(np.int64)
+        return Shard(path=path, table=table, n=n, seg_offsets=seg_offsets.astype(np.int64),
+                     ids=np.asarray(ids, np.int32), values=np.asarray(values, np.float32),
+                     seg_start=seg_start.astype(np.int64), seg_ntok=seg_ntok.astype(np.int64),
+                     seg_stream=seg_stream, seg_base=seg_base.astype(np.int64),
+                     seg_step=np.maximum(per_step, 1).astype(np.int64),
+                     seg_stride=seg_stride.astype(np.int64), sample_len=sample_len,
+                     sample_steps=steps, sample_sep=prefix + obs_tok,
+                     sample_step_len=step_len, labels=labels)
+
+    def _check_dims(self, path: Path, seg_stream: np.ndarray, has_ids: np.ndarray,
+                    last_dim: np.ndarray) -> None:
+        """Fills each values stream's `dim` from the data and refuses mixed vector sizes."""
+        for code in np.unique(seg_stream):
+            stream = self.streams[code]
+            mine = seg_stream == code
+            if stream.kind == "ids":
+                if not has_ids[mine].all():
+                    raise MMToolError(f"{path}: stream {stream.key} mixes ids and values")
+                continue
+            dims = np.unique(last_dim[mine])
+            if stream.dim is None and len(dims) == 1:
+                stream.dim = int(dims[0])
+            if len(dims) != 1 or dims[0] != stream.dim:
+                found = sorted({int(d) for d in dims} | {stream.dim or 0} - {0})
+                raise MMToolError(
+                    f"{path}: {stream.key} vectors have sizes {found} across the data; fix the "
+                    f"size with --tokenizer options (e.g. image=patches:channels=3) when preprocessing")
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.shard_start[-1])
+
+    def folder_sizes(self) -> list[int]:
+        """Samples per folder, in the order given."""
+        return [f.n for f in self.folders]
+
+    def global_index(self, folder: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """Global sample numbers of (folder, index-within-folder) pairs."""
+        return self.folder_start[folder] + local
+
+    def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard number, row within shard) of global sample numbers."""
+        shard = np.searchsorted(self.shard_start, index, side="right") - 1
+        return shard, index - self.shard_start[shard]
+
+    def folder_of(self, index: np.ndarray) -> np.ndarray:
+        """Folder number of global sample numbers."""
+        return np.searchsorted(self.folder_start, index, side="right") - 1
+
+    def sample_ids(self, index: np.ndarray) -> list[str]:
+        """String ids of samples (slow path: for reports and tests)."""
+        shard, row = self.locate(np.asarray(index))
+        return [self.shards[s].table.column("id")[int(r)].as_py() for s, r in zip(shard, row)]
+
+    def describe(self) -> dict[str, Any]:
+        """Folders, sizes and streams, JSON-ready."""
+        return {"folders": [{"path": str(f.path), "samples": f.n} for f in self.folders],
+                "streams": [json.loads(json.dumps(s.__dict__, default=str)) for s in self.streams]}

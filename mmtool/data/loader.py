@@ -1,0 +1,217 @@
+"""The loader: mixture order → planned batches → this rank's share → workers → `Batch` buffers.
+
+Work is split at the level of planned batches, which makes every split exact: the epoch's batch
+list is computed identically everywhere; rank r takes batches r, r+W, r+2W, ... (W = world size),
+and within a rank, worker w takes every `num_workers`-th of the rank's remaining batches. The
+PyTorch DataLoader returns worker results round-robin, so the rank sees its batches in plan order
+whatever the number of workers. Resuming is a position: (epoch, batches done in it).
+
+Ranks can differ by one batch at an epoch's end (no sample is dropped or repeated to even them
+out); a distributed trainer stops each epoch at the smallest count or uses `Join`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmtool.data.batch import Batch
+from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget
+from mmtool.data.index import TokenIndex
+from mmtool.data.mixture import Mixture, parse_data_specs
+from mmtool.errors import MMToolError
+
+
+@dataclass
+class LoaderConfig:
+    """How to read a mixture of preprocessed folders into batches."""
+
+    data: list[str]
+    """`DIR[=WEIGHT]` entries or a mixture YAML file (`--data`)."""
+    strategy: str = "packed"
+    """Batching strategy (`mmtool ls strategies`)."""
+    batch_tokens: int | None = None
+    """Token budget per batch (`--batch-tokens`)."""
+    batch_samples: int | None = None
+    """Fixed samples per batch (`--batch-samples`), to compare strategies on identical content."""
+    temperature: float | None = None
+    """Size-based mixture temperature: p ∝ weight · n^(1/T)."""
+    seed: int = 0
+    samples_per_epoch: int | None = None
+    """Draws per epoch (default: every sample once)."""
+    num_workers: int = 0
+    """Loader workers (0: assemble in the calling process, on demand)."""
+    worker_type: str = "thread"
+    """"thread": assemble in threads (numpy releases the GIL; buffers stay in this process's warm
+    memory, no inter-process copy); "process": PyTorch DataLoader worker processes."""
+    prefetch: int = 4
+    """Batches each worker prepares ahead."""
+    rank: int = 0
+    world_size: int = 1
+    pin_memory: bool = False
+    """Page-lock batch buffers (set when training on CUDA)."""
+    verify: bool = True
+    """Check shard sha256 against the manifests before reading."""
+
+
+class _BatchStream(IterableDataset):
+    """Yields planned batches from a position onwards, epoch after epoch, assembled.
+
+    With W worker processes, worker w assembles the batches at stream positions w, w+W, ...; the
+    DataLoader's round-robin then restores plan order. Workers plan epochs themselves (cheap), so
+    they persist across epoch boundaries.
+    """
+
+    def __init__(self, loader: "Loader", epoch: int, batch: int):
+        self.loader, self.epoch, self.batch = loader, epoch, batch
+
+    def plans(self, worker: int = 0, workers: int = 1) -> Iterator[np.ndarray]:
+        position, epoch, start = 0, self.epoch, self.batch
+        while True:
+            for samples in self.loader.plan(epoch)[start:]:
+                if position % workers == worker:
+                    yield samples
+                position += 1
+            epoch, start = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        index, layout = self.loader.index, self.loader.strategy.layout
+        for samples in self.plans(*((info.id, info.num_workers) if info else (0, 1))):
+            yield assemble(index, samples, layout)
+
+    def threaded(self, threads: int, prefetch: int, pin: bool) -> Iterator[Batch]:
+        """Assembles ahead in `threads` threads (numpy releases the GIL), yielding in plan order."""
+        index, layout = self.loader.index, self.loader.strategy.layout
+
+        def build(samples: np.ndarray) -> Batch:
+            batch = assemble(index, samples, layout)
+            return batch.pin_memory() if pin else batch
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="mmtool-loader") as pool:
+            pending: deque = deque()
+            for samples in self.plans():
+                pending.append(pool.submit(build, samples))
+                if len(pending) >= threads * prefetch:
+                    yield pending.popleft().result()
+
+
+@dataclass
+class Drawn:
+    """Samples and real tokens drawn so far, per folder."""
+
+    samples: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+class Loader:
+    """Deterministic, resumable batches from a weighted mixture of folders.
+
+    Iterating yields the rest of the current epoch; `forever()` never stops. Worker processes
+    (if any) live as long as the loader and prefetch across epoch boundaries. `state_dict()` taken after any batch, restored into a fresh loader, continues with
+    exactly the batches the first loader would have yielded next.
+
+    Raises:
+        MMToolError: bad folders (missing, corrupt, newer schema, incompatible tokenizers), a weight
+            ≤ 0, an unknown strategy, or a token budget below the longest sample.
+    """
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        specs = parse_data_specs(cfg.data)
+        if not specs:
+            raise MMToolError("no data folders given (--data DIR[=WEIGHT])")
+        self.index = TokenIndex([s.path for s in specs], verify=cfg.verify)
+        weights = None if all(s.weight is None for s in specs) else [s.weight for s in specs]
+        self.mixture = Mixture(self.index.folder_sizes(), weights, cfg.temperature, cfg.seed,
+                               cfg.samples_per_epoch)
+        self.strategy = STRATEGIES.get(cfg.strategy)
+        self.size = BatchSize(cfg.batch_tokens, cfg.batch_samples)
+        check_budget(self.index, np.arange(len(self.index)), self.size)
+        if cfg.worker_type not in ("thread", "process"):
+            raise MMToolError(f"--worker-type {cfg.worker_type!r}: expected thread or process")
+        if cfg.num_workers < 0:
+            raise MMToolError(f"--num-workers {cfg.num_workers}: must be ≥ 0")
+        if not 0 <= cfg.rank < cfg.world_size:
+            raise MMToolError(f"rank {cfg.rank} is outside world size {cfg.world_size}")
+        self.epoch = 0
+        self.batch = 0  # batches of this rank already yielded in `epoch`
+        n = len(self.index.folders)
+        self.drawn = Drawn([0] * n, [0] * n)
+        self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+        self._stream: Iterator[Batch] | None = None  # open worker stream at (epoch, batch)
+
+    # -- planning --------------------------------------------------------------------------------
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches (arrays of global sample numbers) for `epoch`, in order."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            everything = self.strategy.plan(self.index, self.mixture.epoch(epoch), self.size)
+            self._plan_cache = (epoch, everything[self.cfg.rank::self.cfg.world_size])
+        return self._plan_cache[1]
+
+    def __len__(self) -> int:
+        """Batches of this rank in the current epoch."""
+        return len(self.plan(self.epoch))
+
+    # -- iteration -------------------------------------------------------------------------------
+    def _open_stream(self) -> Iterator[Batch]:
+        dataset = _BatchStream(self, self.epoch, self.batch)
+        if self.cfg.num_workers == 0:
+            return iter(dataset)
+        if self.cfg.worker_type == "thread":
+            return dataset.threaded(self.cfg.num_workers, self.cfg.prefetch, self.cfg.pin_memory)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                               prefetch_factor=self.cfg.prefetch, pin_memory=self.cfg.pin_memory))
+
+    def forever(self) -> Iterator[Batch]:
+        """Batches epoch after epoch, without end."""
+        while True:
+            if self._stream is None:
+                self._stream = self._open_stream()
+            batch = next(self._stream)
+            folders = batch["sample_folder"].numpy()
+            n = len(self.drawn.samples)
+            self.drawn.samples = (np.asarray(self.drawn.samples) + np.bincount(folders, minlength=n)).tolist()
+            self.drawn.tokens = (np.asarray(self.drawn.tokens) + np.bincount(
+                folders, batch["seqlens"].numpy(), minlength=n).astype(np.int64)).tolist()
+            self.batch += 1
+            if self.batch == len(self.plan(self.epoch)):
+                self.epoch, self.batch = self.epoch + 1, 0
+            yield batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch."""
+        epoch = self.epoch
+        for batch in self.forever():
+            yield batch
+            if self.epoch != epoch:
+                return
+
+    # -- resuming --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position and counters (JSON-ready)."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed,
+                "strategy": self.cfg.strategy, "rank": self.cfg.rank,
+                "world_size": self.cfg.world_size, "drawn_samples": list(self.drawn.samples),
+                "drawn_tokens": list(self.drawn.tokens)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a `state_dict()`; refuses one from another seed, strategy or world size."""
+        for key in ("seed", "strategy", "world_size"):
+            if state[key] != self.state_dict()[key]:
+                raise MMToolError(f"loader state was saved with {key}={state[key]!r}, "
+                                  f"but this run has {key}={self.state_dict()[key]!r}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._stream = None  # batches prefetched from the old position are dropped
+        self.drawn = Drawn(list(state["drawn_samples"]), list(state["drawn_tokens"]))
+
+    def drawn_by_folder(self) -> dict[str, dict[str, int]]:
+        """Samples and tokens drawn so far, by folder name."""
+        return {str(f.path): {"samples": s, "tokens": t}
+                for f, s, t in zip(self.index.folders, self.drawn.samples, self.drawn.tokens)}

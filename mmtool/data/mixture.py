@@ -1,0 +1,143 @@
+"""The mixture: which samples of which folders an epoch visits, in what order.
+
+`--data DIR[=WEIGHT]` gives each folder a sampling weight. An epoch has `samples_per_epoch` draws
+(default: every sample once). Folder i gets exactly `round(p_i · L)` of them (largest remainder),
+where p ∝ weight (static) or p ∝ weight · n_i^(1/T) with `temperature` T (T=1: proportional to
+size; large T: uniform). Within a folder, draws walk through a fresh random permutation, starting a
+new one when it runs out, so no sample repeats before all have been seen. The folders' draws are
+then interleaved by a random permutation. Everything derives from `(seed, epoch)` alone: any rank or
+worker can compute any epoch's order without talking to the others.
+
+With no weights and no temperature the epoch is a plain permutation of all samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mmtool.errors import MMToolError
+
+
+@dataclass
+class DataSpec:
+    """One `--data` entry: a folder and its sampling weight (None = unweighted)."""
+
+    path: Path
+    weight: float | None = None
+
+
+def parse_data_specs(specs: list[str]) -> list[DataSpec]:
+    """Parses `--data DIR[=WEIGHT]` flags, or a YAML mixture file given as `--data mix.yaml`.
+
+    A mixture file looks like::
+
+        datasets:
+          - path: data/digits
+            weight: 2
+          - path: data/pydocs     # weight defaults to 1 when any weight is given
+    """
+    out: list[DataSpec] = []
+    for spec in specs:
+        if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+            out.extend(_read_mixture_file(Path(spec)))
+            continue
+        path, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "")
+        out.append(DataSpec(Path(path), _weight(weight, spec) if sep else None))
+    if any(d.weight is not None for d in out):
+        out = [DataSpec(d.path, 1.0 if d.weight is None else d.weight) for d in out]
+    return out
+
+
+def _weight(text: str | float, spec: str) -> float:
+    try:
+        w = float(text)
+    except (TypeError, ValueError):
+        raise MMToolError(f"--data {spec}: weight {text!r} is not a number") from None
+    if not w > 0 or not np.isfinite(w):
+        raise MMToolError(f"--data {spec}: weight must be > 0, got {text}")
+    return w
+
+
+def _read_mixture_file(path: Path) -> list[DataSpec]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise MMToolError(f"{path}: not valid YAML ({exc})") from None
+    entries = doc.get("datasets") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise MMToolError(f"{path}: expected a 'datasets:' list of {{path, weight}} entries")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "path" not in e:
+            raise MMToolError(f"{path}: datasets[{i}] needs a 'path'")
+        folder = Path(e["path"])
+        if not folder.is_absolute():
+            folder = path.parent / folder
+        w = e.get("weight")
+        out.append(DataSpec(folder, None if w is None else _weight(w, f"{path} datasets[{i}]")))
+    return out
+
+
+class Mixture:
+    """Deterministic weighted epochs over folders of given sizes.
+
+    Args:
+        sizes: samples per folder.
+        weights: sampling weight per folder (None: proportional to size).
+        temperature: if set, p ∝ weight · size^(1/temperature).
+        seed: the random seed.
+        samples_per_epoch: draws per epoch (default: the total number of samples).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float] | None = None,
+                 temperature: float | None = None, seed: int = 0,
+                 samples_per_epoch: int | None = None):
+        self.sizes = np.asarray(sizes, np.int64)
+        if (self.sizes <= 0).any():
+            raise MMToolError(f"every data folder needs samples; sizes are {self.sizes.tolist()}")
+        if temperature is not None and not temperature > 0:
+            raise MMToolError(f"--temperature must be > 0, got {temperature}")
+        w = np.ones(len(sizes)) if weights is None else np.asarray(weights, np.float64)
+        if (w <= 0).any():
+            raise MMToolError(f"mixture weights must be > 0, got {w.tolist()}")
+        self.uniform_epoch = weights is None and temperature is None
+        if temperature is not None:
+            w = w * self.sizes ** (1.0 / temperature)
+        elif weights is None:
+            w = self.sizes.astype(np.float64)
+        self.probabilities = w / w.sum()
+        self.seed = seed
+        self.samples_per_epoch = int(samples_per_epoch or self.sizes.sum())
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])  # [F+1] global numbering
+
+    def counts(self) -> np.ndarray:
+        """Draws per folder in one epoch (largest-remainder rounding of p · L)."""
+        exact = self.probabilities * self.samples_per_epoch
+        counts = np.floor(exact).astype(np.int64)
+        short = self.samples_per_epoch - counts.sum()
+        counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+        return counts
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """Global sample numbers of epoch `epoch`, in visiting order (int64 [samples_per_epoch])."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.uniform_epoch and self.samples_per_epoch == self.sizes.sum():
+            return rng.permutation(int(self.sizes.sum())).astype(np.int64)
+        parts = []
+        for f, (n, k) in enumerate(zip(self.sizes.tolist(), self.counts().tolist())):
+            # Continue folder f's permutation walk across epochs: draw index = epoch·k + i.
+            first = epoch * k
+            draws = np.arange(first, first + k)
+            lap, pos = np.divmod(draws, n)
+            local = np.empty(k, np.int64)
+            for lp in np.unique(lap):  # one permutation per lap through the folder
+                perm = np.random.default_rng([self.seed, f, int(lp)]).permutation(n)
+                sel = lap == lp
+                local[sel] = perm[pos[sel]]
+            parts.append(self.offsets[f] + local)
+        order = np.concatenate(parts)
+        return order[rng.permutation(len(order))]

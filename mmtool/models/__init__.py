@@ -1,0 +1,1 @@
+"""Model parts: encoders, attention backends over packed batches, fusion, heads, objectives."""
