@@ -112,7 +112,7 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownNameError(
-            f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} {name!r}{hint} "
+            f"unknown {_singular(self.kind)} {name!r}{hint} "
             f"(known: {', '.join(sorted(self._entries))}; `mmtool ls {self.kind}` describes them)"
         )
 
@@ -141,6 +141,13 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 
 
+def _singular(kind: str) -> str:
+    """"sources" → "source", "strategies" → "strategy"."""
+    if kind.endswith("ies"):
+        return kind[:-3] + "y"
+    return kind[:-1] if kind.endswith("s") else kind
+
+
 def import_submodules(package: str) -> None:
     """Imports every submodule of `package`, so that their decorators register entries."""
     pkg = importlib.import_module(package)
@@ -152,7 +159,8 @@ def import_submodules(package: str) -> None:
 # Packages whose import creates registries; `all_registries` imports them so that `mmtool ls`
 # sees every registry even before anything else touched it.
 REGISTRY_HOMES = ["mmtool.data.sources", "mmtool.data.tokenizers", "mmtool.data.batching",
-                  "mmtool.models.attention"]
+                  "mmtool.models.attention", "mmtool.models.encoders", "mmtool.models.fusion",
+                  "mmtool.models.objectives", "mmtool.models.builders"]
 
 
 def all_registries() -> dict[str, Registry]:

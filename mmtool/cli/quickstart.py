@@ -1,7 +1,7 @@
 """`mmtool quickstart`: the whole pipeline end to end on the built-in sources.
 
-Stages so far: preprocess every built-in source. Later stages (train, embed, eval-transfer,
-profile) append themselves here as they land.
+Stages so far: 1. preprocess every built-in source; 2. profile the batching strategies on them.
+Later stages (train, embed, eval-transfer) append themselves here as they land.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from rich.table import Table
 
 from mmtool.cli._render import human_bytes, run_preprocess
 from mmtool.cli.app import app
+from mmtool.cli.profile import run_profile
 from mmtool.data.preprocess import PreprocessConfig
 
 BUILTIN_MIXTURE: dict[str, list[str]] = {
@@ -25,6 +26,12 @@ BUILTIN_MIXTURE: dict[str, list[str]] = {
     "pydocs": [],
 }
 """Sources and options that quickstart preprocesses (all offline, all real data)."""
+
+PROFILE_BATCH_TOKENS = 4096
+"""Token budget of the profile stage: above the longest built-in sample (cartpole: 1,400 tokens)."""
+PROFILE_STEPS = 64
+"""Batches per strategy in the profile stage: about one packing window (packed batches are filled
+longest-first within a window, so fewer batches would see only the long samples); seconds."""
 
 
 @app.command("quickstart")
@@ -53,4 +60,12 @@ def quickstart(
                       ", ".join(m["modalities"]), str(len(m["shards"])),
                       human_bytes(sum(s["bytes"] for s in m["shards"])))
     console.print(table)
-    console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'}")
+
+    console.rule("[bold]2. profile batching strategies")
+    from mmtool.profile import ProfileConfig  # imports torch: only when this stage runs
+
+    profile = ProfileConfig(data=[str(out / "data" / source) for source in made],
+                            batch_tokens=PROFILE_BATCH_TOKENS, steps=PROFILE_STEPS)
+    run_profile(profile, console, out / "profile.json", out / "profile.png")
+    console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'} · "
+                  f"{out / 'profile.png'}")

@@ -71,6 +71,11 @@ class BufferBuilder:
     def allocate(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Returns (the uint8 buffer, {name: typed view into it})."""
         buf = np.empty(max(self.size, ALIGN), np.uint8)
+        # Zero the alignment gaps (the fields themselves are all written by the caller), so that
+        # equal batches are equal byte for byte and no stale memory goes to the device.
+        ends = [s.offset + s.nbytes for s in self.specs] or [0]
+        for end, nxt in zip(ends, [s.offset for s in self.specs[1:]] + [len(buf)]):
+            buf[end:nxt] = 0
         views = {s.name: buf[s.offset:s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
                  for s in self.specs}
         return buf, views

@@ -36,7 +36,7 @@ class BatchSize:
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.samples is None):
             raise MMToolError("give exactly one of --batch-tokens and --batch-samples")
-        if (self.tokens or 1) < 1 or (self.samples or 1) < 1:
+        if min(n for n in (self.tokens, self.samples) if n is not None) < 1:  # 0 included
             raise MMToolError("--batch-tokens and --batch-samples must be positive")
 
 
@@ -180,7 +180,9 @@ def _plan_by_modality(index, order, size):
     return [batches[i] for i in np.argsort(firsts, kind="stable")]
 
 
-STRATEGIES.add("per-sample", Strategy("packed", _plan_per_sample),
+# per-sample uses the padded layout: a [1, L] row has no padding, whereas the packed layout would
+# measure the lone sample against the whole --batch-tokens budget (e.g. 90% "padding").
+STRATEGIES.add("per-sample", Strategy("padded", _plan_per_sample),
                "one sample per batch: no padding, no batching benefit")
 STRATEGIES.add("by-modality", Strategy("padded", _plan_by_modality),
                "batches of samples that share a modality signature, padded to the longest")
@@ -280,10 +282,11 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
         v["slot_pos"].fill(0)
         v["slot_stream"].fill(-1)
         real = _ranges(starts, lens)  # [Σ lens]
-    else:
-        real = np.arange(n_slots)
-    v["slot_sample"][real] = np.repeat(np.arange(b), lens)
-    v["slot_pos"][real] = real - np.repeat(starts, lens)
+        v["slot_sample"][real] = np.repeat(np.arange(b), lens)
+        v["slot_pos"][real] = real - np.repeat(starts, lens)
+    else:  # every slot is real: plain writes, no identity scatter
+        v["slot_sample"][:] = np.repeat(np.arange(b, dtype=np.int32), lens)
+        v["slot_pos"][:] = np.arange(n_slots, dtype=np.int32) - np.repeat(starts.astype(np.int32), lens)
     v["slot_segment"].fill(-1)
     seg_local = regroup  # grouped position → original batch-local segment number
     v["slot_segment"][slot] = np.repeat(seg_local, ntok)
@@ -310,9 +313,12 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
                 src = np.repeat(seg_src[ga:gz], seg_n) + j[t0 + ta:t0 + tz]  # [tokens]
                 np.take(src_shard.ids, src, out=v[f"s{k}.ids"][ta:tz])
             else:
-                # A values segment is one contiguous run of n·dim floats: copy whole runs.
-                src = _ranges(seg_src[ga:gz], seg_n * info.dim)  # [tokens · dim]
-                np.take(src_shard.values, src, out=v[f"s{k}.values"][ta:tz].reshape(-1))
+                # A values segment is one contiguous run of n·dim floats. Gather whole token rows
+                # from a zero-copy sliding-window view (row r = values[r:r+dim]), so the index
+                # array has one entry per token rather than one per float (dim× smaller).
+                rows = np.lib.stride_tricks.sliding_window_view(src_shard.values, info.dim)  # [F-dim+1, dim]
+                src = np.repeat(seg_src[ga:gz], seg_n) + j[t0 + ta:t0 + tz] * info.dim  # [tokens]
+                v[f"s{k}.values"][ta:tz] = rows[src]  # (np.take would copy the whole view first)
     streams = tuple(k for k, *_ in token_ranges) + ((sep_id,) if len(sep_slot) else ())
     return Batch.from_numpy(buf, plan.specs, layout, streams)
 

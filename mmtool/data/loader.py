@@ -162,8 +162,8 @@ class Loader:
     # -- iteration -------------------------------------------------------------------------------
     def _open_stream(self) -> Iterator[Batch]:
         dataset = _BatchStream(self, self.epoch, self.batch)
-        if self.cfg.num_workers == 0:
-            return iter(dataset)
+        if self.cfg.num_workers == 0:  # pin here too, or the "non-blocking" H2D copy is synchronous
+            return (b.pin_memory() for b in dataset) if self.cfg.pin_memory else iter(dataset)
         if self.cfg.worker_type == "thread":
             return dataset.threaded(self.cfg.num_workers, self.cfg.prefetch, self.cfg.pin_memory)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
@@ -193,6 +193,20 @@ class Loader:
             if self.epoch != epoch:
                 return
 
+    def close(self) -> None:
+        """Stops worker threads or processes (also on `with Loader(...) as loader:` exit)."""
+        stream, self._stream = self._stream, None
+        if hasattr(stream, "_shutdown_workers"):  # a DataLoader iterator
+            stream._shutdown_workers()
+        elif hasattr(stream, "close"):  # the thread generator: closing it shuts its pool
+            stream.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     # -- resuming --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The loader's position and counters (JSON-ready)."""
@@ -208,7 +222,7 @@ class Loader:
                 raise MMToolError(f"loader state was saved with {key}={state[key]!r}, "
                                   f"but this run has {key}={self.state_dict()[key]!r}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self._stream = None  # batches prefetched from the old position are dropped
+        self.close()  # batches prefetched from the old position are dropped
         self.drawn = Drawn(list(state["drawn_samples"]), list(state["drawn_tokens"]))
 
     def drawn_by_folder(self) -> dict[str, dict[str, int]]:

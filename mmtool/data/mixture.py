@@ -5,8 +5,9 @@
 where p ∝ weight (static) or p ∝ weight · n_i^(1/T) with `temperature` T (T=1: proportional to
 size; large T: uniform). Within a folder, draws walk through a fresh random permutation, starting a
 new one when it runs out, so no sample repeats before all have been seen. The folders' draws are
-then interleaved by a random permutation. Everything derives from `(seed, epoch)` alone: any rank or
-worker can compute any epoch's order without talking to the others.
+then interleaved at random positions, each folder's kept in walk order (so that also holds in
+visiting order). Everything derives from `(seed, epoch)` alone: any rank or worker can compute any
+epoch's order without talking to the others.
 
 With no weights and no temperature the epoch is a plain permutation of all samples.
 """
@@ -139,5 +140,11 @@ class Mixture:
                 sel = lap == lp
                 local[sel] = perm[pos[sel]]
             parts.append(self.offsets[f] + local)
-        order = np.concatenate(parts)
-        return order[rng.permutation(len(order))]
+        # Interleave: a random permutation decides which folder each position draws from, and
+        # each folder's draws fill its positions in walk order. (Permuting the draws themselves
+        # would mix a folder's laps within an epoch, repeating samples before others are seen.)
+        counts = [len(p) for p in parts]
+        which = np.repeat(np.arange(len(parts)), counts)[rng.permutation(sum(counts))]  # [L]
+        order = np.empty(len(which), np.int64)
+        order[np.argsort(which, kind="stable")] = np.concatenate(parts)
+        return order

@@ -129,7 +129,12 @@ class TokenizerSet:
         tok = self._cache.get(key)
         if tok is None:
             tok = self._cache[key] = build_tokenizer(name, **options)
-        self.configs.setdefault(f"{field_.modality}/{field_.role}", {"name": name, **tok.config()})
+        role_key = f"{field_.modality}/{field_.role}"
+        if self.configs.get(role_key, {}).get("name", name) != name:
+            # One role, two tokenizers (e.g. discrete and mulaw actions in one jsonl): describe
+            # both, or the segments of the second cannot be read back against the manifest.
+            role_key = f"{role_key}:{name}"
+        self.configs.setdefault(role_key, {"name": name, **tok.config()})
         segment = tok.encode(field_.data, field_.role)
         segment.modality = field_.modality  # e.g. continuous actions through `mulaw` stay actions
         return segment

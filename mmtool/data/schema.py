@@ -18,7 +18,8 @@ Shape conventions (n = number of tokens of the segment):
 
 Trajectories (Gato-style timesteps): a sample whose segments have roles `observation` and `action`
 with the same leading dimension T is read as T timesteps, each `observation tokens | separator |
-action tokens`. The separator is implied by that layout rather than stored, so that observations and
+action tokens | reward tokens` (rewards when the sample has a `reward` segment with the same T).
+The separator is implied by that layout rather than stored, so that observations and
 actions stay two dense segments; `timestep_layout` gives the interleaved token order.
 """
 
@@ -231,20 +232,27 @@ def timestep_layout(sample: Sample) -> list[tuple[str, int, int]]:
     """Returns the Gato token order of a trajectory sample.
 
     Each entry is `(role, t, k)`: token k of timestep t of the segment with that role, with
-    `("separator", t, 0)` between a timestep's observation and action tokens.
+    `("separator", t, 0)` between a timestep's observation and action tokens, and the timestep's
+    reward tokens after its action when a `reward` segment has the same T (as `TokenIndex` places them).
 
     Args:
-        sample: a sample with `observation` and `action` segments of shape `[T, k_obs]`, `[T, k_act]`.
+        sample: a sample with `observation` and `action` segments of shape `[T, k_obs]`, `[T, k_act]`
+            and optionally a `reward` segment `[T, k_rew]`.
     """
     by_role = {s.role: s for s in sample.segments}
     obs, act = by_role["observation"], by_role["action"]
     if obs.shape[0] != act.shape[0]:
         raise ValueError(f"observation has {obs.shape[0]} timesteps but action has {act.shape[0]}")
+    reward = by_role.get("reward")
+    if reward is not None and reward.shape[0] != obs.shape[0]:
+        reward = None  # not per timestep: `TokenIndex` places it before the timesteps
     order = []
     for t in range(obs.shape[0]):
         order += [("observation", t, k) for k in range(obs.n_tokens // obs.shape[0])]
         order.append(("separator", t, 0))
         order += [("action", t, k) for k in range(act.n_tokens // act.shape[0])]
+        if reward is not None:
+            order += [("reward", t, k) for k in range(reward.n_tokens // reward.shape[0])]
     return order
 
 

@@ -50,9 +50,19 @@ def parse_size(text: str | int, flag: str = "--shard-size") -> int:
     return size
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; read once, as os.umask is process-wide
+
+
 def _tmp_path(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, _FILE_MODE)  # mkstemp makes 0600: shards and manifests must stay shareable
     return Path(name)
 
 

@@ -1,0 +1,121 @@
+"""`mmtool profile --data DIR ... --strategies ...`: what each batching strategy costs, measured.
+
+`mmtool.profile` (and with it torch) is imported when the command runs, not when `mmtool` starts:
+`mmtool --help`, `ls` and `preprocess` stay free of torch's second of import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmtool.cli._render import human_bytes
+from mmtool.cli.app import app
+from mmtool.data.shards import atomic_write_json
+
+if TYPE_CHECKING:
+    from mmtool.profile import ProfileConfig
+
+DEFAULT_STRATEGIES = "per-sample,by-modality,padded,packed"
+"""`--strategies` default; equal to `mmtool.profile.DEFAULT_STRATEGIES` (a test checks)."""
+
+
+def parse_strategies(text: str) -> list[str]:
+    """"per-sample, packed" → ["per-sample", "packed"] (names are checked by the library)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _rate(x: float) -> str:
+    return f"{x / 1e6:,.2f}M" if x >= 1e6 else f"{x:,.0f}"
+
+
+def _h2d_cell(h2d: dict[str, Any], path: str) -> str:
+    p = h2d[path]
+    timing = "n/a" if p["seconds_per_batch"] is None else f"{p['seconds_per_batch'] * 1e6:,.0f} µs"
+    return f"{p['copies_per_batch']:,.1f} × · {human_bytes(p['bytes_per_batch'])} · {timing}"
+
+
+def profile_table(result: dict[str, Any]) -> Table:
+    """One row per strategy: throughput, padding, H2D copies/bytes/time of both paths, memory."""
+    rows = result["strategies"]
+    with_step = any(r["step"] for r in rows.values())
+    cfg, machine = result["config"], result["machine"]
+    size = (f"--batch-tokens {cfg['batch_tokens']:,}" if cfg["batch_tokens"] else
+            f"--batch-samples {cfg['batch_samples']}")
+    table = Table(title=f"batching strategies: {size}, {cfg['steps']} batches each "
+                        f"(after {cfg['warmup']} warm-up), {cfg['num_workers']} {cfg['worker_type']} workers",
+                  title_justify="left", show_edge=False)
+    cols = ["strategy", "samples/batch", "samples/s", "real tok/s", "batches/s", "padding",
+            "H2D one buffer", "H2D per field", "RSS now / peak"]
+    if with_step:
+        cols += ["step real tok/s", "data wait"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("strategy",) or col.startswith("H2D") else "right")
+    for name, r in rows.items():
+        cells = [f"[bold]{name}[/]", f"{r['mean_batch_samples']:,.1f}", _rate(r["samples_per_s"]),
+                 _rate(r["real_tokens_per_s"]), f"{r['batches_per_s']:,.1f}",
+                 f"{100 * r['padding_fraction']:.1f}%", _h2d_cell(r["h2d"], "one_buffer"),
+                 _h2d_cell(r["h2d"], "per_field"),
+                 f"{r['rss_mb']['after']:,.0f} / {r['rss_mb']['peak_so_far']:,.0f} MB"]
+        if with_step:
+            s = r["step"]
+            cells += [_rate(s["real_tokens_per_s"]) if s else "", f"{100 * s['data_wait_fraction']:.1f}%" if s else ""]
+        table.add_row(*cells)
+    first = next(iter(rows.values()))
+    data = result["data"]
+    table.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
+                     f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · H2D: copies × · "
+                     f"bytes · time per batch, time {first['h2d']['timing']} · torch {machine['torch']}, "
+                     f"{machine['cpu_count']} CPUs" + (f", {machine['accelerator']}" if machine["accelerator"] else ""))
+    table.caption_justify = "left"
+    return table
+
+
+def run_profile(cfg: "ProfileConfig", console: Console, json_path: Path | None = None,
+                plot_path: Path | None = None) -> dict[str, Any]:
+    """Checks the output paths, profiles, prints the table and writes the JSON and the plot."""
+    from mmtool.profile import check_plot_path, plot_profile, profile_strategies
+
+    if plot_path is not None:
+        check_plot_path(plot_path)  # before minutes of measuring, not after
+    with console.status(f"profiling {', '.join(cfg.strategies)} ({cfg.steps} batches each)"):
+        result = profile_strategies(cfg)
+    console.print(profile_table(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, result)
+        console.print(f"wrote {json_path}")
+    if plot_path is not None:
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_profile(result, plot_path)
+        console.print(f"wrote {plot_path}")
+    return result
+
+
+@app.command("profile")
+def profile_cmd(
+    data: List[str] = typer.Option(..., "--data", help="Preprocessed folder, DIR[=WEIGHT] (repeatable), or a mixture YAML."),
+    strategies: str = typer.Option(DEFAULT_STRATEGIES, help="Comma-separated strategies (`mmtool ls strategies`)."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Token budget per batch (≥ the longest sample)."),
+    batch_samples: Optional[int] = typer.Option(None, help="Fixed samples per batch: strategies compared on identical content."),
+    steps: int = typer.Option(50, help="Batches measured per strategy (after 2 warm-up batches)."),
+    num_workers: int = typer.Option(0, help="Loader workers (0: assemble in the main thread)."),
+    worker_type: str = typer.Option("thread", help="thread or process."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda also times the host-to-device copies)."),
+    samples_per_epoch: Optional[int] = typer.Option(None, help="Mixture draws per epoch (default: every sample once)."),
+    seed: int = typer.Option(0, help="Mixture seed, the same for every strategy."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every measurement to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, help="Write a bar chart comparing the strategies (.png, .svg, .pdf)."),
+) -> None:
+    """Measure each batching strategy: samples/s, real tokens/s, padding, H2D copies, memory."""
+    from mmtool.profile import ProfileConfig
+
+    cfg = ProfileConfig(data=list(data), strategies=parse_strategies(strategies),
+                        batch_tokens=batch_tokens, batch_samples=batch_samples, steps=steps,
+                        num_workers=num_workers, worker_type=worker_type, device=device, seed=seed,
+                        samples_per_epoch=samples_per_epoch)
+    run_profile(cfg, Console(highlight=False), json_out, plot)

@@ -1,0 +1,78 @@
+"""`mmtool train`: train the unified model (thin layer over `mmtool.train`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mmtool.cli.app import app
+from mmtool.config import build_config, parse_weights
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_cmd(
+    ctx: typer.Context,
+    data: List[str] = typer.Option([], "--data", "-d", help="Preprocessed folder DIR[=WEIGHT] (repeatable) or a mixture YAML."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags and key=value override it)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Size preset: tiny, small, base."),
+    fusion: Optional[str] = typer.Option(None, help="early, mid or late (`mmtool ls fusions`)."),
+    fusion_layer: Optional[int] = typer.Option(None, help="mid fusion: per-modality layers before joint ones."),
+    attention: Optional[str] = typer.Option(None, help="Attention backend (`mmtool ls attention`); default: fastest correct for the device."),
+    objectives: Optional[str] = typer.Option(None, help="Weighted objectives, e.g. next-token=1,masked-patch=0.5."),
+    strategy: Optional[str] = typer.Option(None, help="Batching strategy (`mmtool ls strategies`)."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Token budget per micro-batch."),
+    batch_samples: Optional[int] = typer.Option(None, help="Fixed samples per micro-batch (instead of --batch-tokens)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    warmup: Optional[int] = typer.Option(None, help="Linear warmup steps."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    num_workers: Optional[int] = typer.Option(None, help="Loader threads assembling batches ahead."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    keep_last: Optional[int] = typer.Option(None, help="Checkpoints to keep."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint."),
+) -> None:
+    """Train the unified multi-modal model (extra KEY=VALUE arguments override settings)."""
+    flags = {"data": data, "out": out, "model.size": model, "model.fusion": fusion,
+             "model.fusion_layer": fusion_layer, "model.attention": attention,
+             "model.objectives": parse_weights(objectives, "--objectives") if objectives else None,
+             "strategy": strategy, "batch_tokens": batch_tokens, "batch_samples": batch_samples,
+             "max_steps": max_steps, "lr": lr, "warmup": warmup, "grad_accum": grad_accum,
+             "seed": seed, "num_workers": num_workers, "device": device,
+             "save_every": save_every, "keep_last": keep_last}
+    from mmtool.train import TrainConfig  # imports torch and the model: only when training
+
+    cfg = build_config(TrainConfig, config, flags, list(ctx.args))
+    run_training(cfg, resume, Console(highlight=False))
+
+
+def run_training(cfg, resume: bool, console: Console) -> dict:
+    """Trains `cfg` (a `TrainConfig`) under a rich progress bar and prints a one-line summary."""
+    from mmtool.train import train
+
+    with Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("train", total=cfg.max_steps, info="")
+
+        def on_start(info: dict) -> None:
+            bar.update(task, completed=info["start_step"])
+            console.print(f"model {cfg.model.size}/{cfg.model.fusion}: {info['parameters']:,} parameters; "
+                          f"streams {', '.join(info['streams'])}"
+                          + (f"; resuming {info['resumed_from']}" if info["resumed_from"] else ""))
+
+        def on_step(line: dict) -> None:
+            bar.update(task, completed=line["step"],
+                       info=f"loss {line['loss']:.3f} · {line['tokens_per_s']:,.0f} tok/s · wait {line['data_wait']:.0%}")
+
+        summary = train(cfg, resume=resume, on_step=on_step, on_start=on_start)
+    if summary["rank"] == 0:
+        console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; final loss "
+                      f"{summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}")
+    return summary

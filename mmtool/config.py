@@ -1,0 +1,135 @@
+"""Config dataclasses from defaults, a YAML file, flags, and `key=value` overrides (in that order).
+
+`mmtool train --config run.yaml --data d1 lr=3e-4 model.size=small` builds the `TrainConfig` from
+its defaults, then the YAML file, then the flags given, then each override. Nested dataclasses
+(`model.size`) are addressed with dots. Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmtool.errors import MMToolError
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Converts a YAML/CLI value to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
+                         and type(None) in typing.get_args(annotation)):
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        annotation, origin = args[0], typing.get_origin(args[0])
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            low = str(value).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation in (int, float, str):
+            return annotation(value)
+        if annotation is Path:
+            return Path(value)
+        if origin is list:
+            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+            inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
+            return [_coerce(v, inner, key) for v in items]
+        if origin is dict:
+            if isinstance(value, dict):
+                return {str(k): float(v) for k, v in value.items()}
+            return parse_weights(str(value), key)
+    except (TypeError, ValueError):
+        raise MMToolError(f"{key}={value!r}: expected {getattr(annotation, '__name__', annotation)}") from None
+    return value
+
+
+def parse_weights(text: str, key: str) -> dict[str, float]:
+    """"next-token=1,masked-patch=0.5" (or "next-token,masked-patch") → {name: weight}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, w = part.partition("=")
+        try:
+            out[name] = float(w) if eq else 1.0
+        except ValueError:
+            raise MMToolError(f"{key}: weight of {name!r} must be a number, got {w!r}") from None
+    return out
+
+
+def set_value(obj: Any, dotted: str, value: Any, origin: str, _prefix: str = "") -> None:
+    """Sets `a.b.c` on nested dataclasses, coercing to the field's type."""
+    head, _, rest = dotted.partition(".")
+    types = _field_types(type(obj))
+    full = _prefix + dotted
+    if head not in types:
+        valid = ", ".join(_prefix + t for t in types)
+        raise MMToolError(f"{origin}: unknown setting {full!r} (settings: {valid})")
+    if rest:
+        child = getattr(obj, head)
+        if not dataclasses.is_dataclass(child):
+            raise MMToolError(f"{origin}: {_prefix + head!r} has no sub-settings")
+        set_value(child, rest, value, origin, f"{_prefix}{head}.")
+    else:
+        setattr(obj, head, _coerce(value, types[head], f"{origin} {full}"))
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in doc.items():
+        if isinstance(v, dict) and k not in ("objectives",):
+            items += _flatten(v, f"{prefix}{k}.")
+        else:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def build_config(cls: type, yaml_path: Path | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> Any:
+    """Defaults → YAML file → flags that were given (not None) → `key=value` overrides."""
+    cfg = cls()
+    if yaml_path is not None:
+        try:
+            doc = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise MMToolError(f"--config {yaml_path}: cannot read ({exc})") from None
+        if not isinstance(doc, dict):
+            raise MMToolError(f"--config {yaml_path}: expected a mapping of settings")
+        for key, value in _flatten(doc):
+            set_value(cfg, key, value, f"--config {yaml_path}")
+    for key, value in (flags or {}).items():
+        if value is not None and value != []:
+            set_value(cfg, key, value, f"--{key.split('.')[-1].replace('_', '-')}")
+    for item in overrides or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise MMToolError(f"override {item!r}: expected key=value (e.g. model.size=small)")
+        set_value(cfg, key.strip(), value.strip(), "override")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as JSON-ready nested dicts."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def from_dict(cls: type, doc: dict[str, Any]) -> Any:
+    """Rebuilds a config saved by `to_dict`."""
+    cfg = cls()
+    for key, value in _flatten(doc):
+        set_value(cfg, key, value, "config.json")
+    return cfg
