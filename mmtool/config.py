@@ -60,14 +60,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def parse_weights(text: str, key: str) -> dict[str, float]:
-    """"next-token=1,masked-patch=0.5" (or "next-token,masked-patch") → {name: weight}."""
+    """"next-token=1,masked-patch:mask_ratio=0.75=0.5" (weights optional, default 1) → {name: weight}.
+
+    The weight is what follows the last "=", when that is a number; a name may carry options
+    (`name:key=value`) of its own.
+    """
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, w = part.partition("=")
+        name, eq, w = part.rpartition("=")
+        if not eq:
+            out[part] = 1.0
+            continue
         try:
-            out[name] = float(w) if eq else 1.0
+            out[name] = float(w)
         except ValueError:
-            raise MMToolError(f"{key}: weight of {name!r} must be a number, got {w!r}") from None
+            if ":" not in part:
+                raise MMToolError(f"{key}: weight of {name!r} must be a number, got {w!r}") from None
+            out[part] = 1.0  # the last "=" belonged to an option, not a weight
     return out
 
 

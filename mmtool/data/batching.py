@@ -116,8 +116,9 @@ def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
 
     The order is read `window` budgets' worth of samples at a time; those samples are packed
     longest-first into bins of `budget` tokens, every bin but the emptiest is emitted, and the
-    emptiest goes back to the window's start. Near-zero padding, no sample lost or repeated,
-    deterministic, and the mixture's order is kept at the scale of the window.
+    emptiest goes back to the window's start. The window's bins are emitted in a pseudo-random
+    order, so that long and short samples do not form separate runs of batches. Near-zero padding,
+    no sample lost or repeated, deterministic, and the mixture's order is kept at window scale.
     """
     lengths = index.lengths
     batches: list[np.ndarray] = []
@@ -147,7 +148,10 @@ def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
             carry = bins.pop(worst)
         else:
             carry = np.zeros(0, np.int64)
-        batches.extend(bins)
+        # First-fit-decreasing fills bins longest-first; emit them in a pseudo-random order
+        # (seeded by the window's content, so still deterministic) so that batches stay mixed.
+        rng = np.random.default_rng(chunk[:8].tolist() + [len(batches)])
+        batches.extend(bins[i] for i in rng.permutation(len(bins)))
     return batches
 
 
@@ -228,9 +232,13 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     tok_seg_first = _excl_cumsum(ntok)  # [G] first token (in grouped order) of each segment
     n_tok = int(ntok.sum())
     j = np.arange(n_tok) - np.repeat(tok_seg_first, ntok)  # [T] token index within its segment
-    step = np.repeat(index.seg_step[segs_g], ntok)  # [T]
-    slot = (np.repeat(starts[sample_g] + index.seg_base[segs_g], ntok)
-            + (j // step) * np.repeat(index.seg_stride[segs_g], ntok) + j % step)  # [T]
+    slot = np.repeat(starts[sample_g] + index.seg_base[segs_g], ntok) + j  # [T] contiguous segments
+    stride = index.seg_stride[segs_g]  # [G]; > 0 only for trajectory (timestep) segments
+    if stride.any():  # token j of a timestep segment: row j // step, column j % step
+        steps_in = stride > 0
+        tok = _ranges(tok_seg_first[steps_in], ntok[steps_in])  # [T_traj] their tokens
+        step = np.repeat(index.seg_step[segs_g][steps_in], ntok[steps_in])  # [T_traj]
+        slot[tok] += (j[tok] // step) * (np.repeat(stride[steps_in], ntok[steps_in]) - step)
 
     # Separators of trajectory samples: one per timestep.
     steps = index.steps[samples]  # [B]

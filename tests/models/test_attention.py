@@ -156,6 +156,8 @@ def test_default_backend_on_cpu_is_bucketed_and_available():
     for requires_grad in (False, True):
         backend = default_backend("cpu", requires_grad)
         assert backend.registry_name == "bucketed" and backend.is_available(CPU, requires_grad, True)
+    # flash-varlen takes only fp16/bf16, so a float32 model on a GPU never gets it by default
+    assert default_backend("cuda", True, dtype=torch.float32).registry_name == "bucketed"
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -169,3 +171,11 @@ def test_length_buckets_partition_within_the_padding_budget(seed):
         sizes = [lengths[i] for i in g]
         assert 1 - sum(sizes) / (len(sizes) * max(sizes)) <= 0.1
     assert len(groups) < 20  # a handful of calls, not one per sample
+
+
+def test_length_buckets_slack_merges_cheap_padding():
+    # 10 and 12 share (8% padding); 14 would make it 14%, but only adds 2·(14²-12²) = 104 padded
+    # score entries, which a slack of 200 accepts; 60 would add 3·(60²-14²) and never joins.
+    assert length_buckets([60, 10, 12, 14], pad_budget=0.1) == [[1, 2], [3], [0]]
+    assert length_buckets([60, 10, 12, 14], pad_budget=0.1, slack=200) == [[1, 2, 3], [0]]
+    assert length_buckets([0, 5], pad_budget=0.1) == [[1]]  # empty samples have nothing to attend

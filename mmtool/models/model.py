@@ -1,0 +1,266 @@
+"""The unified model: encoders → fusion trunk → weighted self-supervised objectives, on any `Batch`.
+
+    batch (packed or padded)
+      │  PackedView: real tokens in packed order, sample after sample
+      ▼
+    Embedder        h [N, d] = encoder_k(token) + stream[k] + position + task[folder]   (encoders.py)
+      │  (objectives' masks replace some inputs first: [MASK] ids, learned patch mask vectors)
+      ▼
+    Trunk           blocks; each attends within samples or within (sample, modality)    (fusion.py)
+      ▼
+    objectives      next-token, masked-patch, masked-token, contrastive → Σ weight · loss (objectives.py)
+
+Decisions (the "why"):
+
+* **Causal or bidirectional.** Attention is causal in every layer when any objective needs it
+  (`next-token`), so next-token prediction is valid and one forward pass serves every objective:
+  masked-patch / masked-token then predict a masked token at its own position from the visible
+  context before it. Without next-token the trunk is bidirectional (proper MAE / BERT).
+* **Task token.** A learned embedding per data folder (`Batch.sample_folder`, the order of
+  `--data`) is added to every token of a sample: the batch carries the folder, not the task
+  string, and a folder is one dataset with one task mix. (Up to `encoders.MAX_TASKS` folders.)
+* **Packed = padded.** By default the model only computes on packed order: a padded batch's real
+  slots are gathered into it, so padding costs nothing past the copy. Masks are drawn per stream
+  token, whose order does not depend on the layout. The same samples give the same loss (to float
+  tolerance) in both layouts — also with `keep_padding`, which computes on the padding (masked)
+  to measure what a conventional padded model pays.
+* **Late fusion and next-token.** Late fusion's per-modality streams predict their own next token:
+  token t reads the hidden state of the previous token of the same modality in its sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmtool.data.batch import Batch
+from mmtool.data.index import SEPARATOR, Stream
+from mmtool.errors import MMToolError
+from mmtool.models.attention import ATTENTION, AttentionBackend, default_backend, get_backend
+from mmtool.models.builders import ModelSize, build_embedder, build_objectives, build_trunk, model_size
+from mmtool.models.encoders import Corruption, Embedder, PackedView
+from mmtool.models.fusion import Grouping, Trunk, masked_mean
+from mmtool.models.objectives import Context
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model's architecture and losses (stored in `RUN/config.json`)."""
+
+    size: str = "tiny"
+    """Size preset (`mmtool ls sizes`): tiny, small, base — d_model, layers, heads, MLP width."""
+    fusion: str = "early"
+    """Where modalities meet (`mmtool ls fusions`): early, mid, late."""
+    fusion_layer: int = 1
+    """mid fusion: layers of per-modality streams before the joint layers (1 ≤ k < layers)."""
+    attention: str | None = None
+    """Attention backend (`mmtool ls attention`); None: the documented fastest for the device."""
+    objectives: dict[str, float] = field(default_factory=lambda: {"next-token": 1.0, "masked-patch": 1.0})
+    """Objective → loss weight; names take options as `NAME:key=value:...` (`mmtool ls objectives`;
+    `objectives.parse_objectives` reads the flag form `next-token=1,masked-patch:mask_ratio=0.75=1`)."""
+    mask_ratio: float = 0.5
+    """Share of each segment's tokens that masked-patch / masked-token mask."""
+    max_positions: int = 4096
+    """Longest sample (in tokens) the learned position table covers."""
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass returns.
+
+    Attributes:
+        loss: scalar Σ weight · objective loss.
+        losses: per objective name, the scalar (attached) loss: the mean over its counted rows
+            (predicted tokens, masked patches, contrastive rows); 0 (attached) when the batch has none.
+        by_stream: detached mean loss per "objective/stream key" (e.g. "next-token/text:wordpiece")
+            or "contrastive/modA+modB", only for groups that the batch has.
+        by_sample_loss: [B] detached Σ weight · (the sample's mean loss under each objective).
+        tokens: real tokens in the batch.
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    by_stream: dict[str, float]
+    by_sample_loss: Tensor
+    tokens: int
+
+
+class UnifiedModel(nn.Module):
+    """One transformer over every stream of a mixture, trained by weighted objectives.
+
+    Build it with `build_model`; see the module docstring for the design decisions.
+
+    Attributes:
+        keep_padding: compute padded batches *with* their padding — linear layers on all B·L
+            slots, attention as one SDPA with key-padding masks — instead of gathering the real
+            slots first (the default). Same losses either way (to float tolerance); set it to
+            measure what padding costs a conventional padded implementation (benchmarks).
+    """
+
+    keep_padding: bool = False
+
+    def __init__(self, cfg: ModelConfig, streams: list[Stream], size: ModelSize, embedder: Embedder,
+                 trunk: Trunk, objectives: nn.ModuleDict, weights: dict[str, float]):
+        super().__init__()
+        self.cfg, self.streams, self.size = cfg, list(streams), size
+        self.embedder, self.trunk, self.objectives = embedder, trunk, objectives
+        self.weights = dict(weights)
+        self.fusion = trunk.fusion
+        self.causal = any(o.causal for o in objectives.values())
+        self.modalities, mod = embedder.modality_of_stream()
+        self.register_buffer("modality_of_stream", torch.tensor(mod, dtype=torch.long), persistent=False)
+        self._backends: dict[str, AttentionBackend] = {}
+        self.init_weights()
+
+    # -- setup -----------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """N(0, 0.02) for linears and tables, zero biases, depth-scaled residual projections."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for enc in self.embedder.encoders.values():
+            if hasattr(enc, "vector"):
+                nn.init.normal_(enc.vector, std=0.02)
+        self.trunk.init_weights()
+
+    def backend(self, device: torch.device) -> AttentionBackend:
+        """The attention backend for `device` (checked once per device)."""
+        key = str(device)
+        if key not in self._backends:
+            if self.cfg.attention is None:
+                self._backends[key] = default_backend(device, requires_grad=True)
+            else:
+                self._backends[key] = get_backend(self.cfg.attention, device, requires_grad=True,
+                                                  causal=self.causal)
+        return self._backends[key]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- the forward pass ------------------------------------------------------------------------
+    def _groupings(self, view: PackedView) -> dict[str, Grouping]:
+        out = {}
+        for _, kind in self.fusion.phases():
+            if kind not in out:
+                out[kind] = Grouping.by_sample(view, self.causal) if kind == "sample" else \
+                    Grouping.by_modality(view, self.modality_of_stream, len(self.modalities), self.causal)
+        return out
+
+    def _trunk(self, batch: Batch, view: PackedView,
+               corruptions: dict[int, list[Corruption]] | None) -> tuple[Tensor, Grouping]:
+        """(final normed hidden states [N, d] in packed order, the last layer's grouping)."""
+        self.embedder.check(view)
+        h = self.embedder(batch, view, corruptions)  # [N, d]
+        groupings = self._groupings(view)
+        hidden = self.trunk(h, groupings, self.backend(h.device), self.causal)  # [N, d]
+        return hidden, groupings[self.fusion.final]
+
+    @staticmethod
+    def _means(view: PackedView, hidden: Tensor, group: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Mean hidden state per group id `[N]` (padding rows left out) → ([n, d], counts [n])."""
+        if view.real is not None:
+            group = torch.where(view.real, group, n)  # padding rows: a group of their own, dropped
+        means, counts = masked_mean(hidden, group, n + 1)  # [n+1, d], [n+1]
+        return means[:n], counts[:n]
+
+    def _modality_pools(self, view: PackedView, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean hidden state of each modality of each sample [B, M, d], present bool [B, M])."""
+        m = len(self.modalities)
+        group = view.sample * m + self.modality_of_stream[view.stream.clamp(min=0)]  # [N]
+        pools, counts = self._means(view, hidden, group, view.batch_size * m)  # [B·M, d], [B·M]
+        real = torch.tensor([name != SEPARATOR for name in self.modalities], device=hidden.device)
+        present = (counts.view(-1, m) > 0) & real[None, :]  # [B, M]
+        return pools.view(-1, m, hidden.shape[1]), present
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> ModelOutput:
+        view = PackedView.of(batch, self.keep_padding)
+        # Input corruptions, drawn in objective order, then stream order: one draw sequence per batch.
+        own = {name: obj.corrupt(batch, view, generator) for name, obj in self.objectives.items()}
+        merged: dict[int, list[Corruption]] = {}
+        for per_stream in own.values():
+            for k, cs in per_stream.items():
+                merged.setdefault(k, []).extend(cs)
+        hidden, final = self._trunk(batch, view, merged)  # [N, d]
+
+        cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def pools() -> tuple[Tensor, Tensor]:  # per-modality means, computed once if asked for
+            if "pools" not in cache:
+                cache["pools"] = self._modality_pools(view, hidden)
+            return cache["pools"]
+
+        b = view.batch_size
+        total = hidden.new_zeros(())
+        losses: dict[str, Tensor] = {}
+        by_sample = torch.zeros(b, device=hidden.device)
+        stats: list[tuple[str, list[str], Tensor]] = []
+        for name, obj in self.objectives.items():
+            ctx = Context(batch, view, hidden, final.prev, self.embedder, own[name], pools,
+                          self.modalities)
+            rows = obj(ctx)
+            if rows is None:  # nothing of this objective in the batch: a zero that keeps the graph
+                loss = hidden.sum() * 0.0
+            else:
+                wl = rows.loss * rows.weight  # [m]
+                loss = wl.sum() / rows.weight.sum().clamp(min=1.0)
+                w, d = rows.weight.detach(), wl.detach()
+                s_sum = torch.zeros(b, device=d.device).index_add(0, rows.sample, d)  # [B]
+                s_cnt = torch.zeros(b, device=d.device).index_add(0, rows.sample, w)  # [B]
+                by_sample = by_sample + self.weights[name] * s_sum / s_cnt.clamp(min=1.0)
+                k = len(rows.keys)
+                k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, d)  # [K]
+                k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w)  # [K]
+                stats.append((name, rows.keys, torch.stack([k_sum, k_cnt])))
+            losses[name] = loss
+            total = total + self.weights[name] * loss
+        by_stream: dict[str, float] = {}
+        if stats:  # one device→host read for every metric
+            host = torch.cat([t.flatten() for *_, t in stats]).tolist()
+            at = 0
+            for name, keys, t in stats:
+                k = len(keys)
+                sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
+                at += 2 * k
+                by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
+        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens))
+
+    def hidden_states(self, batch: Batch) -> tuple[Tensor, PackedView]:
+        """Final hidden states, uncorrupted: ([N, d], the view that says which sample, position and
+        stream each row is). Rows are the real tokens in packed order (with `keep_padding`, a
+        padded batch's B·L slots, `view.real` marking the real ones)."""
+        view = PackedView.of(batch, self.keep_padding)
+        return self._trunk(batch, view, None)[0], view
+
+    def pooled(self, batch: Batch) -> Tensor:
+        """[B, d] one vector per sample: the mean of its tokens' final hidden states (early, mid),
+        or the late-fusion head's combination of its per-modality means (late)."""
+        hidden, view = self.hidden_states(batch)  # [N, d]
+        sample_mean, _ = self._means(view, hidden, view.sample, view.batch_size)  # [B, d]
+        pools, present = self._modality_pools(view, hidden) if self.fusion.final == "modality" \
+            else (None, None)
+        return self.fusion.pool(sample_mean, pools, present)  # [B, d]
+
+
+def build_model(cfg: ModelConfig, streams: list[Stream]) -> UnifiedModel:
+    """Builds the model that `cfg` describes for a mixture with these `streams` (`TokenIndex.streams`).
+
+    Raises:
+        MMToolError: an unknown size, fusion, attention backend or objective (with close matches),
+            a bad option, or an objective the streams cannot feed (naming what is missing).
+    """
+    if not streams:
+        raise MMToolError("the data has no streams to model")
+    if cfg.attention is not None:
+        ATTENTION.get(cfg.attention)  # unknown names fail now; availability is checked per device
+    size = model_size(cfg.size)
+    embedder = build_embedder(streams, size, cfg.max_positions)
+    trunk = build_trunk(size, cfg.fusion, cfg.fusion_layer)
+    objectives, weights = build_objectives(cfg.objectives, streams, size, cfg.mask_ratio)
+    return UnifiedModel(cfg, streams, size, embedder, trunk, objectives, weights)

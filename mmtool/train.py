@@ -1,0 +1,324 @@
+"""`mmtool train`: the unified model on a weighted mixture, self-supervised, resumable, distributed.
+
+One step = `grad_accum` micro-batches from the loader → forward (all objectives) → backward →
+clip → AdamW with linear warmup and cosine decay. Every random choice of a step (masks, negatives)
+comes from a generator seeded by (seed, step, micro-batch), the loader's position is part of the
+checkpoint, and model and optimizer states are restored exactly, so an interrupted run resumed with
+`--resume` logs the same losses as an uninterrupted one (bitwise on CPU).
+
+Run folder::
+
+    RUN/config.json      everything needed to rebuild the run
+    RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source),
+                         real tokens/s, data-wait fraction, lr, grad norm
+    RUN/checkpoints/     see `mmtool.checkpoint`
+
+Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
+gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmtool import checkpoint
+from mmtool.config import from_dict, to_dict
+from mmtool.data.loader import Loader, LoaderConfig
+from mmtool.data.shards import atomic_write_json
+from mmtool.errors import MMToolError
+from mmtool.models.model import ModelConfig, build_model
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Every field is a flag of `mmtool train` and a key of `--config` files."""
+
+    data: list[str] = field(default_factory=list)
+    """Preprocessed folders `DIR[=WEIGHT]`, or a mixture YAML file."""
+    out: Path = Path("runs/run")
+    """Run folder: config.json, metrics.jsonl, checkpoints/."""
+    strategy: str = "packed"
+    """Batching strategy (`mmtool ls strategies`)."""
+    batch_tokens: int | None = 4096
+    """Token budget per micro-batch (ignored when batch_samples is set)."""
+    batch_samples: int | None = None
+    """Fixed samples per micro-batch instead of a token budget."""
+    temperature: float | None = None
+    """Mixture temperature: p ∝ weight · n^(1/T)."""
+    samples_per_epoch: int | None = None
+    """Draws per epoch (default: every sample once)."""
+    num_workers: int = 1
+    """Loader worker threads that assemble batches ahead of the model (0: on demand)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model: size, fusion, attention backend, objectives (`model.size=small`, ...)."""
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr · min_lr_ratio."""
+    warmup: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints to keep."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    fault_nan_step: int | None = None
+    """Testing aid: make the loss NaN at this step, to exercise the NaN stop."""
+
+    def loader_config(self, rank: int, world: int, pin: bool) -> LoaderConfig:
+        samples = self.batch_samples
+        return LoaderConfig(data=list(self.data), strategy=self.strategy,
+                            batch_tokens=None if samples else self.batch_tokens,
+                            batch_samples=samples, temperature=self.temperature, seed=self.seed,
+                            samples_per_epoch=self.samples_per_epoch, num_workers=self.num_workers,
+                            rank=rank, world_size=world, pin_memory=pin)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr · min_lr_ratio` at `max_steps` (step ≥ 1)."""
+    if cfg.warmup and step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name in ("max_steps", "grad_accum", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise MMToolError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.lr > 0:
+        raise MMToolError(f"--lr must be > 0, got {cfg.lr}")
+    if not cfg.data:
+        raise MMToolError("no training data: give --data DIR[=WEIGHT] (repeatable)")
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MMToolError(f"--device {name}: CUDA is not available on this machine")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def _prepare_run(cfg: TrainConfig, resume: bool) -> Path | None:
+    """Checks the run folder; returns the checkpoint to resume from (None: fresh start)."""
+    out = Path(cfg.out)
+    saved = out / "config.json"
+    if not resume:
+        if saved.exists():
+            raise MMToolError(f"--out {out}: already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+        return None
+    if not saved.exists():
+        raise MMToolError(f"--resume: {out} holds no run (no config.json)")
+    old = json.loads(saved.read_text())
+    mine = to_dict(cfg)
+    for key in ("model", "data", "strategy", "batch_tokens", "batch_samples", "seed", "grad_accum"):
+        if old.get(key) != mine.get(key):
+            raise MMToolError(f"--resume: {out} was trained with {key}={old.get(key)!r}, this command "
+                              f"gives {mine.get(key)!r}; use the same settings or a new --out")
+    ckpts = checkpoint.list_checkpoints(out)
+    return ckpts[-1] if ckpts else None
+
+
+def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str]) -> dict[str, float]:
+    loss = out_samples.detach().float().cpu().numpy()
+    fold = folders.cpu().numpy()
+    result = {}
+    for f in np.unique(fold):
+        sel = fold == f
+        result[names[int(f)]] = float(loss[sel].mean())
+    return result
+
+
+def train(cfg: TrainConfig, resume: bool = False,
+          on_step: Callable[[dict[str, Any]], None] | None = None,
+          on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Trains (or resumes) a run and returns a summary.
+
+    Args:
+        cfg: the run.
+        resume: continue from the newest checkpoint in `cfg.out`.
+        on_step: called on rank 0 with each step's metrics line.
+        on_start: called on rank 0 once the model is built (parameters, resume point).
+
+    Raises:
+        MMToolError: bad settings, unusable data, an incompatible or corrupt checkpoint, or a NaN
+            loss (after saving what is safe: metrics up to the failing step; checkpoints untouched).
+    """
+    _validate(cfg)
+    kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    ddp = _init_distributed(kind)
+    device = _device(cfg.device, ddp.local_rank)
+    start_ckpt = _prepare_run(cfg, resume)
+    loader = Loader(cfg.loader_config(ddp.rank, ddp.world, pin=device.type == "cuda"))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, loader.index.streams).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    out = Path(cfg.out)
+    step = 0
+    if start_ckpt is not None:
+        model_state, opt_state, doc = checkpoint.load(start_ckpt)
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise MMToolError(f"checkpoint {start_ckpt} does not fit this model: {exc}") from None
+        loader.load_state_dict(doc["loader"][ddp.rank])
+        step = int(doc["step"])
+    names = [f.name for f in loader.index.folders]
+    # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.
+    trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
+        if ddp.world > 1 else model
+
+    metrics_path = out / "metrics.jsonl"
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if start_ckpt is None:
+            atomic_write_json(out / "config.json", to_dict(cfg))
+            metrics_path.write_text("")
+        else:  # drop lines past the checkpoint: the resumed run writes them again
+            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        if on_start:
+            on_start({"parameters": model.num_parameters(), "start_step": step,
+                      "resumed_from": str(start_ckpt) if start_ckpt else None,
+                      "streams": [s.key for s in loader.index.streams], "world_size": ddp.world})
+
+    def save() -> Path | None:
+        states = [None] * ddp.world
+        if ddp.world > 1:
+            dist.all_gather_object(states, loader.state_dict())
+        else:
+            states = [loader.state_dict()]
+        path = None
+        if ddp.main:
+            path = checkpoint.save(out, step, model, optimizer,
+                                   {"loader": states, "config": to_dict(cfg)}, cfg.keep_last)
+        return path
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
+    batches = loader.forever()
+    last_ckpt = start_ckpt
+    t_start = time.perf_counter()
+    with loader, open(metrics_path if ddp.main else os.devnull, "a") as log:
+        while step < cfg.max_steps:
+            step += 1
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            wait, tokens, losses, by_stream, by_source, total = 0.0, 0, {}, {}, {}, 0.0
+            for micro in range(cfg.grad_accum):
+                tw = time.perf_counter()
+                batch = next(batches).to(device)
+                wait += time.perf_counter() - tw
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
+                with autocast:
+                    output = trained(batch, generator=gen)
+                loss = output.loss
+                if cfg.fault_nan_step == step:
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    bad = _by_source(output.by_sample_loss, batch["sample_folder"], names)
+                    worst = [n for n, v in bad.items() if not math.isfinite(v)] or list(bad)
+                    raise MMToolError(
+                        f"loss is {loss.item()} at step {step} (batch from {', '.join(worst)}); "
+                        f"stopped. Metrics up to step {step - 1} are in {metrics_path}; last "
+                        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or --grad-clip.")
+                (loss / cfg.grad_accum).backward()
+                total += float(loss.detach()) / cfg.grad_accum
+                tokens += output.tokens
+                for k, v in output.losses.items():
+                    losses[k] = losses.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                for k, v in output.by_stream.items():
+                    by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
+                for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
+                    by_source[k] = by_source.get(k, 0.0) + v / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            if ddp.world > 1:
+                reduced = torch.tensor([total, tokens], dtype=torch.float64)
+                dist.all_reduce(reduced)
+                total, tokens = float(reduced[0]) / ddp.world, int(reduced[1])
+            line = {"step": step, "loss": total, "losses": losses, "by_stream": by_stream,
+                    "by_source": by_source, "tokens": tokens,
+                    "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,
+                    "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds}
+            if ddp.main:
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                if on_step:
+                    on_step(line)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                last_ckpt = save() or last_ckpt
+    if ddp.world > 1:
+        dist.barrier()
+    return {"steps": step, "final_loss": total, "parameters": model.num_parameters(),
+            "seconds": time.perf_counter() - t_start, "checkpoint": str(last_ckpt),
+            "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank}
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, TrainConfig, Loader]:
+    """Rebuilds a trained model from a run folder (newest checkpoint): (model, config, loader)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise MMToolError(f"{run_dir}: not a training run (no config.json)")
+    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    if not ckpts:
+        raise MMToolError(f"{run_dir}: has no checkpoint yet")
+    loader = Loader(cfg.loader_config(0, 1, pin=False))
+    model = build_model(cfg.model, loader.index.streams)
+    state, _, _ = checkpoint.load(ckpts[-1])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MMToolError(f"checkpoint {ckpts[-1]} does not fit its run's model: {exc}") from None
+    return model.to(device).eval(), cfg, loader
