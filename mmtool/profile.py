@@ -239,6 +239,27 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
     return result
 
 
+def model_step(cfg: ProfileConfig, size: str) -> Callable[[Batch], None]:
+    """A training step (forward, backward, AdamW) of a `size` model built for `cfg`'s data."""
+    from mmtool.data.index import TokenIndex
+    from mmtool.data.mixture import parse_data_specs
+    from mmtool.models.model import ModelConfig, build_model
+
+    streams = TokenIndex([s.path for s in parse_data_specs(cfg.data)], verify=False).streams
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(size=size), streams).to(cfg.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def step(batch: Batch) -> None:
+        model(batch, generator=generator).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.__qualname__ = f"model_step[{size}]"
+    return step
+
+
 def profile_strategies(cfg: ProfileConfig) -> dict[str, Any]:
     """Profiles each strategy of `cfg` on the same data and seed; returns a JSON-ready dict.
 

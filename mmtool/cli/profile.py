@@ -110,12 +110,15 @@ def profile_cmd(
     seed: int = typer.Option(0, help="Mixture seed, the same for every strategy."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every measurement to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a bar chart comparing the strategies (.png, .svg, .pdf)."),
+    model: Optional[str] = typer.Option(None, help="Also run a training step of this model size (tiny, small, base) on each batch: step tokens/s and data-wait fraction."),
 ) -> None:
     """Measure each batching strategy: samples/s, real tokens/s, padding, H2D copies, memory."""
-    from mmtool.profile import ProfileConfig
+    from mmtool.profile import ProfileConfig, model_step
 
     cfg = ProfileConfig(data=list(data), strategies=parse_strategies(strategies),
                         batch_tokens=batch_tokens, batch_samples=batch_samples, steps=steps,
                         num_workers=num_workers, worker_type=worker_type, device=device, seed=seed,
                         samples_per_epoch=samples_per_epoch)
+    if model is not None:
+        cfg.step_fn = model_step(cfg, model)
     run_profile(cfg, Console(highlight=False), json_out, plot)

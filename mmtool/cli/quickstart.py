@@ -1,7 +1,8 @@
 """`mmtool quickstart`: the whole pipeline end to end on the built-in sources.
 
-Stages so far: 1. preprocess every built-in source; 2. profile the batching strategies on them.
-Later stages (train, embed, eval-transfer) append themselves here as they land.
+Stages so far: 1. preprocess every built-in source; 2. profile the batching strategies on them;
+3. train a tiny unified model on the mixture for a few steps. Rerunning reuses finished work.
+Later stages (embed, eval-transfer) append themselves here as they land.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def quickstart(
     out: Path = typer.Option(Path("mmtool-quickstart"), "--out", "-o", help="Folder for everything quickstart makes."),
     num_proc: int = typer.Option(2, help="Worker processes for preprocessing."),
     max_samples: int = typer.Option(3000, help="Cap per source, to keep the run short."),
+    train_steps: int = typer.Option(20, help="Training steps of the tiny model."),
 ) -> None:
     """Run the main job end to end on the built-in sources (rerunning resumes and reuses)."""
     console = Console(highlight=False)
@@ -67,5 +69,16 @@ def quickstart(
     profile = ProfileConfig(data=[str(out / "data" / source) for source in made],
                             batch_tokens=PROFILE_BATCH_TOKENS, steps=PROFILE_STEPS)
     run_profile(profile, console, out / "profile.json", out / "profile.png")
+
+    console.rule("[bold]3. train a tiny unified model on the mixture")
+    from mmtool.cli.train import run_training
+    from mmtool.models.model import ModelConfig
+    from mmtool.train import TrainConfig
+
+    run = out / "run"
+    train_cfg = TrainConfig(data=[str(out / "data" / source) for source in made], out=run,
+                            max_steps=train_steps, batch_tokens=PROFILE_BATCH_TOKENS, warmup=5,
+                            save_every=max(train_steps // 2, 1), model=ModelConfig(size="tiny"))
+    run_training(train_cfg, resume=(run / "config.json").is_file(), console=console)
     console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'} · "
-                  f"{out / 'profile.png'}")
+                  f"{out / 'profile.png'} · {run / 'metrics.jsonl'}")
