@@ -243,6 +243,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         else torch.autocast("cpu", enabled=False)
     batches = loader.forever()
     last_ckpt = start_ckpt
+    total = float("nan")  # stays nan when a finished run is resumed: nothing left to train
     t_start = time.perf_counter()
     with loader, open(metrics_path if ddp.main else os.devnull, "a") as log:
         while step < cfg.max_steps:
@@ -300,6 +301,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                 last_ckpt = save() or last_ckpt
     if ddp.world > 1:
         dist.barrier()
+    if math.isnan(total) and ddp.main and metrics_path.stat().st_size:
+        total = json.loads(metrics_path.read_text().splitlines()[-1])["loss"]
     return {"steps": step, "final_loss": total, "parameters": model.num_parameters(),
             "seconds": time.perf_counter() - t_start, "checkpoint": str(last_ckpt),
             "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank}

@@ -97,12 +97,17 @@ def test_ls_lists_every_registry(cli):
     assert proc.returncode == 2 and "unknown registry 'widgets'" in proc.stderr
 
 
-def test_quickstart_preprocesses_every_builtin_source(tmp_path, cli):
+def test_quickstart_runs_every_stage_and_reruns_cheaply(tmp_path, cli):
     out = tmp_path / "qs"
-    first = cli("quickstart", "--out", out, "--max-samples", "120", "--num-proc", "1").stdout
+    args = ("quickstart", "--out", out, "--max-samples", "120", "--num-proc", "1", "--train-steps", "4")
+    first = cli(*args).stdout
     for source in ("digits", "spoken-digits", "cartpole", "acrobot", "pendulum", "pydocs"):
         manifest = json.loads((out / "data" / source / "manifest.json").read_text())
         assert manifest["rows"] > 0 and manifest["rejected"] == 0
         assert source in first
-    again = cli("quickstart", "--out", out, "--max-samples", "120", "--num-proc", "1").stdout
+    log = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    assert (out / "profile.json").is_file() and (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    again = cli(*args).stdout
     assert again.count("up to date") >= 6
+    assert f"final loss {log[-1]['loss']:.4f}" in again  # the finished run is reported, not redone
