@@ -30,6 +30,7 @@ s{k}.pos              int32 [n_k]    index of the token within its segment
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +51,7 @@ class FieldSpec:
     dtype: str  # numpy dtype name
     shape: tuple[int, ...]
     offset: int  # bytes from the buffer start
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+    nbytes: int  # bytes of the field (without alignment padding)
 
 
 class BufferBuilder:
@@ -64,9 +62,11 @@ class BufferBuilder:
         self.size = 0
 
     def add(self, name: str, dtype: Any, shape: tuple[int, ...]) -> None:
-        spec = FieldSpec(name, np.dtype(dtype).name, tuple(int(s) for s in shape), self.size)
-        self.specs.append(spec)
-        self.size += -(-spec.nbytes // ALIGN) * ALIGN
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.specs.append(FieldSpec(name, dtype.name, shape, self.size, nbytes))
+        self.size += -(-nbytes // ALIGN) * ALIGN
 
     def allocate(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Returns (the uint8 buffer, {name: typed view into it})."""
