@@ -8,8 +8,7 @@ import torch
 
 from mmtool.data.batch import Batch
 from mmtool.data.batching import assemble
-from mmtool.data.index import Stream, TokenIndex
-from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.index import Stream
 from mmtool.errors import MMToolError
 from mmtool.models.builders import SIZES
 from mmtool.models.encoders import PackedView
@@ -26,28 +25,6 @@ STREAMS = [Stream("action:discrete", "action", "ids", vocab_size=2),
            Stream("text:wordpiece", "text", "ids", vocab_size=30522),
            Stream("separator", "separator", "none", vocab_size=1)]
 ALL = {"next-token": 1.0, "masked-patch": 1.0, "masked-token": 1.0, "contrastive": 1.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def index(tmp_path_factory) -> TokenIndex:
-    """digits (16 samples, byte-level captions) + cartpole (2 episodes of 50 steps), built once
-    per test session (byte text keeps the tied heads small, so training steps stay fast)."""
-    root = tmp_path_factory.getbasetemp() / "models-sample-data"
-    for source, opts, extra in (("digits", [], {"max_samples": 16, "tokenizers": ["text=bytes"]}),
-                                ("cartpole", ["episodes=2", "max_steps=50"], {})):
-        if not (root / source / "manifest.json").exists():
-            preprocess(PreprocessConfig(source=source, out=root / source, options=opts,
-                                        overwrite=True, **extra))
-    return TokenIndex([root / "digits", root / "cartpole"])
 
 
 def count(size: str, fusion: str) -> tuple[int, int]:

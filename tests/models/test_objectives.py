@@ -15,8 +15,7 @@ import torch
 
 from mmtool.data.batch import Batch
 from mmtool.data.batching import assemble
-from mmtool.data.index import Stream, TokenIndex
-from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.index import Stream
 from mmtool.errors import MMToolError
 from mmtool.models.encoders import PackedView
 from mmtool.models.model import ModelConfig, build_model
@@ -24,28 +23,6 @@ from mmtool.models.objectives import info_nce, parse_objective, parse_objectives
 
 DIGITS, EPISODES = list(range(16)), [16, 17]
 TEXT = "text:bytes"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def index(tmp_path_factory) -> TokenIndex:
-    """digits (16 samples, byte-level captions) + cartpole (2 episodes of 50 steps), built once
-    per test session (byte text keeps the tied heads small, so training steps stay fast)."""
-    root = tmp_path_factory.getbasetemp() / "models-sample-data"
-    for source, opts, extra in (("digits", [], {"max_samples": 16, "tokenizers": ["text=bytes"]}),
-                                ("cartpole", ["episodes=2", "max_steps=50"], {})):
-        if not (root / source / "manifest.json").exists():
-            preprocess(PreprocessConfig(source=source, out=root / source, options=opts,
-                                        overwrite=True, **extra))
-    return TokenIndex([root / "digits", root / "cartpole"])
 
 
 def model(index, objectives, fusion="early", **kw):
