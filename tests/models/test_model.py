@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from mmtool.data.batching import assemble
+from mmtool.data.index import TokenIndex
+from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, ModelOutput, build_model
 
