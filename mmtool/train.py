@@ -83,6 +83,11 @@ class TrainConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     fault_nan_step: int | None = None
     """Testing aid: make the loss NaN at this step, to exercise the NaN stop."""
+    probes: list[str] = field(default_factory=list)
+    """Training probes logged under `probes` in metrics.jsonl (`mmtool ls probes`): attention,
+    grad-norm, loss. Empty (default): no probe code runs and no hook is registered."""
+    probe_every: int = 10
+    """Probe step 1 and every N-th step."""
 
     def loader_config(self, rank: int, world: int, pin: bool) -> LoaderConfig:
         samples = self.batch_samples
@@ -209,6 +214,11 @@ def train(cfg: TrainConfig, resume: bool = False,
         loader.load_state_dict(doc["loader"][ddp.rank])
         step = int(doc["step"])
     names = [f.name for f in loader.index.folders]
+    probes = None
+    if cfg.probes:  # off by default: then nothing is built and no hook is ever registered
+        from mmtool.probes import ProbeSet
+
+        probes = ProbeSet(cfg.probes, cfg.probe_every, model, names)
     # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.
     trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
         if ddp.world > 1 else model
@@ -253,6 +263,9 @@ def train(cfg: TrainConfig, resume: bool = False,
                 group["lr"] = lr
             t0 = time.perf_counter()
             wait, tokens, losses, by_stream, by_source, total = 0.0, 0, {}, {}, {}, 0.0
+            probing = probes is not None and probes.due(step)
+            if probing:
+                probes.start()
             for micro in range(cfg.grad_accum):
                 tw = time.perf_counter()
                 batch = next(batches).to(device)
@@ -263,6 +276,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                 loss = output.loss
                 if cfg.fault_nan_step == step:
                     loss = loss * float("nan")
+                if probing:
+                    probes.after_forward(batch, output)
                 if not torch.isfinite(loss):
                     bad = _by_source(output.by_sample_loss, batch["sample_folder"], names)
                     worst = [n for n, v in bad.items() if not math.isfinite(v)] or list(bad)
@@ -279,6 +294,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
                 for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
                     by_source[k] = by_source.get(k, 0.0) + v / cfg.grad_accum
+            if probing:
+                probes.after_backward()  # gradients as backward left them: before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
@@ -292,6 +309,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     "by_source": by_source, "tokens": tokens,
                     "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,
                     "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds}
+            if probing:
+                line["probes"] = probes.finish()
             if ddp.main:
                 log.write(json.dumps(line) + "\n")
                 log.flush()

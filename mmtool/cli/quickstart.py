@@ -1,7 +1,9 @@
 """`mmtool quickstart`: the whole pipeline end to end on the built-in sources.
 
 Stages so far: 1. preprocess every built-in source; 2. profile the batching strategies on them;
-3. train a tiny unified model on the mixture for a few steps. Rerunning reuses finished work.
+3. train a tiny unified model on the mixture for a few steps; 4. embed the digits captions with
+the frozen minilm-l6 (`out/embed/digits`); 5. eval-transfer of the run on digits (`out/transfer`).
+Rerunning reuses finished work.
 Later stages (embed, eval-transfer) append themselves here as they land.
 """
 
@@ -80,5 +82,15 @@ def quickstart(
                             max_steps=train_steps, batch_tokens=PROFILE_BATCH_TOKENS, warmup=5,
                             save_every=max(train_steps // 2, 1), model=ModelConfig(size="tiny"))
     run_training(train_cfg, resume=(run / "config.json").is_file(), console=console)
+
+    console.rule("[bold]4. embed the digits captions with a frozen encoder (minilm-l6)")
+    from mmtool.cli.embed import quickstart_embed
+
+    quickstart_embed(out, console)
+
+    console.rule("[bold]5. eval-transfer: the run vs the same model from scratch, on digits")
+    from mmtool.cli.eval_transfer import quickstart_stage
+
+    quickstart_stage(out, console)  # linear probe + small k-shot on image-only digits; seconds
     console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'} · "
                   f"{out / 'profile.png'} · {run / 'metrics.jsonl'}")

@@ -37,6 +37,10 @@ def train_cmd(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     keep_last: Optional[int] = typer.Option(None, help="Checkpoints to keep."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint."),
+    probes: Optional[str] = typer.Option(None, help="Training probes logged to metrics.jsonl, e.g. attention,grad-norm,loss (`mmtool ls probes`)."),
+    probe_every: Optional[int] = typer.Option(None, help="Probe step 1 and every N-th step (default 10)."),
+    embeddings: List[str] = typer.Option([], "--embeddings", help="Embedding folder (`mmtool embed`) to train on instead of the --data folder it was made from (repeatable)."),
+    text_encoder: str = typer.Option("learned", help="learned (text ids, embeddings trained from scratch) or frozen:NAME (e.g. frozen:minilm-l6: text embedded once, cached in OUT/embeddings)."),
 ) -> None:
     """Train the unified multi-modal model (extra KEY=VALUE arguments override settings)."""
     flags = {"data": data, "out": out, "model.size": model, "model.fusion": fusion,
@@ -45,11 +49,21 @@ def train_cmd(
              "strategy": strategy, "batch_tokens": batch_tokens, "batch_samples": batch_samples,
              "max_steps": max_steps, "lr": lr, "warmup": warmup, "grad_accum": grad_accum,
              "seed": seed, "num_workers": num_workers, "device": device,
-             "save_every": save_every, "keep_last": keep_last}
+             "save_every": save_every, "keep_last": keep_last, "probe_every": probe_every}
+    if probes is not None:
+        from mmtool.probes import parse_probes
+
+        flags["probes"] = parse_probes(probes)
     from mmtool.train import TrainConfig  # imports torch and the model: only when training
 
     cfg = build_config(TrainConfig, config, flags, list(ctx.args))
-    run_training(cfg, resume, Console(highlight=False))
+    console = Console(highlight=False)
+    if embeddings or text_encoder != "learned":
+        from mmtool.embed import resolve_training_data
+
+        cfg.data = resolve_training_data(cfg.data, embeddings, text_encoder, Path(cfg.out) / "embeddings",
+                                         notify=console.print)
+    run_training(cfg, resume, console)
 
 
 def run_training(cfg, resume: bool, console: Console) -> dict:

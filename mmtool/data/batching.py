@@ -8,7 +8,8 @@ A strategy has two halves:
 * `assemble` turns one planned batch into a `Batch` buffer with a few vectorized numpy gathers —
   no Python loop over samples or tokens.
 
-Registered strategies (`mmtool ls strategies`): `per-sample`, `by-modality`, `padded`, `packed`.
+Registered strategies (`mmtool ls strategies`): `per-sample`, `by-modality`, `padded`, `packed`,
+`embeddings`.
 The padding fraction of a batch is the share of its token capacity that holds no real token:
 capacity is B·L for padded layouts and the token budget for `packed` with `--batch-tokens`.
 """
@@ -194,6 +195,27 @@ STRATEGIES.add("padded", Strategy("padded", _plan_padded),
                "mixed batches, every sample padded to the longest, with masks")
 STRATEGIES.add("packed", Strategy("packed", _plan_packed),
                "mixed samples back to back up to a token budget, cu_seqlens for attention (default)")
+
+
+def _plan_embeddings(index, order, size):
+    """Packed batches of embedding folders (`mmtool embed`): refuses data without an embedding stream.
+
+    What it measures: the batching cost of precomputed embeddings. In an embedding folder a pooled
+    segment is a single vector token (`[1, dim]` floats) instead of n token ids, so a token budget
+    holds more samples, and each such token carries dim·4 bytes to the device instead of 4. Planning
+    and layout are `packed`'s; the strategy exists so that `mmtool profile --data EMBED_DIR
+    --strategies packed,embeddings` names what is being measured, and fails loudly when the folders
+    hold no embeddings rather than silently measuring plain packing.
+    """
+    if not any(s.modality == "embedding" for s in index.streams):
+        raise MMToolError("strategy 'embeddings' measures embedding folders, and the --data given has "
+                          "no embedding segments; make one with `mmtool embed DATA --encoder "
+                          "minilm-l6 --out DIR` and profile DIR")
+    return _plan_packed(index, order, size)
+
+
+STRATEGIES.add("embeddings", Strategy("packed", _plan_embeddings),
+               "packed batches of embedding folders (`mmtool embed`): one vector token per pooled segment")
 
 
 # -- assembly ----------------------------------------------------------------------------------

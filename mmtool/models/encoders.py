@@ -179,8 +179,11 @@ class PackedView:
         cu = torch.zeros(b + 1, dtype=torch.long, device=device)
         cu[1:] = torch.cumsum(lengths, 0)  # [B+1]
         sample = torch.repeat_interleave(torch.arange(b, device=device), lengths, output_size=n)  # [N]
-        pos = torch.arange(n, device=device) - cu[sample]  # [N]
-        slot = sample * width + pos if width else torch.arange(n, device=device)  # [N] real slots
+        rank = torch.arange(n, device=device) - cu[sample]  # [N] row within its sample
+        slot = sample * width + rank if width else torch.arange(n, device=device)  # [N] real slots
+        # The batch's own positions: equal to `rank` for every assembled batch; a batch rebuilt
+        # without some tokens (`mmtool ablate --modes drop`) keeps the others where they were.
+        pos = batch["slot_pos"].long()[slot]  # [N]
         stream = batch["slot_stream"].long()[slot]  # [N]
         return PackedView(seqlens, folders, cu.int(), sample, pos, stream, slot, width)
 

@@ -68,7 +68,8 @@ class Grouping:
     @staticmethod
     def by_sample(view: PackedView, causal: bool = False) -> "Grouping":
         idx = torch.arange(view.n, device=view.pos.device)  # [N]
-        prev = torch.where(view.pos > 0, idx - 1, torch.full_like(idx, -1))  # [N]
+        first = view.cu_seqlens.long()[view.sample]  # [N] first row of each row's sample
+        prev = torch.where(idx > first, idx - 1, torch.full_like(idx, -1))  # [N]
         if view.real is None:
             return Grouping(None, None, view.cu_seqlens, list(view.seqlens), prev)
         group = torch.zeros_like(view.stream)  # [S] one sequence per row

@@ -1,0 +1,67 @@
+"""`mmtool report RUN_OR_DIR ...`: runs side by side — table, report.json, loss curves, importance bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmtool.cli.app import app
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    """One row per entry: settings, final metrics, probe summary, importance ranking, transfer."""
+    table = Table(title="runs side by side", title_justify="left", show_edge=False)
+    for col in ("run", "fusion", "data", "steps", "final loss (last 10%)", "per objective",
+                "tok/s", "attention to other modalities", "grad/token", "importance", "transfer ratio"):
+        table.add_column(col, justify="right" if col in ("steps", "tok/s") else "left")
+    for e in report["entries"]:
+        cfg, fin = e.get("config", {}), e.get("final", {})
+        probes = (e.get("probes") or {}).get("last", {})
+        abl = e.get("ablation")
+        imp = "–"
+        if abl:
+            mode = abl["ranking_mode"]
+            vals = [(m, abl["importance"][m][mode]["value"]) for m in abl["ranking"]]
+            imp = " > ".join(f"{m} {v:+.2f}" for m, v in vals if v == v) or "–"
+        fusion = cfg.get("fusion") or "–"
+        if fusion == "mid":
+            fusion += f"@{cfg.get('fusion_layer')}"
+        table.add_row(
+            f"[bold]{e['name']}[/]", fusion,
+            ", ".join(Path(str(d)).name for d in cfg.get("data") or []) or "–",
+            str(fin.get("step", "–")),
+            f"{_fmt(fin.get('loss'))} ({_fmt(fin.get('loss_tail'))})" if fin else "–",
+            " ".join(f"{k} {v:.3f}" for k, v in (fin.get("losses_tail") or {}).items()) or "–",
+            _fmt(fin.get("tokens_per_s"), ",.0f"),
+            " ".join(f"{k} {v:.2f}" for k, v in (probes.get("attention_to_others") or {}).items()
+                     if k != "separator") or "–",
+            " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
+            imp,
+            " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
+    table.caption = ("final loss: last step (mean of the last 10% of steps) · attention: share each modality's "
+                     "tokens send to other modalities, mean over layers, last probe step · importance: "
+                     "`mmtool ablate` ranking · transfer: pretrained/scratch, `mmtool eval-transfer`")
+    table.caption_justify = "left"
+    return table
+
+
+@app.command("report")
+def report_cmd(
+    paths: List[Path] = typer.Argument(..., help="Run folders, evaluation folders, or folders of runs."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.json, loss_curves.png, importance.png."),
+) -> None:
+    """Put several runs side by side: final metrics, probes, ablations, transfer; JSON and PNG plots."""
+    from mmtool.report import write_report
+
+    console = Console(highlight=False)
+    report = write_report(list(paths), out)
+    console.print(report_table(report))
+    console.print("wrote " + ", ".join(report["files"].values()))

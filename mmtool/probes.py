@@ -1,0 +1,303 @@
+"""Training probes: what the model attends to, where gradients go, and which losses move.
+
+`mmtool train --probes attention,grad-norm,loss --probe-every N` adds a `probes` entry to the
+`metrics.jsonl` line of step 1 and of every N-th step (step 1 gives the "before training" value
+that the later ones move away from):
+
+* `attention` — per layer, the share of attention mass that query tokens of each modality send to
+  key tokens of each modality: `{"layers": [{from: {to: share}}], "queries": {from: count}}`. The
+  softmax(q·kᵀ/√d_head) is recomputed from each block's own q/k (a forward hook on every
+  `SelfAttention`), with the mask the block used — within the sample, or within (sample, modality)
+  for the per-modality layers of mid/late fusion, causal when the model is — and averaged over
+  heads and over at most `queries` query tokens per layer per micro-batch, stratified by modality
+  (so a rare modality still gets queries). Each query's mass sums to 1, so every row does.
+* `grad-norm` — after backward (all micro-batches) and before clipping, per modality: `params`,
+  the L2 norm of the gradients of its encoders' parameters; `tokens`, the L2 norm of the loss
+  gradient arriving at its encoder outputs (the token vectors that enter the trunk), and
+  `per_token`, that norm per token (RMS over the modality's tokens). `params` of a discrete stream
+  include its tied output head, so `per_token` is the fairer comparison between modalities: it is
+  how much the loss depends on each modality's input.
+* `loss` — `{"by_modality": {modality: {objective: loss}}, "by_source": {folder: loss}}`: the
+  step's per-stream and per-sample losses regrouped (means over micro-batches).
+
+Probes off (the default) register nothing: `train` never builds a `ProbeSet`, so no hook exists.
+On, hooks live only during probe steps (`ProbeSet.start` / `finish`); other steps run unobserved.
+Probes never touch the random generator or the computation, so the losses are identical with and
+without them. The overhead: `benchmarks/probes.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mmtool.errors import MMToolError
+from mmtool.registry import Registry
+
+PROBES: Registry[type["Probe"]] = Registry(
+    "probes", "training probes logged under `probes` in metrics.jsonl (`mmtool train --probes a,b`)")
+
+MAX_QUERIES = 256
+"""Attention probe: query tokens per layer per micro-batch (stratified by modality)."""
+
+
+class Probe:
+    """A probe: hooks attached for one step, observations accumulated over its micro-batches.
+
+    Args:
+        model: the (unwrapped) `UnifiedModel`.
+        folders: data folder names, in `sample_folder` order.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, folders: list[str]):
+        self.model, self.folders = model, folders
+        self.handles: list[Any] = []
+
+    def start(self) -> None:
+        """Registers hooks and clears the accumulators (called before the step's first forward)."""
+
+    def after_forward(self, batch: Any, output: Any) -> None:
+        """Sees each micro-batch's batch and `ModelOutput`."""
+
+    def after_backward(self) -> None:
+        """Reads gradients: all micro-batches are backpropagated, nothing is clipped yet."""
+
+    def result(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Removes every hook."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _modality_index(model: nn.Module) -> tuple[list[str], Tensor]:
+    return list(model.modalities), model.modality_of_stream
+
+
+@PROBES.register("attention")
+class AttentionProbe(Probe):
+    """Per layer, the share of attention mass each modality's tokens send to each modality."""
+
+    name = "attention"
+
+    def __init__(self, model, folders, max_queries: int = MAX_QUERIES):
+        super().__init__(model, folders)
+        self.max_queries = max_queries
+        self.blocks = [b.attn for b in model.trunk.blocks]
+
+    def start(self) -> None:
+        m, layers = len(self.model.modalities), len(self.blocks)
+        self.mass = torch.zeros(layers, m, m, dtype=torch.float64)  # [L, from, to] summed shares
+        self.count = torch.zeros(layers, m, dtype=torch.float64)  # [L, from] queries
+        self._view = None
+        self.handles.append(self.model.embedder.register_forward_hook(self._on_embed))
+        for i, attn in enumerate(self.blocks):
+            self.handles.append(attn.register_forward_hook(
+                lambda mod, args, out, i=i: self._on_attention(i, mod, *args)))
+
+    def _on_embed(self, module, args, output) -> None:
+        """Remembers which row is which token, and picks this micro-batch's query rows."""
+        view = args[1]
+        stream = view.stream.clamp(min=0)
+        modality = self.model.modality_of_stream[stream]  # [N] packed order
+        real = view.real if view.real is not None else torch.ones_like(stream, dtype=torch.bool)
+        m = len(self.model.modalities)
+        present = [k for k in range(m) if bool((real & (modality == k)).any())]
+        quota = max(1, self.max_queries // max(len(present), 1))
+        picks = []
+        for k in present:  # evenly spaced rows of each modality: deterministic, spread over samples
+            rows = torch.nonzero(real & (modality == k)).flatten()
+            take = torch.linspace(0, len(rows) - 1, min(quota, len(rows))).round().long()
+            picks.append(rows[take.unique()])
+        self._view = (view, modality, torch.cat(picks) if picks else stream[:0])
+
+    @torch.no_grad()
+    def _on_attention(self, layer: int, attn, x: Tensor, seq, backend, causal: bool) -> None:
+        view, modality, queries = self._view  # packed-order modality [N], query rows [Q]
+        if queries.numel() == 0:
+            return
+        n, d = x.shape
+        heads = attn.n_heads
+        q, k, _ = attn.qkv(x.detach()).float().view(n, 3, heads, d // heads).unbind(1)  # [N, H, Dh]
+        if seq.perm is not None:  # rows of x are in the grouping's order: packed row r is x[inv[r]]
+            rows, mod_x = seq.inv[queries], modality[seq.perm]
+        else:
+            rows, mod_x = queries, modality
+        if seq.mask is not None:  # padded rows computed with padding: B rows of L slots, mask given
+            width = seq.mask.shape[-1]
+            start = torch.div(rows, width, rounding_mode="floor") * width  # [Q]
+            allowed = seq.mask[start // width, 0, rows - start]  # [Q, L]
+        else:
+            cu = seq.cu_seqlens.long()
+            s = torch.searchsorted(cu, rows, right=True) - 1  # [Q] attention sequence of each query
+            start, end = cu[s], cu[s + 1]  # [Q]
+            width = int((end - start).max())
+            keys = start[:, None] + torch.arange(width, device=x.device)  # [Q, W]
+            allowed = keys < ((rows + 1)[:, None] if causal else end[:, None])  # [Q, W]
+        scale = 1.0 / math.sqrt(d // heads)
+        m = len(self.model.modalities)
+        chunk = max(1, (1 << 22) // max(width * d, 1))  # bounds the gathered keys to ~16 MB
+        for a in range(0, len(rows), chunk):
+            r, st, ok = rows[a:a + chunk], start[a:a + chunk], allowed[a:a + chunk]
+            idx = (st[:, None] + torch.arange(width, device=x.device)).clamp(max=n - 1)  # [c, W]
+            scores = torch.einsum("chd,cwhd->chw", q[r], k[idx]) * scale  # [c, H, W]
+            probs = scores.masked_fill(~ok[:, None, :], float("-inf")).softmax(-1)  # [c, H, W]
+            to = mod_x[idx][:, None, :].expand_as(probs)  # [c, H, W] key modality
+            share = probs.new_zeros(probs.shape[0], heads, m).scatter_add_(2, to, probs).mean(1)  # [c, M]
+            frm = mod_x[r].cpu()
+            self.mass[layer].index_add_(0, frm, share.double().cpu())
+            self.count[layer].index_add_(0, frm, torch.ones(len(frm), dtype=torch.float64))
+
+    def result(self) -> dict[str, Any]:
+        names = self.model.modalities
+        layers = []
+        for mass, count in zip(self.mass, self.count):
+            layers.append({names[i]: {names[j]: float(mass[i, j] / count[i]) for j in range(len(names))}
+                           for i in range(len(names)) if count[i] > 0})
+        counts = self.count[0] if len(self.count) else torch.zeros(0)
+        return {"layers": layers, "queries": {names[i]: int(c) for i, c in enumerate(counts) if c > 0}}
+
+
+@PROBES.register("grad-norm")
+class GradNormProbe(Probe):
+    """Per modality, the gradient norm of its encoders' parameters and at its encoder outputs."""
+
+    name = "grad-norm"
+
+    def __init__(self, model, folders):
+        super().__init__(model, folders)
+        names, of_stream = model.modalities, model.modality_of_stream.tolist()
+        self.by_modality: dict[str, list[nn.Module]] = {}
+        self.stream_modality: dict[nn.Module, str] = {}
+        for k, enc in model.embedder.encoders.items():
+            name = names[of_stream[int(k)]]
+            self.by_modality.setdefault(name, []).append(enc)
+            self.stream_modality[enc] = name
+
+    def start(self) -> None:
+        self.sq = {name: 0.0 for name in self.by_modality}  # Σ squared grads at encoder outputs
+        self.tokens = {name: 0 for name in self.by_modality}
+        self.params: dict[str, float] = {}
+        for enc in self.stream_modality:
+            self.handles.append(enc.register_forward_hook(self._on_encode))
+
+    def _on_encode(self, module, args, output: Tensor) -> None:
+        if not output.requires_grad:
+            return
+        name = self.stream_modality[module]
+        self.tokens[name] += int(output.shape[0])
+
+        def grad_hook(grad: Tensor) -> None:
+            self.sq[name] += float(grad.detach().float().pow(2).sum())
+
+        self.handles.append(output.register_hook(grad_hook))
+
+    def after_backward(self) -> None:
+        for name, encs in self.by_modality.items():
+            grads = [p.grad.detach().float().pow(2).sum() for e in encs for p in e.parameters()
+                     if p.grad is not None]
+            self.params[name] = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+
+    def result(self) -> dict[str, Any]:
+        seen = [n for n in self.by_modality if self.tokens[n] > 0]
+        return {"params": {n: self.params.get(n, 0.0) for n in seen},
+                "tokens": {n: math.sqrt(self.sq[n]) for n in seen},
+                "per_token": {n: math.sqrt(self.sq[n] / self.tokens[n]) for n in seen}}
+
+
+@PROBES.register("loss")
+class LossProbe(Probe):
+    """Loss per modality (per objective) and per source (data folder)."""
+
+    name = "loss"
+
+    def start(self) -> None:
+        self.parts: dict[tuple[str, str], list[float]] = {}
+        self.sources: dict[str, list[float]] = {}
+
+    def after_forward(self, batch, output) -> None:
+        modality = {s.key: s.modality for s in self.model.streams}
+        for key, value in output.by_stream.items():
+            objective, stream = key.split("/", 1)
+            name = modality.get(stream, stream)  # contrastive keys ("image+text") stay as they are
+            self.parts.setdefault((name, objective), []).append(value)
+        loss = output.by_sample_loss.detach().float().cpu().numpy()
+        folder = batch["sample_folder"].cpu().numpy()
+        for f in np.unique(folder):
+            self.sources.setdefault(self.folders[int(f)], []).append(float(loss[folder == f].mean()))
+
+    def result(self) -> dict[str, Any]:
+        by_modality: dict[str, dict[str, float]] = {}
+        for (name, objective), values in sorted(self.parts.items()):
+            by_modality.setdefault(name, {})[objective] = float(np.mean(values))
+        return {"by_modality": by_modality,
+                "by_source": {k: float(np.mean(v)) for k, v in sorted(self.sources.items())}}
+
+
+class ProbeSet:
+    """The probes of a run and their cadence; `train` drives it only on probe steps.
+
+    Args:
+        names: registered probe names (`mmtool ls probes`).
+        every: probe step 1 and every `every`-th step.
+        model: the unwrapped model; folders: data folder names in `sample_folder` order.
+    """
+
+    def __init__(self, names: list[str], every: int, model: nn.Module, folders: list[str]):
+        if every < 1:
+            raise MMToolError(f"--probe-every must be at least 1, got {every}")
+        if len(set(names)) != len(names):
+            raise MMToolError(f"--probes lists a probe twice: {','.join(names)}")
+        self.every = every
+        self.probes = [PROBES.get(n)(model, folders) for n in names]
+
+    def due(self, step: int) -> bool:
+        return step == 1 or step % self.every == 0
+
+    def start(self) -> None:
+        for p in self.probes:
+            p.start()
+
+    def after_forward(self, batch, output) -> None:
+        for p in self.probes:
+            p.after_forward(batch, output)
+
+    def after_backward(self) -> None:
+        for p in self.probes:
+            p.after_backward()
+
+    def finish(self) -> dict[str, Any]:
+        """Removes the hooks and returns `{probe name: result}`."""
+        for p in self.probes:
+            p.stop()
+        return {p.name: p.result() for p in self.probes}
+
+    def abort(self) -> None:
+        for p in self.probes:
+            p.stop()
+
+
+def parse_probes(text: str | list[str] | None) -> list[str]:
+    """"attention, grad-norm" → ["attention", "grad-norm"], each checked against `PROBES`."""
+    if text is None:
+        return []
+    items = text if isinstance(text, list) else text.split(",")
+    names = [s.strip() for s in items if s and s.strip()]
+    for n in names:
+        PROBES.get(n)  # unknown names fail with close matches
+    return names
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward, pre-forward and backward hooks registered on any module of `model` (tests)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())

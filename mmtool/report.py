@@ -1,0 +1,302 @@
+"""`mmtool report`: several runs side by side — final metrics, probe summaries, ablations, transfer.
+
+Inputs are run folders (`mmtool train --out`), evaluation folders (holding an `ablation.json` from
+`mmtool ablate` or a `report.json` from `mmtool eval-transfer`), or folders that contain run folders
+(expanded, sorted by name). Results are found by file name, not by importing the code that wrote
+them, so a report reads any folder that has them:
+
+    RUN/config.json, RUN/metrics.jsonl     the run (required for a run entry)
+    RUN/**/ablation.json                   `mmtool ablate` results (default RUN/ablation.json)
+    RUN/**/report.json                     `mmtool eval-transfer` results (default RUN/transfer/)
+
+Per entry: the run's settings (fusion, size, objectives, data and weights), final metrics (the last
+step, and the mean of the last 10% of steps — one step is noisy), throughput, the last probe step's
+summary (attention each modality sends to *other* modalities averaged over layers, gradient per
+token at each modality's encoder, loss per modality), modality importance with 95% intervals and
+the ranking, and the transfer ratios (pretrained / scratch) per task and protocol.
+
+`write_report` writes `report.json` (tagged `"kind": "mmtool-report"`, so that a later report
+does not mistake it for an eval-transfer one), `loss_curves.png` (every run on one axes) and
+`importance.png` (grouped bars with error bars), all atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmtool.data.shards import atomic_write_json
+from mmtool.errors import MMToolError
+
+KIND = "mmtool-report"
+MAX_CURVE_POINTS = 500
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Saves a matplotlib figure atomically (temporary file, then rename) and closes it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "metrics.jsonl").is_file()
+
+
+def _find(path: Path, name: str, depth: int = 2) -> list[Path]:
+    """Files called `name` in `path` and its subfolders up to `depth` levels, sorted."""
+    out = []
+    for d in range(depth + 1):
+        out += sorted(path.glob("/".join(["*"] * d + [name])))
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _is_eval(path: Path) -> bool:
+    """Holds an ablation.json, or an eval-transfer report.json (not one of our own reports)."""
+    if (path / "ablation.json").is_file():
+        return True
+    doc = _read_json(path / "report.json") if (path / "report.json").is_file() else None
+    return doc is not None and doc.get("kind") != KIND and "tasks" in doc
+
+
+def discover(paths: list[str | Path]) -> list[Path]:
+    """Expands the inputs into entry folders (runs or evaluation folders), keeping their order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise MMToolError(f"{p}: no such folder (give run folders or folders of runs)")
+        if _is_run(p) or _is_eval(p):
+            out.append(p)
+            continue
+        runs = sorted(c for c in p.iterdir() if c.is_dir() and _is_run(c))
+        if not runs:
+            raise MMToolError(f"{p}: neither a run (config.json + metrics.jsonl), an evaluation folder "
+                              "(ablation.json, report.json) nor a folder of runs")
+        out += runs
+    return out
+
+
+# -- summaries ---------------------------------------------------------------------------------
+def _tail_mean(lines: list[dict[str, Any]], get) -> float | None:
+    vals = [get(x) for x in lines[-max(1, len(lines) // 10):]]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _dict_tail(lines: list[dict[str, Any]], key: str) -> dict[str, float]:
+    tail = lines[-max(1, len(lines) // 10):]
+    names = sorted({k for x in tail for k in x.get(key, {})})
+    return {n: float(np.mean([x[key][n] for x in tail if n in x.get(key, {})])) for n in names}
+
+
+def probe_summary(lines: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first and last probe steps, condensed (None when the run logged no probes)."""
+    probed = [x for x in lines if "probes" in x]
+    if not probed:
+        return None
+
+    def condense(p: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        att = p.get("attention")
+        if att and att.get("layers"):
+            cross: dict[str, list[float]] = {}
+            for layer in att["layers"]:
+                for frm, row in layer.items():
+                    cross.setdefault(frm, []).append(1.0 - row.get(frm, 0.0))
+            out["attention_to_others"] = {k: float(np.mean(v)) for k, v in cross.items()}
+            received: dict[str, list[float]] = {}
+            for layer in att["layers"]:
+                for frm, row in layer.items():
+                    for to, share in row.items():
+                        if to != frm:
+                            received.setdefault(to, []).append(share)
+            out["attention_received_from_others"] = {k: float(np.mean(v)) for k, v in received.items()}
+            out["attention_last_layer"] = att["layers"][-1]
+        if p.get("grad-norm"):
+            out["grad_per_token"] = p["grad-norm"].get("per_token", {})
+            out["grad_params"] = p["grad-norm"].get("params", {})
+        if p.get("loss"):
+            out["loss_by_modality"] = p["loss"].get("by_modality", {})
+        return out
+
+    return {"steps": [x["step"] for x in probed], "first": {"step": probed[0]["step"], **condense(probed[0]["probes"])},
+            "last": {"step": probed[-1]["step"], **condense(probed[-1]["probes"])}}
+
+
+def ablation_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    imp = {}
+    for mod, modes in doc.get("results", {}).items():
+        imp[mod] = {mode: {"metric": e["importance"]["metric"], "value": e["importance"]["value"],
+                           "ci95": e["importance"]["ci95"], "loss_delta": (e.get("loss") or {}).get("delta"),
+                           "accuracy_drop": e.get("accuracy", {}).get("drop")}
+                    for mode, e in modes.items()}
+    return {"path": str(path), "ranking": doc.get("ranking", []), "ranking_mode": doc.get("ranking_mode"),
+            "importance": imp}
+
+
+def transfer_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Mean pretrained / scratch ratio per task and protocol (eval-transfer `report.json`)."""
+    ratios: dict[str, float] = {}
+    for task, entry in (doc.get("tasks") or {}).items():
+        for proto, res in ((entry or {}).get("results") or {}).items():
+            vals = [r.get("ratio") for r in (res or {}).get("rows") or [] if isinstance(r, dict)]
+            vals = [v for v in vals if isinstance(v, (int, float))]
+            if vals:
+                ratios[f"{task}/{proto}"] = float(np.mean(vals))
+    return {"path": str(path), "ratios": ratios}
+
+
+def summarize(folder: Path) -> dict[str, Any]:
+    """One entry of the report (see the module docstring)."""
+    entry: dict[str, Any] = {"name": folder.name, "path": str(folder), "kind": "run" if _is_run(folder) else "eval"}
+    if _is_run(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        lines = []
+        for ln in (folder / "metrics.jsonl").read_text().splitlines():
+            try:
+                lines.append(json.loads(ln))
+            except ValueError:
+                continue  # a line cut by a crash
+        model = cfg.get("model", {})
+        entry["config"] = {"fusion": model.get("fusion"), "fusion_layer": model.get("fusion_layer"),
+                           "size": model.get("size"), "objectives": model.get("objectives"),
+                           "data": cfg.get("data"), "max_steps": cfg.get("max_steps"), "lr": cfg.get("lr"),
+                           "seed": cfg.get("seed")}
+        if lines:
+            stride = max(1, len(lines) // MAX_CURVE_POINTS)
+            entry["final"] = {
+                "step": lines[-1]["step"], "loss": lines[-1]["loss"],
+                "loss_tail": _tail_mean(lines, lambda x: x.get("loss")),
+                "losses_tail": _dict_tail(lines, "losses"), "by_source_tail": _dict_tail(lines, "by_source"),
+                "tokens_per_s": float(np.median([x["tokens_per_s"] for x in lines])),
+                "seconds": float(sum(x.get("seconds", 0.0) for x in lines))}
+            entry["curve"] = {"step": [x["step"] for x in lines[::stride]],
+                              "loss": [x["loss"] for x in lines[::stride]]}
+            entry["probes"] = probe_summary(lines)
+    for path in _find(folder, "ablation.json"):
+        doc = _read_json(path)
+        if doc and "results" in doc:
+            entry.setdefault("ablation", ablation_summary(doc, path))
+    for path in _find(folder, "report.json"):
+        doc = _read_json(path)
+        if doc and doc.get("kind") != KIND and "tasks" in doc:
+            entry.setdefault("transfer", transfer_summary(doc, path))
+    return entry
+
+
+def build_report(paths: list[str | Path]) -> dict[str, Any]:
+    """The report of every entry found under `paths` (JSON-ready)."""
+    folders = discover(paths)
+    if not folders:
+        raise MMToolError("nothing to report: give run folders (mmtool train --out)")
+    entries = [summarize(f) for f in folders]
+    names = [e["name"] for e in entries]
+    for e in entries:  # same folder names (runs/a/run, runs/b/run): name them by their parents
+        if names.count(e["name"]) > 1:
+            e["name"] = str(Path(e["path"]).parent.name) + "/" + e["name"]
+    return {"kind": KIND, "entries": entries}
+
+
+# -- plots ---------------------------------------------------------------------------------------
+def plot_loss_curves(report: dict[str, Any], path: str | Path) -> bool:
+    """Every run's loss curve on one axes (light raw line, bold running mean). False: no curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [e for e in report["entries"] if e.get("curve")]
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, e in enumerate(runs):
+        color = f"C{i % 10}"
+        x, y = np.array(e["curve"]["step"]), np.array(e["curve"]["loss"], np.float64)
+        ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
+        k = max(1, len(y) // 20)
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1:], smooth, color=color, lw=1.8, label=e["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("loss curves", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
+
+
+def plot_importance(report: dict[str, Any], path: str | Path) -> bool:
+    """Grouped bars: each modality's importance (ranking mode) per run, 95% error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [e for e in report["entries"] if e.get("ablation")]
+    if not runs:
+        return False
+    mods = sorted({m for e in runs for m in e["ablation"]["importance"]})
+    fig, ax = plt.subplots(figsize=(2 + 1.4 * len(mods), 3.8))
+    width = 0.8 / len(runs)
+    metrics = set()
+    for j, e in enumerate(runs):
+        mode = e["ablation"]["ranking_mode"]
+        xs, ys, lo, hi = [], [], [], []
+        for i, m in enumerate(mods):
+            v = e["ablation"]["importance"].get(m, {}).get(mode)
+            if v is None or v["value"] is None or np.isnan(v["value"]):
+                continue
+            metrics.add(f"{mode}: {v['metric']}")
+            a, b = v["ci95"]
+            xs.append(i + (j - (len(runs) - 1) / 2) * width)
+            ys.append(v["value"])
+            lo.append(0 if a is None or np.isnan(a) else max(v["value"] - a, 0))
+            hi.append(0 if b is None or np.isnan(b) else max(b - v["value"], 0))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=e["name"], color=f"C{j % 10}")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(mods)))
+    ax.set_xticklabels(mods)
+    ax.set_ylabel("importance")
+    ax.set_title("modality importance (" + "; ".join(sorted(metrics)) + ")", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
+
+
+def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
+    """Builds the report and writes report.json, loss_curves.png, importance.png into `out`."""
+    report = build_report(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if plot_loss_curves(report, out / "loss_curves.png"):
+        files["loss_curves"] = str(out / "loss_curves.png")
+    if plot_importance(report, out / "importance.png"):
+        files["importance"] = str(out / "importance.png")
+    report["files"] = {"report": str(out / "report.json"), **files}
+    atomic_write_json(out / "report.json", report)
+    return report

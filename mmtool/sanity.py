@@ -1,0 +1,144 @@
+"""`mmtool sanity`: the known-answer check of the modality-importance tools.
+
+On the `known-answer` source only one modality (`informative`: image or text) carries the label and
+the other is noise; each sample ends with its label token (see `mmtool.data.sources.known_answer`).
+`known_answer_check` preprocesses it, trains a tiny model with the attention and grad-norm probes,
+runs `mmtool ablate`, and checks that every tool points at the informative modality:
+
+* **ablation**: the informative modality ranks first, by a wide margin — its importance (accuracy
+  drop) exceeds the noise modality's by at least `margin`, and the 95% intervals do not overlap;
+* **attention**: from the first probe step to the last, the share of the label token's attention
+  that goes to the informative modality, minus the share that goes to the noise one (mean over
+  layers), grows;
+* **gradient**: over the same steps, log(gradient per token at the informative encoder / at the
+  noise encoder) grows: the loss comes to depend more on the informative input.
+
+The probes compare each run with itself over training (a direction), not absolute levels: absolute
+attention shares and gradients depend on token counts and on each modality's own loss, which
+the label does not change.
+
+The training run is set up so that the known answer is learnable and attributable:
+
+* the only objective is predicting the label token (`next-token:modalities=label`): every
+  gradient that reaches an encoder comes from the label, none from modelling the noise itself;
+* `mid` fusion with one per-modality layer: the joint layer's keys have seen only their own
+  modality, so the label token's attention to "image tokens" really is attention to the image
+  (in early fusion a noise token can carry caption information after one layer);
+* the field order is random per sample (the source's default), so neither modality always sits
+  just before the label, where the residual stream would favour it.
+
+Measured (2-core CPU, 40 steps, 4 classes): `informative=image` passes all four checks with wide
+margins; `informative=text` passes the ablation checks at once but its attention contrast moves
+only slightly even after 100 steps (a class word is one token among the caption's: the model reads
+it without shifting much attention mass), so its full check is a slow test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mmtool.errors import MMToolError
+
+
+@dataclass
+class SanityConfig:
+    """A known-answer check. Every field is a flag of `mmtool sanity`."""
+
+    workdir: Path = Path("mmtool-sanity")
+    """Folder for the data, the run and the ablation (replaced if it holds an earlier check)."""
+    informative: str = "image"
+    """The label-carrying modality: image (digit images, noise captions) or text (class-naming
+    captions, noise images: its attention signal is weak — give it ~100 steps)."""
+    steps: int = 40
+    """Training steps."""
+    samples: int = 400
+    """Records of the known-answer source."""
+    classes: int = 4
+    """Classes (fewer classes: the label token is learned sooner)."""
+    lr: float = 1e-2
+    """Peak learning rate of the tiny model."""
+    batches: int = 6
+    """Ablation batches (of 32 samples)."""
+    margin: float = 0.3
+    """Smallest accepted accuracy-drop gap between the informative and the noise modality."""
+    seed: int = 0
+
+
+def _contrast(line: dict[str, Any], inf: str, noise: str) -> tuple[float, float]:
+    """(label-token attention share to inf − to noise, mean over layers; log grad-per-token ratio)."""
+    layers = line["probes"]["attention"]["layers"]
+    att = [layer["label"].get(inf, 0.0) - layer["label"].get(noise, 0.0) for layer in layers if "label" in layer]
+    g = line["probes"]["grad-norm"]["per_token"]
+    grad = math.log(max(g.get(inf, 0.0), 1e-12) / max(g.get(noise, 0.0), 1e-12))
+    return (sum(att) / len(att) if att else float("nan")), grad
+
+
+def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs the check (see the module docstring); returns numbers, checks and `passed`."""
+    from mmtool.ablate import AblateConfig, ablate
+    from mmtool.data.preprocess import PreprocessConfig, preprocess
+    from mmtool.models.model import ModelConfig
+    from mmtool.train import TrainConfig, train
+
+    say = say or (lambda _m: None)
+    if cfg.informative not in ("image", "text"):
+        raise MMToolError(f"--informative {cfg.informative}: expected image or text")
+    noise = "text" if cfg.informative == "image" else "image"
+    work = Path(cfg.workdir)
+    if work.exists():
+        if not (work / "sanity.json").is_file() and any(work.iterdir()):
+            raise MMToolError(f"--workdir {work}: exists and holds something else than a sanity check; "
+                              "choose another folder")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    say(f"known-answer data: {cfg.samples} samples, {cfg.informative} carries the label")
+    preprocess(PreprocessConfig("known-answer", work / "data",
+                                options=[f"informative={cfg.informative}", f"samples={cfg.samples}",
+                                         f"classes={cfg.classes}", f"seed={cfg.seed}"]))
+    say(f"training a tiny model for {cfg.steps} steps with probes")
+    run = work / "run"
+    train(TrainConfig(data=[str(work / "data")], out=run, batch_samples=32, batch_tokens=None,
+                      max_steps=cfg.steps, warmup=5, lr=cfg.lr, num_workers=0, save_every=cfg.steps,
+                      seed=cfg.seed, probes=["attention", "grad-norm"], probe_every=cfg.steps,
+                      model=ModelConfig(size="tiny", fusion="mid", fusion_layer=1,
+                                        objectives={"next-token:modalities=label": 1.0})))
+    say("ablating")
+    result = ablate(AblateConfig(run=run, batches=cfg.batches, batch_samples=32, seed=cfg.seed))
+    (run / "ablation.json").write_text(json.dumps(result, indent=1))
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    probed = [x for x in lines if "probes" in x]
+    att0, grad0 = _contrast(probed[0], cfg.informative, noise)
+    att1, grad1 = _contrast(probed[-1], cfg.informative, noise)
+    mode = result["ranking_mode"]
+    imp = {m: result["results"][m][mode]["importance"] for m in (cfg.informative, noise)}
+    gap = imp[cfg.informative]["value"] - imp[noise]["value"]
+    checks = [
+        {"check": "ablation ranks the informative modality first",
+         "passed": bool(result["ranking"] and result["ranking"][0] == cfg.informative),
+         "detail": f"ranking {result['ranking']} by {mode} ({imp[cfg.informative]['metric']})"},
+        {"check": f"by a wide margin (gap ≥ {cfg.margin}, intervals apart)",
+         "passed": bool(gap >= cfg.margin and imp[cfg.informative]["ci95"][0] > imp[noise]["ci95"][1]),
+         "detail": f"{cfg.informative} {imp[cfg.informative]['value']:.3f} "
+                   f"[{imp[cfg.informative]['ci95'][0]:.3f}, {imp[cfg.informative]['ci95'][1]:.3f}] vs "
+                   f"{noise} {imp[noise]['value']:.3f} [{imp[noise]['ci95'][0]:.3f}, {imp[noise]['ci95'][1]:.3f}]"},
+        {"check": "label attention moves toward the informative modality",
+         "passed": bool(att1 > att0),
+         "detail": f"share({cfg.informative}) − share({noise}): step {probed[0]['step']} {att0:+.3f} → "
+                   f"step {probed[-1]['step']} {att1:+.3f}"},
+        {"check": "gradient per token moves toward the informative modality",
+         "passed": bool(grad1 > grad0),
+         "detail": f"log(grad {cfg.informative} / grad {noise}) per token: {grad0:+.2f} → {grad1:+.2f}"},
+    ]
+    out = {"informative": cfg.informative, "noise": noise, "steps": cfg.steps,
+           "final_loss": lines[-1]["loss"], "importance": imp, "gap": gap,
+           "attention_contrast": [att0, att1], "grad_log_ratio": [grad0, grad1],
+           "checks": checks, "passed": all(c["passed"] for c in checks),
+           "run": str(run), "ablation": str(run / "ablation.json")}
+    (work / "sanity.json").write_text(json.dumps(out, indent=1))
+    return out

@@ -1,0 +1,136 @@
+"""The eval-transfer job: load the run, build the scratch twin, run every task × protocol, report.
+
+    OUT/report.json            everything below, atomic; the same numbers for the same seed
+    OUT/transfer-<task>.png    data-efficiency curves (probe, fine-tune: score vs fraction of the
+                               labelled data; k-shot: score vs k) — pretrained vs scratch vs chance
+    OUT/data/task-*            the restricted task samples that were evaluated (one shard each)
+
+The report holds no timings, so two runs with the same seed give identical files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mmtool.data.shards import atomic_write_json
+from mmtool.errors import MMToolError
+from mmtool.transfer.protocols import C_GRID, LR_GRID, PROTOCOLS, Evaluation, ProtocolConfig
+from mmtool.transfer.tasks import RunData, prepare_task, resolve_task
+
+
+@dataclass
+class TransferConfig:
+    """An eval-transfer job. Every field is a flag of `mmtool eval-transfer`."""
+
+    run: Path
+    """Training run folder (`mmtool train --out`); its newest checkpoint is evaluated."""
+    tasks: list[str] = field(default_factory=lambda: ["digits"])
+    """Task names (`mmtool ls tasks`) or `label:DIR`."""
+    protocols: list[str] = field(default_factory=lambda: ["linear-probe", "finetune", "kshot", "zeroshot"])
+    """Protocols (`mmtool ls protocols`)."""
+    modalities: list[str] | None = None
+    """Modalities the model sees (default: each task's own, which avoid label leaks)."""
+    out: Path | None = None
+    """Report folder (default RUN/transfer)."""
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    """Budgets: fractions, ks, episodes, fine-tune steps, seed, device."""
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.run) / "transfer"
+
+
+def _validate(cfg: TransferConfig) -> None:
+    p = cfg.protocol
+    if not cfg.tasks:
+        raise MMToolError("--task: give at least one task (`mmtool ls tasks`)")
+    if not cfg.protocols:
+        raise MMToolError("--protocol: give at least one protocol (`mmtool ls protocols`)")
+    for name in cfg.protocols:
+        PROTOCOLS.get(name)
+    for name in cfg.tasks:
+        resolve_task(name)
+    if not p.fractions or any(not 0 < f <= 1 for f in p.fractions):
+        raise MMToolError(f"--fractions must lie in (0, 1], got {list(p.fractions)}")
+    if not p.ks or any(k < 1 for k in p.ks):
+        raise MMToolError(f"--k must be positive integers, got {list(p.ks)}")
+    for name in ("episodes", "steps", "batch_size"):
+        if getattr(p, name) < 1:
+            raise MMToolError(f"--{name.replace('_', '-')} must be at least 1")
+    p.fractions = tuple(sorted(set(p.fractions)))
+    p.ks = tuple(sorted(set(p.ks)))
+
+
+def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[str, Any]]:
+    """({"pretrained", "scratch"}, the run's streams and folders, what was loaded)."""
+    from mmtool import checkpoint
+    from mmtool.models.model import build_model
+    from mmtool.train import load_run
+
+    run = Path(run)
+    if not run.is_dir():
+        raise MMToolError(f"RUN {run}: no such folder (give a `mmtool train --out` folder)")
+    model, cfg, loader = load_run(run, device=device)
+    loader.close()
+    # The scratch twin: same config and streams, initialised as `train` initialised this run (its
+    # seed, same build order), i.e. the checkpoint's own step-0 weights: pretraining is the only
+    # difference between the two models.
+    torch.manual_seed(cfg.seed)
+    scratch = build_model(cfg.model, loader.index.streams).to(device).eval()
+    folders = [{"path": str(f.path), "name": f.name,
+                "source": (f.manifest.get("source") or {}).get("name", f.name),
+                "modalities": sorted(f.manifest.get("modalities", {}))} for f in loader.index.folders]
+    ckpt = checkpoint.list_checkpoints(run)[-1]
+    loaded = {"run": str(run), "checkpoint": str(ckpt), "step": int(ckpt.name.split("-")[1]),
+              "model": asdict(cfg.model), "parameters": model.num_parameters(),
+              "streams": [s.key for s in loader.index.streams],
+              "pretraining_folders": [{k: f[k] for k in ("name", "source", "modalities")} for f in folders],
+              "scratch_init": f"the run's own initial weights (build_model under torch seed {cfg.seed})"}
+    return {"pretrained": model, "scratch": scratch}, RunData(loader.index.streams, folders), loaded
+
+
+def evaluate_transfer(cfg: TransferConfig,
+                      on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs every task × protocol on the pretrained and scratch models; writes report.json and plots.
+
+    Raises:
+        MMToolError: bad flags, a run or checkpoint that does not load, a task whose modality the
+            checkpoint never saw, or a k above a task's smallest class (when --k is given).
+    """
+    from mmtool.transfer.plots import plot_task
+
+    _validate(cfg)
+    say = on_progress or (lambda _msg: None)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    p = cfg.protocol
+    say(f"loading {cfg.run}")
+    models, run, loaded = load_models(Path(cfg.run), p.device)
+    report: dict[str, Any] = {
+        **loaded, "seed": p.seed,
+        "settings": {"protocols": list(cfg.protocols), "modalities": cfg.modalities,
+                     "fractions": list(p.fractions), "k": list(p.ks), "episodes": p.episodes,
+                     "finetune_steps": p.steps, "finetune_batch_size": p.batch_size,
+                     "C_grid": list(C_GRID), "lr_grid": list(LR_GRID)},
+        "tasks": {}, "plots": {}}
+    for name in cfg.tasks:
+        say(f"{name}: preparing data")
+        task = prepare_task(name, run, out, p.seed, cfg.modalities, "zeroshot" in cfg.protocols)
+        ev = Evaluation(task, models, p)
+        entry = {**task.info, "chance": task.chance, "notes": list(task.notes), "results": {}}
+        for proto in cfg.protocols:
+            say(f"{name}: {proto}")
+            res = PROTOCOLS.get(proto)(ev)
+            entry["results"][proto] = {"applicable": res.applicable, "reason": res.reason,
+                                       "rows": res.rows, "curve": res.curve, "detail": res.detail}
+        report["tasks"][name] = entry
+        plot = out / f"transfer-{name.replace(':', '_').replace('/', '_')}.png"
+        if plot_task(name, entry, plot):
+            report["plots"][name] = str(plot)
+    atomic_write_json(out / "report.json", report)
+    report["report"] = str(out / "report.json")
+    return report

@@ -1,0 +1,59 @@
+"""One PNG per task: data-efficiency curves, pretrained vs scratch, with the chance level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CURVES = {"linear-probe": "linear probe", "finetune": "fine-tune"}
+
+
+def plot_task(name: str, entry: dict[str, Any], path: Path) -> bool:
+    """Draws the task's curves (probe/fine-tune vs fraction, k-shot vs k) atomically; False if none."""
+    panels = [(p, r) for p, r in entry["results"].items()
+              if r["curve"] and (p in CURVES or p == "kshot")]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmtool.data.shards import _replace, _tmp_path
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    style = {"pretrained": ("tab:blue", "o"), "scratch": ("tab:orange", "s")}
+    for ax, (proto, res) in zip(axes[0], panels):
+        xkey = "k" if proto == "kshot" else "fraction"
+        xs = [pt[xkey] for pt in res["curve"]]
+        for which, (color, marker) in style.items():
+            ys = [pt[which] for pt in res["curve"]]
+            err = [pt.get(f"{which}_ci95") for pt in res["curve"]]
+            if all(e is not None for e in err):
+                ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, capsize=3, label=which)
+            else:
+                ax.plot(xs, ys, color=color, marker=marker, label=which)
+        ax.axhline(entry["chance"], color="grey", ls="--", lw=1, label="chance")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled examples per class (k)" if proto == "kshot"
+                      else "fraction of the labelled train/validation data")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(CURVES.get(proto, "k-shot (mean ± 95% CI)"))
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=8, frameon=False)
+    split = entry["split"]["sizes"]
+    fig.suptitle(f"{name} ({'+'.join(entry['modalities'])}): pretrained vs scratch · split seed "
+                 f"{entry['split']['seed']}, train/val/test {split['train']}/{split['validation']}/"
+                 f"{split['test']}", fontsize=10)
+    fig.tight_layout()
+    tmp = _tmp_path(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        _replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return True
