@@ -132,27 +132,29 @@ class AttentionProbe(Probe):
             rows, mod_x = seq.inv[queries], modality[seq.perm]
         else:
             rows, mod_x = queries, modality
-        if seq.mask is not None:  # padded rows computed with padding: B rows of L slots, mask given
-            width = seq.mask.shape[-1]
-            start = torch.div(rows, width, rounding_mode="floor") * width  # [Q]
-            allowed = seq.mask[start // width, 0, rows - start]  # [Q, L]
-        else:
-            cu = seq.cu_seqlens.long()
-            s = torch.searchsorted(cu, rows, right=True) - 1  # [Q] attention sequence of each query
-            start, end = cu[s], cu[s + 1]  # [Q]
-            width = int((end - start).max())
-            keys = start[:, None] + torch.arange(width, device=x.device)  # [Q, W]
-            allowed = keys < ((rows + 1)[:, None] if causal else end[:, None])  # [Q, W]
         scale = 1.0 / math.sqrt(d // heads)
         m = len(self.model.modalities)
-        chunk = max(1, (1 << 22) // max(width * d, 1))  # bounds the gathered keys to ~16 MB
-        for a in range(0, len(rows), chunk):
-            r, st, ok = rows[a:a + chunk], start[a:a + chunk], allowed[a:a + chunk]
-            idx = (st[:, None] + torch.arange(width, device=x.device)).clamp(max=n - 1)  # [c, W]
-            scores = torch.einsum("chd,cwhd->chw", q[r], k[idx]) * scale  # [c, H, W]
-            probs = scores.masked_fill(~ok[:, None, :], float("-inf")).softmax(-1)  # [c, H, W]
-            to = mod_x[idx][:, None, :].expand_as(probs)  # [c, H, W] key modality
-            share = probs.new_zeros(probs.shape[0], heads, m).scatter_add_(2, to, probs).mean(1)  # [c, M]
+        onehot = torch.nn.functional.one_hot(mod_x, m).float()  # [N, M] key modality
+        if seq.mask is not None:  # padded rows computed with padding: B rows of L slots, mask given
+            width = seq.mask.shape[-1]
+            row = torch.div(rows, width, rounding_mode="floor")  # [Q]
+            groups = [(rows[row == b], b * width, (b + 1) * width, seq.mask[b, 0][rows[row == b] - b * width])
+                      for b in row.unique().tolist()]  # allowed: [q, L] the queries' mask rows
+        else:  # one matmul per attention sequence that holds queries: keys are never copied
+            cu = seq.cu_seqlens.long()
+            which = torch.searchsorted(cu, rows, right=True) - 1  # [Q] sequence of each query
+            groups = []
+            for g in which.unique().tolist():
+                st, en = int(cu[g]), int(cu[g + 1])
+                r = rows[which == g]
+                keys = torch.arange(en - st, device=x.device)
+                allowed = keys[None, :] <= (r - st)[:, None] if causal else None  # [q, L]
+                groups.append((r, st, en, allowed))
+        for r, st, en, allowed in groups:
+            scores = torch.einsum("qhd,lhd->qhl", q[r], k[st:en]) * scale  # [q, H, L]
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+            share = scores.softmax(-1).mean(1) @ onehot[st:en]  # [q, M] mass per key modality
             frm = mod_x[r].cpu()
             self.mass[layer].index_add_(0, frm, share.double().cpu())
             self.count[layer].index_add_(0, frm, torch.ones(len(frm), dtype=torch.float64))

@@ -64,6 +64,8 @@ class SanityConfig:
     """Peak learning rate of the tiny model."""
     batches: int = 6
     """Ablation batches (of 32 samples)."""
+    text_tokenizer: str = "bytes"
+    """Tokenizer of the captions: bytes (a 260-row table: fast) or wordpiece (30k rows)."""
     margin: float = 0.3
     """Smallest accepted accuracy-drop gap between the informative and the noise modality."""
     seed: int = 0
@@ -97,7 +99,7 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
         shutil.rmtree(work)
     work.mkdir(parents=True)
     say(f"known-answer data: {cfg.samples} samples, {cfg.informative} carries the label")
-    preprocess(PreprocessConfig("known-answer", work / "data",
+    preprocess(PreprocessConfig("known-answer", work / "data", tokenizers=[f"text={cfg.text_tokenizer}"],
                                 options=[f"informative={cfg.informative}", f"samples={cfg.samples}",
                                          f"classes={cfg.classes}", f"seed={cfg.seed}"]))
     say(f"training a tiny model for {cfg.steps} steps with probes")

@@ -89,6 +89,7 @@ def eval_transfer_cmd(
     episodes: int = typer.Option(100, help="k-shot episodes per k."),
     steps: int = typer.Option(100, help="Fine-tuning steps per run (each lr, each fraction, each model)."),
     batch_size: int = typer.Option(32, help="Fine-tuning batch size."),
+    lrs: str = typer.Option("1e-4,3e-4,1e-3", help="Fine-tuning learning rates, chosen on validation."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Measure transfer: linear probe, fine-tune, k-shot and zero-shot, pretrained vs from scratch."""
@@ -97,7 +98,8 @@ def eval_transfer_cmd(
 
     budget = ProtocolConfig(fractions=_numbers(fractions, "--fractions", float),
                             ks=_numbers(k, "--k", int) if k else (1, 5, 10), ks_given=k is not None,
-                            episodes=episodes, steps=steps, batch_size=batch_size, seed=seed, device=device)
+                            episodes=episodes, steps=steps, batch_size=batch_size,
+                            lrs=_numbers(lrs, "--lrs", float), seed=seed, device=device)
     cfg = TransferConfig(run=run, tasks=_names(task), protocols=_names(protocol),
                          modalities=_names(modalities) if modalities else None, out=out, protocol=budget)
     run_eval_transfer(cfg, Console(highlight=False))
@@ -108,7 +110,7 @@ def quickstart_stage(out: Path, console: Console) -> None:
     from mmtool.transfer import TransferConfig
     from mmtool.transfer.protocols import ProtocolConfig
 
-    budget = ProtocolConfig(fractions=(0.1, 1.0), ks=(1, 5), episodes=20, seed=0)
+    budget = ProtocolConfig(fractions=(0.25, 1.0), ks=(1, 5), episodes=20, cs=(0.1, 1.0, 10.0), seed=0)
     cfg = TransferConfig(run=out / "run", tasks=["digits"], protocols=["linear-probe", "kshot"],
                          out=out / "transfer", protocol=budget)
     run_eval_transfer(cfg, console)

@@ -18,7 +18,7 @@ import torch
 
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
-from mmtool.transfer.protocols import C_GRID, LR_GRID, PROTOCOLS, Evaluation, ProtocolConfig
+from mmtool.transfer.protocols import PROTOCOLS, Evaluation, ProtocolConfig
 from mmtool.transfer.tasks import RunData, prepare_task, resolve_task
 
 
@@ -58,6 +58,8 @@ def _validate(cfg: TransferConfig) -> None:
         raise MMToolError(f"--fractions must lie in (0, 1], got {list(p.fractions)}")
     if not p.ks or any(k < 1 for k in p.ks):
         raise MMToolError(f"--k must be positive integers, got {list(p.ks)}")
+    if not p.lrs or not p.cs or min(p.lrs) <= 0 or min(p.cs) <= 0:
+        raise MMToolError("the fine-tuning lr grid and the probe's C grid must be positive numbers")
     for name in ("episodes", "steps", "batch_size"):
         if getattr(p, name) < 1:
             raise MMToolError(f"--{name.replace('_', '-')} must be at least 1")
@@ -115,7 +117,7 @@ def evaluate_transfer(cfg: TransferConfig,
         "settings": {"protocols": list(cfg.protocols), "modalities": cfg.modalities,
                      "fractions": list(p.fractions), "k": list(p.ks), "episodes": p.episodes,
                      "finetune_steps": p.steps, "finetune_batch_size": p.batch_size,
-                     "C_grid": list(C_GRID), "lr_grid": list(LR_GRID)},
+                     "C_grid": list(p.cs), "lr_grid": list(p.lrs)},
         "tasks": {}, "plots": {}}
     for name in cfg.tasks:
         say(f"{name}: preparing data")

@@ -15,7 +15,8 @@ the *same* procedure, data, episodes and budget on both models ("pretrained" = t
   models); nearest class centroid on frozen features (centred by the mean training feature, then
   L2-normalised — SimpleShot); test accuracy as mean ± 95% t-interval, and the paired difference.
 * `zeroshot`: each test input is followed by each class's prompt ("a handwritten seven"); the class
-  whose prompt gets the highest next-token log-likelihood (summed over its tokens) wins. A second
+  whose prompt gets the highest next-token log-likelihood (summed over its tokens; the prefix all
+  prompts share is left out, as it scores alike for every class under causal attention) wins. A second
   row, "calibrated", first subtracts each prompt's mean log-likelihood over the validation inputs
   (labels unused), removing the model's prior for a class name ("calibrate before use"). Applies
   only when the checkpoint predicts text tokens (next-token on a text stream) and text attends to
@@ -61,6 +62,10 @@ class ProtocolConfig:
     """k-shot episodes per k."""
     steps: int = 100
     """Fine-tuning optimizer steps per run."""
+    lrs: tuple[float, ...] = LR_GRID
+    """Fine-tuning learning rates, chosen on validation."""
+    cs: tuple[float, ...] = C_GRID
+    """Linear-probe inverse L2 strengths, chosen on validation."""
     batch_size: int = 32
     """Fine-tuning batch size (samples)."""
     feature_batch: int = 256
@@ -171,7 +176,7 @@ def linear_probe(ev: Evaluation) -> ProtocolResult:
         val = stratified_subset(t.splits["validation"], y, f, rng)
         point = {"fraction": f, "train": int(len(train)), "validation": int(len(val))}
         for which in MODELS:
-            s = linear_probe_scores(ev.features(which), y, train, val, t.splits["test"])
+            s = linear_probe_scores(ev.features(which), y, train, val, t.splits["test"], ev.cfg.cs)
             point[which] = s["test"]
             point[f"{which}_C"] = s["C"]
             if f == max(ev.cfg.fractions):
@@ -226,7 +231,7 @@ def finetune_run(model: nn.Module, index: TokenIndex, labels: np.ndarray, train:
 
 @PROTOCOLS.register("finetune")
 def finetune(ev: Evaluation) -> ProtocolResult:
-    """Whole model + linear head for a fixed step budget; lr chosen on validation from LR_GRID."""
+    """Whole model + linear head for a fixed step budget; lr chosen on validation from a small grid."""
     t, y = ev.task, ev.task.labels
     res = ProtocolResult()
     for f in ev.cfg.fractions:
@@ -237,8 +242,8 @@ def finetune(ev: Evaluation) -> ProtocolResult:
         for which in MODELS:
             runs = {lr: finetune_run(ev.models[which], t.index, y, train,
                                      {"val": val, "test": t.splits["test"]}, len(t.classes), lr, ev.cfg)
-                    for lr in LR_GRID}
-            best = max(LR_GRID, key=lambda lr: (runs[lr]["val"], -lr))
+                    for lr in ev.cfg.lrs}
+            best = max(ev.cfg.lrs, key=lambda lr: (runs[lr]["val"], -lr))
             point[which] = runs[best]["test"]
             point[f"{which}_lr"] = best
             if f == max(ev.cfg.fractions):
@@ -326,8 +331,9 @@ def zeroshot_reason(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def prompt_loglik(model: nn.Module, index: TokenIndex, cfg: ProtocolConfig) -> np.ndarray:
-    """float64 [N]: Σ log p(text token | everything before it) of each sample's text tokens."""
+def prompt_loglik(model: nn.Module, index: TokenIndex, cfg: ProtocolConfig, skip: int = 0) -> np.ndarray:
+    """float64 [N]: Σ log p(text token | everything before it) over each sample's text tokens,
+    leaving out the first `skip` tokens of each text segment (a prefix every prompt shares)."""
     model.eval()
     text = [k for k in model.objectives["next-token"].targets if model.streams[k].modality == "text"]
     out = []
@@ -339,7 +345,8 @@ def prompt_loglik(model: nn.Module, index: TokenIndex, cfg: ProtocolConfig) -> n
             if k not in batch.streams:
                 continue
             idx = view.packed(batch[f"s{k}.slot"])  # [n_k] rows of the text tokens
-            ok = view.pos[idx] > 0  # a sample's first token has nothing before it
+            # A sample's first token has nothing before it; a shared prefix cannot change the ranking.
+            ok = (view.pos[idx] > 0) & (batch[f"s{k}.pos"].long() >= skip)
             idx = idx[ok]
             head = model.embedder.encoders[str(k)].head_weight  # [V, d]
             logp = F.log_softmax((hidden[idx - 1] @ head.T).float(), dim=1)  # [n, V]
@@ -361,7 +368,8 @@ def zeroshot(ev: Evaluation) -> ProtocolResult:
     res = ProtocolResult(detail={"prompt": t.info.get("zeroshot_prompt"), "predicted_classes": {}})
     raw, calibrated = {}, {}
     for w in MODELS:
-        ll = prompt_loglik(ev.models[w], t.zeroshot_index, ev.cfg).reshape(-1, n_c)  # [n_val+n_test, C]
+        ll = prompt_loglik(ev.models[w], t.zeroshot_index, ev.cfg,
+                           t.info["zeroshot_shared_prefix_tokens"]).reshape(-1, n_c)  # [n_val+n_test, C]
         prior, test = ll[:n_val].mean(0), ll[n_val:]  # [C] mean score of each prompt; [n_test, C]
         raw[w] = float((test.argmax(1) == truth).mean())
         calibrated[w] = float(((test - prior).argmax(1) == truth).mean())

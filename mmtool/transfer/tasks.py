@@ -348,6 +348,11 @@ def _zeroshot(data: TaskData, task: Task | None, samples: list[Sample], manifest
         data.zeroshot_reason = "needs a text stream in both the task data and the checkpoint"
         return
     prompts = [tokenizer.encode(task.prompt.format(c), "prompt") for c in data.classes]
+    # Tokens before the first one where the prompts differ have the same context in every candidate
+    # of an input (attention is causal), so they score alike and cannot change the ranking.
+    shared = 0
+    while all(len(p.ids) > shared + 1 and p.ids[shared] == prompts[0].ids[shared] for p in prompts):
+        shared += 1
     rows = []  # validation inputs first (their mean score per prompt calibrates), then test inputs
     for s in sorted(samples, key=lambda s: s.split != "validation"):
         if s.split not in ("validation", "test"):
@@ -360,3 +365,4 @@ def _zeroshot(data: TaskData, task: Task | None, samples: list[Sample], manifest
     data.zeroshot_index = ModelStreamIndex([folder], run.streams, data.name)
     data.zeroshot_index.sample_folder[:] = token
     data.info["zeroshot_prompt"] = task.prompt
+    data.info["zeroshot_shared_prefix_tokens"] = shared

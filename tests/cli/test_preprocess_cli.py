@@ -109,6 +109,8 @@ def test_quickstart_runs_every_stage_and_reruns_cheaply(tmp_path, cli):
     assert [x["step"] for x in log] == [1, 2, 3, 4]
     assert (out / "profile.json").is_file() and (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "embed" / "digits" / "manifest.json").read_text())["embedding"]["encoder"] == "minilm-l6"
+    transfer = json.loads((out / "transfer" / "report.json").read_text())["tasks"]["digits"]
+    assert transfer["modalities"] == ["image"] and "kshot k=5" in first and "linear-probe" in first
     again = cli(*args).stdout
     assert again.count("up to date") >= 6
     assert f"final loss {log[-1]['loss']:.4f}" in again  # the finished run is reported, not redone

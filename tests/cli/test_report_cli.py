@@ -1,0 +1,61 @@
+"""`mmtool report` on real run folders made by `train()`, with an ablation and an eval-transfer report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmtool.ablate import AblateConfig, ablate
+from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.shards import atomic_write_json
+from mmtool.models.model import ModelConfig
+from mmtool.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    preprocess(PreprocessConfig("known-answer", root / "ka", tokenizers=["text=bytes"],
+                                options=["samples=64", "classes=3"]))
+    for fusion in ("early", "late"):
+        train(TrainConfig(data=[str(root / "ka")], out=root / "runs" / fusion, batch_samples=16,
+                          batch_tokens=None, max_steps=4, warmup=1, num_workers=0, save_every=4,
+                          probes=["attention", "grad-norm", "loss"], probe_every=2,
+                          model=ModelConfig(size="tiny", fusion=fusion)))
+    early = root / "runs" / "early"
+    atomic_write_json(early / "ablation.json",
+                      ablate(AblateConfig(run=early, batches=2, batch_samples=16, bootstrap=100)))
+    # an eval-transfer report as that command writes it (found by file name, never imported)
+    (early / "transfer").mkdir()
+    atomic_write_json(early / "transfer" / "report.json", {"tasks": {"digits": {"results": {
+        "linear-probe": {"rows": [{"setting": "1.0", "pretrained": 0.8, "scratch": 0.5, "ratio": 1.6}]}}}}})
+    return root
+
+
+def test_report_puts_runs_side_by_side(runs, cli, tmp_path):
+    out = tmp_path / "rep"
+    proc = cli("report", runs / "runs" / "early", runs / "runs" / "late", "--out", out)
+    assert "early" in proc.stdout and "late" in proc.stdout and "wrote" in proc.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kind"] == "mmtool-report" and [e["name"] for e in rep["entries"]] == ["early", "late"]
+    early, late = rep["entries"]
+    assert early["config"]["fusion"] == "early" and late["config"]["fusion"] == "late"
+    assert early["final"]["step"] == 4 and early["curve"]["step"] == [1, 2, 3, 4]
+    assert early["probes"]["steps"] == [1, 2, 4]
+    assert set(early["probes"]["last"]["attention_to_others"]) >= {"image", "text"}
+    assert late["probes"]["last"]["attention_to_others"]["text"] == pytest.approx(0.0, abs=1e-6)  # late: no cross-modal attention
+    assert set(early["ablation"]["importance"]) == {"image", "text"} and "ablation" not in late
+    assert early["transfer"]["ratios"] == {"digits/linear-probe": 1.6}
+    for name in ("loss_curves.png", "importance.png"):
+        assert (out / name).stat().st_size > 5000
+
+
+def test_report_expands_a_folder_of_runs_and_ignores_its_own_reports(runs, cli, tmp_path):
+    out = runs / "runs" / "summary"  # a report written inside the folder must not confuse the next
+    cli("report", runs / "runs", "--out", out)
+    proc = cli("report", runs / "runs", "--out", tmp_path / "again")
+    rep = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert [e["name"] for e in rep["entries"]] == ["early", "late"]
+    bad = cli("report", tmp_path / "missing", check=False)
+    assert bad.returncode == 2 and "no such folder" in bad.stderr

@@ -1,0 +1,125 @@
+"""Ablations: rebuilt batches (identity, drop, permute) and the ablate job on a trained tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmtool.ablate import (AblateConfig, ablate, ablated_orders, bootstrap_ci, derangement, plot_ablation,
+                           rebuild, sample_slots)
+from mmtool.data.batching import assemble
+from mmtool.data.index import TokenIndex
+from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.models.model import ModelConfig, build_model
+from mmtool.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ablate") / "ka"
+    preprocess(PreprocessConfig("known-answer", path, tokenizers=["text=bytes"],
+                                options=["samples=96", "classes=3", "words=3"]))
+    return path
+
+
+def setup(data):
+    index = TokenIndex([data])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny"), index.streams).eval()
+    batch = assemble(index, np.arange(12), "packed")
+    stream = batch.numpy("slot_stream")
+    slot_mod = model.modality_of_stream.numpy()[stream]
+    return index, model, batch, slot_mod
+
+
+def tokens_of(batch, k, i):
+    """(ids or values) of stream k in sample i, in slot order."""
+    slot = batch.numpy(f"s{k}.slot")
+    mine = batch.numpy("slot_sample")[slot] == i
+    part = "ids" if f"s{k}.ids" in batch else "values"
+    return batch.numpy(f"s{k}.{part}")[mine][np.argsort(slot[mine])]
+
+
+def test_identity_rebuild_is_the_same_batch(data):
+    index, model, batch, _ = setup(data)
+    same = rebuild(batch, sample_slots(batch), list(range(batch.batch_size)))
+    for name in ("slot_sample", "slot_pos", "slot_stream", "slot_segment", "cu_seqlens", "label", "sample_index"):
+        assert np.array_equal(same.numpy(name), batch.numpy(name)), name
+    with torch.no_grad():
+        a = model(batch, generator=torch.Generator().manual_seed(1))
+        b = model(same, generator=torch.Generator().manual_seed(1))
+    assert a.by_stream == pytest.approx(b.by_stream, rel=1e-6)
+
+
+def test_drop_removes_the_modality_and_keeps_positions(data):
+    index, model, batch, slot_mod = setup(data)
+    image = model.modalities.index("image")
+    chosen, intact, dropped = ablated_orders(batch, slot_mod, image, "drop", index.signature, np.random.default_rng(0))
+    assert chosen == list(range(12))  # every sample has image, text and label
+    z = rebuild(batch, dropped, chosen, keep_positions=True)
+    k_img = next(k for k, s in enumerate(index.streams) if s.modality == "image")
+    k_txt = next(k for k, s in enumerate(index.streams) if s.modality == "text")
+    assert f"s{k_img}.values" not in z and k_img not in z.streams
+    for i in range(12):
+        assert np.array_equal(tokens_of(z, k_txt, i), tokens_of(batch, k_txt, i))  # the rest unchanged
+    old_pos = batch.numpy("slot_pos")[np.concatenate(dropped)]
+    assert np.array_equal(z.numpy("slot_pos"), old_pos)  # ... and where it was
+    assert z.real_tokens == batch.real_tokens - int((slot_mod == image).sum())
+    with torch.no_grad():  # the model runs on it, and never sees the image
+        out = model(z, generator=torch.Generator().manual_seed(1))
+    assert not any("image" in k for k in out.by_stream) and torch.isfinite(out.loss)
+
+
+def test_permute_swaps_between_samples_and_keeps_every_token(data):
+    index, model, batch, slot_mod = setup(data)
+    text = model.modalities.index("text")
+    chosen, intact, perm = ablated_orders(batch, slot_mod, text, "permute",
+                                          index.signature[np.arange(12)], np.random.default_rng(0))
+    z = rebuild(batch, perm, chosen)
+    k_txt = next(k for k, s in enumerate(index.streams) if s.modality == "text")
+    k_img = next(k for k, s in enumerate(index.streams) if s.modality == "image")
+    captions = [tuple(tokens_of(batch, k_txt, i)) for i in range(12)]
+    got = [tuple(tokens_of(z, k_txt, i)) for i in range(12)]
+    assert sorted(got) == sorted(captions)  # the same captions, redistributed
+    kept = sum(g == c for g, c in zip(got, captions))  # no sample keeps its own caption, unless
+    assert kept <= sum(captions.count(c) > 1 for c in captions)  # another sample has the same one
+    for i in range(12):  # images stay with their sample and their label
+        assert np.array_equal(tokens_of(z, k_img, i), tokens_of(batch, k_img, i))
+    assert np.array_equal(z.numpy("label"), batch.numpy("label"))
+    d = derangement(7, np.random.default_rng(3))
+    assert sorted(d) == list(range(7)) and not (d == np.arange(7)).any()
+
+
+def test_bootstrap_interval_contains_the_estimate():
+    rng = np.random.default_rng(0)
+    est, lo, hi = bootstrap_ci(np.array([1.0, 2.0, 3.0, 4.0]), None, rng, 500)
+    assert est == 2.5 and lo <= est <= hi and lo >= 1 and hi <= 4
+    est, lo, hi = bootstrap_ci(np.array([3.0, 1.0]), np.array([4.0, 4.0]), rng, 200)  # ratio of sums
+    assert est == 0.5 and 0.25 <= lo <= hi <= 0.75
+
+
+def test_ablate_a_trained_run(data, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(data=[str(data)], out=run, batch_samples=16, batch_tokens=None, max_steps=3,
+                      warmup=1, num_workers=0, save_every=3, model=ModelConfig(size="tiny")))
+    result = ablate(AblateConfig(run=run, batches=3, batch_samples=16, bootstrap=200))
+    assert set(result["results"]) == {"image", "text"}  # label tokens are the answer: not ablated
+    assert result["ranking_mode"] == "drop" and sorted(result["ranking"]) == ["image", "text"]
+    assert result["importance_metric"] == "accuracy drop"  # the source has labels
+    for mod, modes in result["results"].items():
+        assert set(modes) == {"drop", "permute"}
+        for mode, e in modes.items():
+            assert e["batches"] == 3 and e["samples"] > 0
+            lo, hi = e["loss"]["ci95"]
+            assert lo <= e["loss"]["delta"] <= hi
+            acc = e["accuracy"]
+            assert 0 <= acc["intact"] <= 1 and 0 <= acc["ablated"] <= 1
+            assert acc["drop"] == pytest.approx(acc["intact"] - acc["ablated"])
+    json.dumps(result, allow_nan=True)
+    plot_ablation(result, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    with pytest.raises(Exception, match="unknown ablation"):
+        ablate(AblateConfig(run=run, modes=["shuffle"]))
