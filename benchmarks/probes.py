@@ -29,6 +29,8 @@ from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.probes import ProbeSet, hook_count
 
+PROBES = ["attention", "grad-norm", "loss"]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,42 +53,48 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(size=args.size), index.streams)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    probes = ProbeSet(["attention", "grad-norm", "loss"], 1, model, [f.name for f in index.folders])
+    names = [f.name for f in index.folders]
+    settings = {"off": None, **{p: ProbeSet([p], 1, model, names) for p in PROBES},
+                ",".join(PROBES): ProbeSet(PROBES, 1, model, names)}
 
-    def step(batch, probed: bool) -> float:
+    def step(batch, probes: ProbeSet | None) -> float:
         t0 = time.perf_counter()
-        if probed:
+        if probes:
             probes.start()
         out = model(batch, generator=torch.Generator().manual_seed(0))
-        if probed:
+        if probes:
             probes.after_forward(batch, out)
         out.loss.backward()
-        if probed:
+        if probes:
             probes.after_backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if probed:
+        if probes:
             probes.finish()
         return time.perf_counter() - t0
 
     for b in batches:  # warm-up
-        step(b, False)
-        step(b, True)
-    times: dict[bool, list[float]] = {False: [], True: []}
+        for probes in settings.values():
+            step(b, probes)
+    times: dict[str, list[float]] = {k: [] for k in settings}
     for r in range(args.reps):
         for b in batches:
-            for probed in ((False, True) if r % 2 == 0 else (True, False)):
-                times[probed].append(step(b, probed))
+            names_r = list(settings) if r % 2 == 0 else list(settings)[::-1]
+            for name in names_r:
+                times[name].append(step(b, settings[name]))
     assert hook_count(model) == 0
-    off, on = statistics.median(times[False]), statistics.median(times[True])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    off = med["off"]
     tokens = int(np.mean([b.real_tokens for b in batches]))
     print(f"model {args.size} ({model.num_parameters():,} parameters), packed batches of ~{tokens:,} real tokens, "
-          f"{len(times[False])} steps each, alternating; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"  probes off:                      {1 / off:6.2f} steps/s ({1000 * off:7.1f} ms/step)")
-    print(f"  probes attention,grad-norm,loss: {1 / on:6.2f} steps/s ({1000 * on:7.1f} ms/step)")
-    print(f"ratio on/off step time: {on / off:.3f} -> overhead {100 * (on / off - 1):.1f}% on a probe step, "
-          f"{100 * (on / off - 1) / 10:.2f}% of a run at --probe-every 10")
+          f"{len(times['off'])} steps per setting, interleaved; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for name, t in med.items():
+        print(f"  probes {name:28s} {1 / t:6.3f} steps/s ({1000 * t:7.1f} ms/step)  ratio to off {off / t:.3f}")
+    every = med[",".join(PROBES)] / off - 1
+    print(f"all probes: +{100 * every:.1f}% step time on a probe step = +{100 * every / 10:.1f}% of a run "
+          f"at --probe-every 10; probes off run no probe code at all")
 
 
 if __name__ == "__main__":

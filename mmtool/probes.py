@@ -42,7 +42,7 @@ from mmtool.registry import Registry
 PROBES: Registry[type["Probe"]] = Registry(
     "probes", "training probes logged under `probes` in metrics.jsonl (`mmtool train --probes a,b`)")
 
-MAX_QUERIES = 256
+MAX_QUERIES = 128
 """Attention probe: query tokens per layer per micro-batch (stratified by modality)."""
 
 
@@ -150,14 +150,16 @@ class AttentionProbe(Probe):
                 keys = torch.arange(en - st, device=x.device)
                 allowed = keys[None, :] <= (r - st)[:, None] if causal else None  # [q, L]
                 groups.append((r, st, en, allowed))
+        shares, froms = [], []
         for r, st, en, allowed in groups:
             scores = torch.einsum("qhd,lhd->qhl", q[r], k[st:en]) * scale  # [q, H, L]
             if allowed is not None:
                 scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-            share = scores.softmax(-1).mean(1) @ onehot[st:en]  # [q, M] mass per key modality
-            frm = mod_x[r].cpu()
-            self.mass[layer].index_add_(0, frm, share.double().cpu())
-            self.count[layer].index_add_(0, frm, torch.ones(len(frm), dtype=torch.float64))
+            shares.append(scores.softmax(-1).mean(1) @ onehot[st:en])  # [q, M] mass per key modality
+            froms.append(mod_x[r])
+        frm = torch.cat(froms).cpu()  # one device→host read per layer
+        self.mass[layer].index_add_(0, frm, torch.cat(shares).double().cpu())
+        self.count[layer].index_add_(0, frm, torch.ones(len(frm), dtype=torch.float64))
 
     def result(self) -> dict[str, Any]:
         names = self.model.modalities

@@ -40,14 +40,15 @@ def transfer_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"transfer of {report['run']} (step {report['step']}) vs the same model from "
                         f"scratch · seed {report['seed']}", title_justify="left", show_edge=False)
     for col in ("task", "inputs", "protocol", "pretrained", "scratch", "ratio", "chance"):
-        table.add_column(col, justify="left" if col in ("task", "inputs", "protocol") else "right")
+        table.add_column(col, justify="left" if col in ("task", "inputs", "protocol") else "right",
+                         no_wrap=col in ("protocol", "ratio", "chance"))
     for name, t in report["tasks"].items():
         first = True
         for proto, res in t["results"].items():
             cells = [name if first else "", "+".join(t["modalities"]) if first else ""]
             first = False
             if not res["applicable"]:
-                table.add_row(*cells, proto, f"[dim]not applicable: {res['reason']}[/]", "", "", "")
+                table.add_row(*cells, proto, "[dim]n/a[/]", "[dim]n/a[/]", "", "")
                 continue
             for row in res["rows"]:
                 label = f"{proto} {row['setting']}".strip()
@@ -58,6 +59,8 @@ def transfer_table(report: dict[str, Any]) -> Table:
     notes = [f"{n}: {note}" for n, t in report["tasks"].items() for note in t["notes"]]
     notes += [f"{n}: {note}" for n, t in report["tasks"].items()
               for note in t["results"].get("kshot", {}).get("detail", {}).get("notes", [])]
+    notes += [f"{n}: {p} not applicable: {r['reason']}" for n, t in report["tasks"].items()
+              for p, r in t["results"].items() if not r["applicable"]]
     table.caption = "ratio = pretrained / scratch; accuracy on each task's test split" + \
         "".join(f"\n{n}" for n in notes)
     table.caption_justify = "left"
