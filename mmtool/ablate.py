@@ -34,12 +34,13 @@ intact) for all — one metric per result, so the ranking compares like with lik
 over batches (resampling whole batches; ratio of sums for accuracy). The modality ranking uses the
 importance of the first mode.
 
-Output: a JSON-ready dict (`ablate`), `plot_ablation` draws the bar chart with error bars.
+Output: a JSON-ready dict (`ablate`); `mmtool.report.plot_ablation` draws the bar chart with error bars.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -290,20 +291,14 @@ def _folder_map(index: TokenIndex, run_data: list[str]) -> np.ndarray:
             srcs = set(f.manifest.get("sources", {}))
             for i, s in enumerate(run):
                 try:
-                    other = json_load(Path(s.path) / "manifest.json").get("sources", {})
-                except OSError:
+                    other = json.loads((Path(s.path) / "manifest.json").read_text()).get("sources", {})
+                except (OSError, ValueError):
                     continue
                 if srcs and set(other) == srcs:
                     hit = i
                     break
         out.append(hit or 0)
     return np.asarray(out, np.int64)
-
-
-def json_load(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(Path(path).read_text())
 
 
 def _split_mask(index: TokenIndex, split: str) -> np.ndarray:
@@ -354,10 +349,14 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
     order = rng.permutation(pool)[:cfg.batches * cfg.batch_samples]
     plans = [order[i:i + cfg.batch_samples] for i in range(0, len(order), cfg.batch_samples)]
     plans = [p for p in plans if len(p) >= 2]
-    # Probe split: a fixed share of the labelled samples is held out (by a seeded hash of the number).
+    # Probe split: a fixed, seeded share of the samples is held out for scoring the probe.
     held = np.random.default_rng(cfg.seed + 1).random(len(index)) < cfg.test_share  # [N]
 
     want = cfg.modalities
+    unknown = sorted(set(want or []) - set(names))
+    if unknown:
+        raise MMToolError(f"--modalities {','.join(unknown)}: the run has no such modality "
+                          f"(it has {', '.join(n for n in names if n != SEPARATOR)})")
     records: dict[tuple[str, str], dict[str, list]] = {}
     feats_intact: dict[int, np.ndarray] = {}
     ablated_feats: dict[tuple[str, str], list[tuple[int, int, np.ndarray]]] = {}
@@ -499,44 +498,4 @@ def _refit_drop(feats: list[tuple[int, int, np.ndarray]], held: np.ndarray, labe
 
 
 def json_ready(doc: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(doc, default=str))
-
-
-def plot_ablation(result: dict[str, Any], path: str | Path, title: str | None = None) -> None:
-    """Bar chart of each modality's importance per mode with 95% interval error bars (atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmtool.report import save_figure
-
-    res = result["results"]
-    mods = sorted(res, key=lambda n: result["ranking"].index(n) if n in result["ranking"] else 99)
-    modes = [m for m in result["settings"]["modes"] if any(m in res[n] for n in mods)]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(len(mods), 1) * max(len(modes), 1) / 2, 3.6))
-    width = 0.8 / max(len(modes), 1)
-    metric = ""
-    for j, mode in enumerate(modes):
-        xs, ys, lo, hi = [], [], [], []
-        for i, n in enumerate(mods):
-            if mode not in res[n]:
-                continue
-            imp = res[n][mode]["importance"]
-            metric = imp["metric"]
-            v, (a, b) = imp["value"], imp["ci95"]
-            xs.append(i + (j - (len(modes) - 1) / 2) * width)
-            ys.append(v)
-            lo.append(0 if np.isnan(a) else max(v - a, 0))
-            hi.append(0 if np.isnan(b) else max(b - v, 0))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=mode)
-    ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(range(len(mods)))
-    ax.set_xticklabels(mods)
-    ax.set_ylabel(f"importance ({metric})")
-    ax.set_title(title or f"modality importance: {Path(result['run']).name}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)

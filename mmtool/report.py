@@ -10,8 +10,8 @@ them, so a report reads any folder that has them:
     RUN/**/report.json                     `mmtool eval-transfer` results (default RUN/transfer/)
 
 Per entry: the run's settings (fusion, size, objectives, data and weights), final metrics (the last
-step, and the mean of the last 10% of steps — one step is noisy), throughput, the last probe step's
-summary (attention each modality sends to *other* modalities averaged over layers, gradient per
+step, and the mean of the last 10% of steps — one step is noisy), throughput, the probe summary of
+the last quarter of probe steps (one batch need not hold every modality) (attention each modality sends to *other* modalities averaged over layers, gradient per
 token at each modality's encoder, loss per modality), modality importance with 95% intervals and
 the ranking, and the transfer ratios (pretrained / scratch) per task and protocol.
 
@@ -113,7 +113,7 @@ def _dict_tail(lines: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 
 def probe_summary(lines: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first and last probe steps, condensed (None when the run logged no probes)."""
+    """The first probe step and the last quarter of them, condensed (None: no probes logged)."""
     probed = [x for x in lines if "probes" in x]
     if not probed:
         return None
@@ -125,7 +125,7 @@ def probe_summary(lines: list[dict[str, Any]]) -> dict[str, Any] | None:
             cross: dict[str, list[float]] = {}
             for layer in att["layers"]:
                 for frm, row in layer.items():
-                    cross.setdefault(frm, []).append(1.0 - row.get(frm, 0.0))
+                    cross.setdefault(frm, []).append(max(0.0, 1.0 - row.get(frm, 0.0)))
             out["attention_to_others"] = {k: float(np.mean(v)) for k, v in cross.items()}
             received: dict[str, list[float]] = {}
             for layer in att["layers"]:
@@ -142,8 +142,21 @@ def probe_summary(lines: list[dict[str, Any]]) -> dict[str, Any] | None:
             out["loss_by_modality"] = p["loss"].get("by_modality", {})
         return out
 
+    # One probe step sees one batch, which need not hold every modality of a mixture: the "last"
+    # summary averages the last quarter of the probe steps, each modality over the steps that had it.
+    tail = probed[-max(1, len(probed) // 4):]
     return {"steps": [x["step"] for x in probed], "first": {"step": probed[0]["step"], **condense(probed[0]["probes"])},
-            "last": {"step": probed[-1]["step"], **condense(probed[-1]["probes"])}}
+            "last": {"steps": [x["step"] for x in tail], **_average([condense(x["probes"]) for x in tail])}}
+
+
+def _average(docs: list[Any]) -> Any:
+    """Element-wise mean of nested dicts of numbers; a key is averaged over the docs that have it."""
+    if all(isinstance(d, (int, float)) for d in docs):
+        return float(np.mean(docs))
+    if all(isinstance(d, dict) for d in docs):
+        keys = sorted({k for d in docs for k in d})
+        return {k: _average([d[k] for d in docs if k in d]) for k in keys}
+    return docs[-1]
 
 
 def ablation_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -285,6 +298,42 @@ def plot_importance(report: dict[str, Any], path: str | Path) -> bool:
     fig.tight_layout()
     save_figure(fig, path)
     return True
+
+
+def plot_ablation(result: dict[str, Any], path: str | Path, title: str | None = None) -> None:
+    """Bar chart of each modality's importance per mode with 95% interval error bars (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = result["results"]
+    mods = sorted(res, key=lambda n: result["ranking"].index(n) if n in result["ranking"] else 99)
+    modes = [m for m in result["settings"]["modes"] if any(m in res[n] for n in mods)]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(len(mods), 1) * max(len(modes), 1) / 2, 3.6))
+    width = 0.8 / max(len(modes), 1)
+    metric = ""
+    for j, mode in enumerate(modes):
+        xs, ys, lo, hi = [], [], [], []
+        for i, n in enumerate(mods):
+            if mode not in res[n]:
+                continue
+            imp = res[n][mode]["importance"]
+            metric = imp["metric"]
+            v, (a, b) = imp["value"], imp["ci95"]
+            xs.append(i + (j - (len(modes) - 1) / 2) * width)
+            ys.append(v)
+            lo.append(0 if np.isnan(a) else max(v - a, 0))
+            hi.append(0 if np.isnan(b) else max(b - v, 0))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=mode)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(mods)))
+    ax.set_xticklabels(mods)
+    ax.set_ylabel(f"importance ({metric})")
+    ax.set_title(title or f"modality importance: {Path(result['run']).name}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:

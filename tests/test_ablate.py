@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmtool.ablate import (AblateConfig, ablate, ablated_orders, bootstrap_ci, derangement, plot_ablation,
-                           rebuild, sample_slots)
+from mmtool.ablate import AblateConfig, ablate, ablated_orders, bootstrap_ci, derangement, rebuild, sample_slots
 from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.models.model import ModelConfig, build_model
+from mmtool.report import plot_ablation
 from mmtool.train import TrainConfig, train
 
 

@@ -67,7 +67,8 @@ def ablate_cmd(
     plot: Optional[Path] = typer.Option(None, help="Bar chart with error bars (default RUN/ablation.png)."),
 ) -> None:
     """Drop and permute each modality: change in remaining-modality loss and probe accuracy, 95% CIs."""
-    from mmtool.ablate import AblateConfig, ablate, plot_ablation
+    from mmtool.ablate import AblateConfig, ablate
+    from mmtool.report import plot_ablation
 
     split_list = lambda t: [s.strip() for s in t.split(",") if s.strip()]  # noqa: E731
     cfg = AblateConfig(run=run, data=list(data), modes=split_list(modes),
@@ -93,6 +94,7 @@ def sanity_cmd(
     informative: str = typer.Option("image", help="The label-carrying modality: image or text."),
     steps: int = typer.Option(40, help="Training steps of the tiny model."),
     seed: int = typer.Option(0, help="Seed of the data, training and ablation."),
+    text_tokenizer: str = typer.Option("bytes", help="Caption tokenizer: bytes (fast) or wordpiece."),
 ) -> None:
     """Known-answer check: only one modality carries the label; ablation and probes must find it."""
     from mmtool.sanity import SanityConfig, known_answer_check
@@ -100,7 +102,8 @@ def sanity_cmd(
     console = Console(highlight=False)
     with console.status("known-answer check") as status:
         out = known_answer_check(SanityConfig(workdir=workdir, informative=informative, steps=steps,
-                                              seed=seed), say=lambda m: status.update(m))
+                                              seed=seed, text_tokenizer=text_tokenizer),
+                                 say=lambda m: status.update(m))
     table = Table(title=f"known-answer check: {out['informative']} carries the label, {out['noise']} is noise "
                         f"({out['steps']} steps)", title_justify="left", show_edge=False)
     table.add_column("check")

@@ -47,7 +47,7 @@ def report_table(report: dict[str, Any]) -> Table:
             imp,
             " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
     table.caption = ("final loss: last step (mean of the last 10% of steps) · attention: share each modality's "
-                     "tokens send to other modalities, mean over layers, last probe step · importance: "
+                     "tokens send to other modalities, mean over layers and the last quarter of probe steps · importance: "
                      "`mmtool ablate` ranking · transfer: pretrained/scratch, `mmtool eval-transfer`")
     table.caption_justify = "left"
     return table

@@ -54,7 +54,7 @@ def test_report_puts_runs_side_by_side(runs, cli, tmp_path):
 def test_report_expands_a_folder_of_runs_and_ignores_its_own_reports(runs, cli, tmp_path):
     out = runs / "runs" / "summary"  # a report written inside the folder must not confuse the next
     cli("report", runs / "runs", "--out", out)
-    proc = cli("report", runs / "runs", "--out", tmp_path / "again")
+    cli("report", runs / "runs", "--out", tmp_path / "again")
     rep = json.loads((tmp_path / "again" / "report.json").read_text())
     assert [e["name"] for e in rep["entries"]] == ["early", "late"]
     bad = cli("report", tmp_path / "missing", check=False)
