@@ -59,6 +59,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def parse_value(text: str) -> Any:
+    """`key=value` option values: ints, floats, true/false/none, `a+b` lists, else strings."""
+    if "+" in text:
+        return [parse_value(t) for t in text.split("+") if t]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
 def parse_weights(text: str, key: str) -> dict[str, float]:
     """"next-token=1,masked-patch:mask_ratio=0.75=0.5" (weights optional, default 1) → {name: weight}.
 

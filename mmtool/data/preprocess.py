@@ -41,6 +41,7 @@ from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, samples_to_batch
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
+from mmtool.config import parse_value
 from mmtool.errors import MMToolError, RecordError
 
 PARTIAL = ".partial"
@@ -80,15 +81,6 @@ class PreprocessConfig:
 # Tokenizer selection
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def parse_tokenizer_overrides(specs: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Parses `--tokenizer MODALITY=NAME[:k=v,...]` flags into `{modality: (name, options)}`."""
     out = {}
@@ -102,7 +94,7 @@ def parse_tokenizer_overrides(specs: list[str]) -> dict[str, tuple[str, dict[str
             key, eq, value = pair.partition("=")
             if not eq:
                 raise MMToolError(f"--tokenizer {spec!r}: option {pair!r} is not key=value")
-            options[key] = _parse_value(value)
+            options[key] = parse_value(value)
         build_tokenizer(name, **options)  # fail now, naming the flag, rather than in a worker
         out[modality] = (name, options)
     return out

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from mmtool.data.batch import Batch
 from mmtool.data.index import SEPARATOR, Stream
+from mmtool.config import parse_value
 from mmtool.errors import MMToolError
 from mmtool.models.encoders import Corruption, Embedder, PackedView, is_separator
 from mmtool.registry import Registry
@@ -121,18 +122,6 @@ class Objective(nn.Module):
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """`key=value` option values: ints, floats, true/false/none, `a+b` lists, else strings."""
-    if "+" in text:
-        return [parse_value(t) for t in text.split("+") if t]
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def parse_objective(spec: str) -> tuple[str, dict[str, Any]]:
     """`NAME[:key=value...]` → (name, options); options are separated by `:` (or `,` in YAML keys)."""
     name, _, opts = spec.partition(":")
