@@ -165,16 +165,25 @@ def linear_probe_scores(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np
     return {"test": test_acc, "C": best, "val_by_C": {str(c): v for c, v in val_by_c.items()}}
 
 
+def _fraction_splits(ev: Evaluation):
+    """For each data fraction: (fraction, train subset, validation subset, curve point), seeded.
+
+    Train and validation are subsampled by the same fraction (stratified), the test set never.
+    """
+    t, y = ev.task, ev.task.labels
+    for f in ev.cfg.fractions:
+        rng = np.random.default_rng([ev.cfg.seed, int(round(f * 1e6))])
+        train = stratified_subset(t.splits["train"], y, f, rng)
+        val = stratified_subset(t.splits["validation"], y, f, rng)
+        yield f, train, val, {"fraction": f, "train": int(len(train)), "validation": int(len(val))}
+
+
 @PROTOCOLS.register("linear-probe")
 def linear_probe(ev: Evaluation) -> ProtocolResult:
     """Logistic regression on frozen pooled features; C tuned on validation; refit on train+val."""
     t, y = ev.task, ev.task.labels
     res = ProtocolResult()
-    for f in ev.cfg.fractions:
-        rng = np.random.default_rng([ev.cfg.seed, int(round(f * 1e6))])
-        train = stratified_subset(t.splits["train"], y, f, rng)
-        val = stratified_subset(t.splits["validation"], y, f, rng)
-        point = {"fraction": f, "train": int(len(train)), "validation": int(len(val))}
+    for f, train, val, point in _fraction_splits(ev):
         for which in MODELS:
             s = linear_probe_scores(ev.features(which), y, train, val, t.splits["test"], ev.cfg.cs)
             point[which] = s["test"]
@@ -234,11 +243,7 @@ def finetune(ev: Evaluation) -> ProtocolResult:
     """Whole model + linear head for a fixed step budget; lr chosen on validation from a small grid."""
     t, y = ev.task, ev.task.labels
     res = ProtocolResult()
-    for f in ev.cfg.fractions:
-        rng = np.random.default_rng([ev.cfg.seed, int(round(f * 1e6))])
-        train = stratified_subset(t.splits["train"], y, f, rng)
-        val = stratified_subset(t.splits["validation"], y, f, rng)
-        point = {"fraction": f, "train": int(len(train)), "validation": int(len(val))}
+    for f, train, val, point in _fraction_splits(ev):
         for which in MODELS:
             runs = {lr: finetune_run(ev.models[which], t.index, y, train,
                                      {"val": val, "test": t.splits["test"]}, len(t.classes), lr, ev.cfg)
