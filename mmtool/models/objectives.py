@@ -172,6 +172,15 @@ def build_objective(spec: str, streams: list[Stream], d_model: int, mask_ratio: 
     return cls(streams, d_model, mask_ratio, **options)
 
 
+def stream_masks(batch, targets: list[int], ratio: float, generator: torch.Generator | None):
+    """Yields (stream k, bool mask [n_k]) for each target stream present in `batch`: per segment,
+    round(ratio · n) of its tokens, drawn in the stream's token order (the same in every layout)."""
+    for k in targets:
+        if k in batch.streams:
+            seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]  # [n_k]
+            yield k, segment_mask(seg, batch["seg_sample"].shape[0], ratio, generator)  # [n_k]
+
+
 def segment_mask(segment: Tensor, n_segments: int, ratio: float,
                  generator: torch.Generator | None) -> Tensor:
     """MAE-style masks: in every segment, exactly round(ratio · n) of its n tokens (at least one).
@@ -279,15 +288,8 @@ class MaskedToken(Objective):
             raise self._missing("a discrete (ids) stream to mask, e.g. text")
 
     def corrupt(self, batch, view, generator):
-        out = {}
-        for k in self.targets:
-            if k not in batch.streams:
-                continue
-            seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]  # [n_k]
-            mask = segment_mask(seg, batch["seg_sample"].shape[0], self.ratio, generator)  # [n_k]
-            mask_id = torch.full_like(seg, self.streams[k].vocab_size)  # [n_k] the [MASK] row
-            out[k] = [Corruption(mask, ids=mask_id)]
-        return out
+        return {k: [Corruption(mask, ids=torch.full_like(mask, self.streams[k].vocab_size, dtype=torch.long))]
+                for k, mask in stream_masks(batch, self.targets, self.ratio, generator)}  # [MASK] row
 
     def forward(self, ctx: Context) -> Rows | None:
         parts, keys = [], [self.streams[k].key for k in self.targets]
@@ -333,14 +335,8 @@ class MaskedPatch(Objective):
         self.decoders = nn.ModuleDict({str(k): nn.Linear(d_model, streams[k].dim) for k in self.targets})
 
     def corrupt(self, batch, view, generator):
-        out = {}
-        for k in self.targets:
-            if k not in batch.streams:
-                continue
-            seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]  # [n_k]
-            mask = segment_mask(seg, batch["seg_sample"].shape[0], self.ratio, generator)  # [n_k]
-            out[k] = [Corruption(mask, vector=self.mask_vectors[str(k)])]
-        return out
+        return {k: [Corruption(mask, vector=self.mask_vectors[str(k)])]
+                for k, mask in stream_masks(batch, self.targets, self.ratio, generator)}
 
     def forward(self, ctx: Context) -> Rows | None:
         parts, keys = [], [self.streams[k].key for k in self.targets]
