@@ -69,13 +69,12 @@ class BufferBuilder:
         self.size += -(-nbytes // ALIGN) * ALIGN
 
     def allocate(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Returns (the uint8 buffer, {name: typed view into it})."""
-        buf = np.empty(max(self.size, ALIGN), np.uint8)
-        # Zero the alignment gaps (the fields themselves are all written by the caller), so that
-        # equal batches are equal byte for byte and no stale memory goes to the device.
-        ends = [s.offset + s.nbytes for s in self.specs] or [0]
-        for end, nxt in zip(ends, [s.offset for s in self.specs[1:]] + [len(buf)]):
-            buf[end:nxt] = 0
+        """Returns (the uint8 buffer, {name: typed view into it}).
+
+        The buffer starts zeroed (`np.zeros` of a large size is fresh zero pages, not a memset),
+        so alignment gaps hold no stale memory and equal batches are equal byte for byte.
+        """
+        buf = np.zeros(max(self.size, ALIGN), np.uint8)
         views = {s.name: buf[s.offset:s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
                  for s in self.specs}
         return buf, views

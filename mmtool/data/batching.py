@@ -16,6 +16,7 @@ capacity is B·L for padded layouts and the token budget for `packed` with `--ba
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,7 +90,7 @@ def _greedy_padded(index: TokenIndex, order: np.ndarray, budget: int) -> list[np
     lengths = index.lengths[order]
     batches, start = [], 0
     while start < len(order):
-        running_max = np.maximum.accumulate(lengths[start:])  # [rest]
+        running_max = np.maximum.accumulate(lengths[start:start + budget])  # [≤ budget]: at most that fit
         fits = running_max * np.arange(1, len(running_max) + 1) <= budget
         n = max(int(np.argmin(fits)) if not fits.all() else len(fits), 1)
         batches.append(order[start:start + n])
@@ -97,29 +98,57 @@ def _greedy_padded(index: TokenIndex, order: np.ndarray, budget: int) -> list[np
     return batches
 
 
-def _next_fit(lengths: np.ndarray, budget: int) -> np.ndarray:
-    """Batch number of each sample when consecutive samples fill bins of `budget` tokens."""
-    bins = np.zeros(len(lengths), np.int64)
-    start, b = 0, 0
-    cs = np.cumsum(lengths)
-    while start < len(lengths):
-        base = cs[start - 1] if start else 0
-        end = int(np.searchsorted(cs, base + budget, side="right"))
-        end = max(end, start + 1)
-        bins[start:end] = b
-        start, b = end, b + 1
-    return bins
+def _fill_bins(lengths: np.ndarray, budget: int) -> tuple[list[np.ndarray], list[int]]:
+    """Packs samples into bins of `budget` tokens, one bin at a time, largest fitting first.
+
+    Samples of equal length are interchangeable for packing, so the samples are grouped by length
+    and a bin is filled by repeatedly taking as many samples as fit of the longest length that still
+    fits (a binary search over the distinct lengths left). That is first-fit-decreasing applied
+    bin by bin; its cost is one Python step per *distinct length* placed in a bin, not per sample.
+
+    Args:
+        lengths: int64 [N] sample lengths.
+        budget: tokens per bin (a sample longer than it gets a bin of its own).
+
+    Returns:
+        Per bin, int64 positions into `lengths`; and per bin, its tokens.
+    """
+    by_len = np.argsort(lengths, kind="stable")  # [N] shortest first
+    values, first, count = np.unique(lengths[by_len], return_index=True, return_counts=True)
+    left = values.tolist()  # distinct lengths with samples left, ascending
+    nxt = dict(zip(left, first.tolist()))  # next unused sorted position of each length
+    end = dict(zip(left, (first + count).tolist()))
+    bins, fills = [], []
+    while left:
+        room, parts = budget, []
+        i = bisect.bisect_right(left, room) - 1
+        if i < 0:  # only samples longer than the budget are left: one alone
+            i, room = len(left) - 1, left[-1]
+        size = room
+        while i >= 0:
+            n = left[i]
+            k = min(end[n] - nxt[n], room // n if n else end[n])  # [k] samples of length n
+            parts.append(by_len[nxt[n]:nxt[n] + k])
+            nxt[n] += k
+            room -= k * n
+            if nxt[n] == end[n]:
+                del left[i]
+            i = bisect.bisect_right(left, room, 0, i) - 1
+        bins.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        fills.append(size - room)
+    return bins, fills
 
 
 def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
                        window: int = 64) -> list[np.ndarray]:
-    """First-fit-decreasing packing over a sliding window of the sample order.
+    """Packs samples into bins of `budget` tokens over a sliding window of the sample order.
 
-    The order is read `window` budgets' worth of samples at a time; those samples are packed
-    longest-first into bins of `budget` tokens, every bin but the emptiest is emitted, and the
-    emptiest goes back to the window's start. The window's bins are emitted in a pseudo-random
-    order, so that long and short samples do not form separate runs of batches. Near-zero padding,
-    no sample lost or repeated, deterministic, and the mixture's order is kept at window scale.
+    The order is read `window` budgets' worth of samples at a time; those samples are sorted by
+    length and packed by `_fill_bins` (bin by bin, largest fitting first), every bin but
+    the emptiest is emitted, and the emptiest goes back to the window's start. The window's bins are
+    emitted in a pseudo-random order, so that bins of different make-up alternate. Near-zero
+    padding, no sample lost or repeated, deterministic, and the mixture's order is kept at window
+    scale.
     """
     lengths = index.lengths
     batches: list[np.ndarray] = []
@@ -130,27 +159,13 @@ def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
     while pos < len(order) or len(carry):
         chunk = np.concatenate([carry, order[pos:pos + take]])
         pos += take
-        last = pos >= len(order)
-        by_len = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        space: list[int] = []
-        members: list[list[int]] = []
-        for s, n in zip(by_len.tolist(), lengths[by_len].tolist()):
-            for b, free in enumerate(space):  # first fit; few open bins per window
-                if n <= free:
-                    space[b] -= n
-                    members[b].append(s)
-                    break
-            else:
-                space.append(budget - n)
-                members.append([s])
-        bins = [np.asarray(m, np.int64) for m in members]
-        if not last and len(bins) > 1:
-            worst = int(np.argmax(space))
-            carry = bins.pop(worst)
-        else:
-            carry = np.zeros(0, np.int64)
-        # First-fit-decreasing fills bins longest-first; emit them in a pseudo-random order
-        # (seeded by the window's content, so still deterministic) so that batches stay mixed.
+        positions, fills = _fill_bins(lengths[chunk], budget)
+        bins = [chunk[b] for b in positions]
+        carry = np.zeros(0, np.int64)
+        if pos < len(order) and len(bins) > 1:
+            carry = bins.pop(int(np.argmin(fills)))
+        # Emit the window's bins in a pseudo-random order (seeded by the window's content, so
+        # still deterministic).
         rng = np.random.default_rng(chunk[:8].tolist() + [len(batches)])
         batches.extend(bins[i] for i in rng.permutation(len(bins)))
     return batches
@@ -219,8 +234,16 @@ STRATEGIES.add("embeddings", Strategy("packed", _plan_embeddings),
 
 
 # -- assembly ----------------------------------------------------------------------------------
+_I32, _I64, _F32 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32)
+
+
 def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> Batch:
     """Gathers the tokens of `samples` (global numbers, batch order) into one `Batch` buffer.
+
+    The batch's segments are regrouped into *runs* — segments of one stream in one shard — and
+    every run is a few whole-array numpy operations: its tokens' slots and positions, one gather
+    of its ids or vector rows. A batch costs O(runs) Python steps (streams × shards, typically
+    under ten), never O(samples) or O(tokens).
 
     Args:
         index: the token index the sample numbers refer to.
@@ -240,60 +263,54 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     else:
         raise MMToolError(f"unknown layout {layout!r}")
 
-    # Segments of the batch, regrouped by (stream, shard) so that each stream's tokens are one
-    # contiguous run per shard; `seg_local` keeps each segment's original batch-local number.
+    # Segments of the batch, regrouped by (stream, shard): `regroup` maps grouped position →
+    # original batch-local segment number.
     seg_first = index.seg_offsets[samples]  # [B]
     seg_count = index.seg_offsets[samples + 1] - seg_first  # [B]
     segs = _ranges(seg_first, seg_count)  # [G]
-    seg_sample = np.repeat(np.arange(b), seg_count)  # [G]
+    seg_sample = np.repeat(np.arange(b, dtype=np.int32), seg_count)  # [G]
     stream = index.seg_stream[segs]  # [G]
     shard = index.seg_shard[segs]  # [G]
     regroup = np.lexsort((shard, stream))  # [G] stable: stream-major, then shard
-    segs_g, sample_g, stream_g, shard_g = segs[regroup], seg_sample[regroup], stream[regroup], shard[regroup]
+    segs_g, stream_g, shard_g = segs[regroup], stream[regroup], shard[regroup]
     ntok = index.seg_ntok[segs_g]  # [G]
-    tok_seg_first = _excl_cumsum(ntok)  # [G] first token (in grouped order) of each segment
-    n_tok = int(ntok.sum())
-    j = np.arange(n_tok) - np.repeat(tok_seg_first, ntok)  # [T] token index within its segment
-    slot = np.repeat(starts[sample_g] + index.seg_base[segs_g], ntok) + j  # [T] contiguous segments
-    stride = index.seg_stride[segs_g]  # [G]; > 0 only for trajectory (timestep) segments
-    if stride.any():  # token j of a timestep segment: row j // step, column j % step
-        steps_in = stride > 0
-        tok = _ranges(tok_seg_first[steps_in], ntok[steps_in])  # [T_traj] their tokens
-        step = np.repeat(index.seg_step[segs_g][steps_in], ntok[steps_in])  # [T_traj]
-        slot[tok] += (j[tok] // step) * (np.repeat(stride[steps_in], ntok[steps_in]) - step)
+    seg_slot0 = starts[seg_sample[regroup]] + index.seg_base[segs_g]  # [G] slot of token 0
+    tok_first = _excl_cumsum(ntok)  # [G] first token (grouped order) of each segment
+    # Runs of (stream, shard) in grouped order: [g0, g1) segments, [t0, t1) tokens.
+    cut = np.flatnonzero((np.diff(stream_g) != 0) | (np.diff(shard_g) != 0)) + 1
+    g0s = np.r_[0, cut].astype(np.int64) if len(segs) else np.zeros(0, np.int64)
+    g1s = np.r_[cut, len(segs)].astype(np.int64) if len(segs) else np.zeros(0, np.int64)
+    runs = list(zip(stream_g[g0s].tolist(), shard_g[g0s].tolist(), g0s.tolist(), g1s.tolist(),
+                    tok_first[g0s].tolist(), (tok_first[g1s - 1] + ntok[g1s - 1]).tolist()))
+    per_stream: dict[int, list[int]] = {}  # stream → [first token, last token] in grouped order
+    for k, _, _, _, t0, t1 in runs:
+        per_stream.setdefault(k, [t0, t1])[1] = t1
 
     # Separators of trajectory samples: one per timestep.
     steps = index.steps[samples]  # [B]
-    t = np.arange(int(steps.sum())) - np.repeat(_excl_cumsum(steps), steps)  # [n_sep]
+    n_sep = int(steps.sum())
+    t = np.arange(n_sep, dtype=np.int32) - np.repeat(_excl_cumsum(steps).astype(np.int32), steps)  # [n_sep]
     sep_slot = np.repeat(starts + index.sep[samples], steps) + t * np.repeat(index.step_len[samples], steps)
-
-    present = np.unique(stream_g)  # streams with tokens, sorted
-    run_bounds = np.searchsorted(stream_g, present)  # [K] first grouped segment of each stream
-    run_ends = np.append(run_bounds[1:], len(stream_g))
     sep_id = index.stream_ids[SEPARATOR]
 
     plan = BufferBuilder()
-    for name, dtype, shape in (("slot_sample", np.int32, (n_slots,)), ("slot_pos", np.int32, (n_slots,)),
-                               ("slot_stream", np.int32, (n_slots,)), ("slot_segment", np.int32, (n_slots,)),
-                               ("cu_seqlens", np.int32, (b + 1,)), ("seqlens", np.int32, (b,)),
-                               ("sample_folder", np.int32, (b,)), ("sample_index", np.int64, (b,)),
-                               ("label", np.int64, (b,)), ("seg_sample", np.int32, (len(segs),)),
-                               ("seg_stream", np.int32, (len(segs),))):
-        plan.add(name, dtype, shape)
-    token_ranges = []
-    for k, g0, g1 in zip(present.tolist(), run_bounds.tolist(), run_ends.tolist()):
-        t0, t1 = int(tok_seg_first[g0]), int(tok_seg_first[g1 - 1] + ntok[g1 - 1])
-        token_ranges.append((k, g0, g1, t0, t1))
+    for name, dtype, n in (("slot_sample", _I32, n_slots), ("slot_pos", _I32, n_slots),
+                           ("slot_stream", _I32, n_slots), ("slot_segment", _I32, n_slots),
+                           ("cu_seqlens", _I32, b + 1), ("seqlens", _I32, b),
+                           ("sample_folder", _I32, b), ("sample_index", _I64, b), ("label", _I64, b),
+                           ("seg_sample", _I32, len(segs)), ("seg_stream", _I32, len(segs))):
+        plan.add(name, dtype, (n,))
+    for k, (t0, t1) in per_stream.items():
         info = index.streams[k]
         if info.kind == "ids":
-            plan.add(f"s{k}.ids", np.int32, (t1 - t0,))
+            plan.add(f"s{k}.ids", _I32, (t1 - t0,))
         else:
-            plan.add(f"s{k}.values", np.float32, (t1 - t0, info.dim))
-        plan.add(f"s{k}.slot", np.int32, (t1 - t0,))
-        plan.add(f"s{k}.pos", np.int32, (t1 - t0,))
-    if len(sep_slot):
-        plan.add(f"s{sep_id}.slot", np.int32, (len(sep_slot),))
-        plan.add(f"s{sep_id}.pos", np.int32, (len(sep_slot),))
+            plan.add(f"s{k}.values", _F32, (t1 - t0, info.dim))
+        plan.add(f"s{k}.slot", _I32, (t1 - t0,))
+        plan.add(f"s{k}.pos", _I32, (t1 - t0,))
+    if n_sep:
+        plan.add(f"s{sep_id}.slot", _I32, (n_sep,))
+        plan.add(f"s{sep_id}.pos", _I32, (n_sep,))
     buf, v = plan.allocate()
 
     # Per-sample and per-segment fields.
@@ -306,51 +323,90 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     v["seg_sample"][:] = seg_sample
     v["seg_stream"][:] = stream
 
-    # Per-slot fields: padding first, then every real token and separator writes its slot.
+    # Per-slot fields of the samples; padding slots (padded layout) keep -1 / 0.
     if layout == "padded":
         v["slot_sample"].fill(-1)
-        v["slot_pos"].fill(0)
         v["slot_stream"].fill(-1)
+        v["slot_segment"].fill(-1)
         real = _ranges(starts, lens)  # [Σ lens]
-        v["slot_sample"][real] = np.repeat(np.arange(b), lens)
+        v["slot_sample"][real] = np.repeat(np.arange(b, dtype=np.int32), lens)
         v["slot_pos"][real] = real - np.repeat(starts, lens)
     else:  # every slot is real: plain writes, no identity scatter
         v["slot_sample"][:] = np.repeat(np.arange(b, dtype=np.int32), lens)
-        v["slot_pos"][:] = np.arange(n_slots, dtype=np.int32) - np.repeat(starts.astype(np.int32), lens)
-    v["slot_segment"].fill(-1)
-    seg_local = regroup  # grouped position → original batch-local segment number
-    v["slot_segment"][slot] = np.repeat(seg_local, ntok)
-    v["slot_stream"][slot] = np.repeat(stream_g, ntok)
-    if len(sep_slot):
+        np.subtract(np.arange(n_slots, dtype=np.int32), np.repeat(starts.astype(np.int32), lens),
+                    out=v["slot_pos"])
+    if n_sep:
         v["slot_stream"][sep_slot] = sep_id
+        v["slot_segment"][sep_slot] = -1
         v[f"s{sep_id}.slot"][:] = sep_slot
         v[f"s{sep_id}.pos"][:] = t
 
-    # The tokens themselves, one contiguous run per (stream, shard).
-    seg_src = index.seg_start[segs_g]  # [G] start in the shard's ids or values buffer
-    for k, g0, g1, t0, t1 in token_ranges:
+    # The tokens, run by run: slots and positions, then one gather of ids or vector rows.
+    for k, sh, g0, g1, t0, t1 in runs:
+        first = per_stream[k][0]
+        a, z = t0 - first, t1 - first  # the run's tokens within the stream's fields
+        n = ntok[g0:g1]  # [g]
+        slot, pos = v[f"s{k}.slot"][a:z], v[f"s{k}.pos"][a:z]  # [t] each, written in place
+        _place(seg_slot0[g0:g1], n, index.seg_step[segs_g[g0:g1]], index.seg_stride[segs_g[g0:g1]],
+               slot, pos)
+        v["slot_stream"][slot] = k
+        v["slot_segment"][slot] = np.repeat(regroup[g0:g1].astype(np.int32), n)
+        src = index.shards[sh]
+        start = index.seg_start[segs_g[g0:g1]]  # [g] first id, or first float, in the shard
         info = index.streams[k]
-        v[f"s{k}.slot"][:] = slot[t0:t1]
-        v[f"s{k}.pos"][:] = j[t0:t1]
-        shards_here = shard_g[g0:g1]
-        cuts = np.flatnonzero(np.diff(shards_here)) + 1
-        for a, z in zip(np.r_[0, cuts], np.r_[cuts, g1 - g0]):
-            ga, gz = g0 + a, g0 + z
-            ta, tz = int(tok_seg_first[ga]) - t0, int(tok_seg_first[gz - 1] + ntok[gz - 1]) - t0
-            src_shard = index.shards[int(shards_here[a])]
-            seg_n = ntok[ga:gz]
-            if info.kind == "ids":
-                src = np.repeat(seg_src[ga:gz], seg_n) + j[t0 + ta:t0 + tz]  # [tokens]
-                np.take(src_shard.ids, src, out=v[f"s{k}.ids"][ta:tz])
-            else:
-                # A values segment is one contiguous run of n·dim floats. Gather whole token rows
-                # from a zero-copy sliding-window view (row r = values[r:r+dim]), so the index
-                # array has one entry per token rather than one per float (dim× smaller).
-                rows = np.lib.stride_tricks.sliding_window_view(src_shard.values, info.dim)  # [F-dim+1, dim]
-                src = np.repeat(seg_src[ga:gz], seg_n) + j[t0 + ta:t0 + tz] * info.dim  # [tokens]
-                v[f"s{k}.values"][ta:tz] = rows[src]  # (np.take would copy the whole view first)
-    streams = tuple(k for k, *_ in token_ranges) + ((sep_id,) if len(sep_slot) else ())
+        if info.kind == "ids":
+            np.take(src.ids, np.repeat(start, n) + pos, out=v[f"s{k}.ids"][a:z])
+        else:
+            _gather_rows(src.values, info.dim, start, n, pos, v[f"s{k}.values"][a:z])
+    streams = tuple(per_stream) + ((sep_id,) if n_sep else ())
     return Batch.from_numpy(buf, plan.specs, layout, streams)
+
+
+def _place(slot0: np.ndarray, n: np.ndarray, step: np.ndarray, stride: np.ndarray,
+           slot: np.ndarray, pos: np.ndarray) -> None:
+    """Writes the slot and in-segment position of every token of a run of segments.
+
+    Token j of a segment goes to `slot0 + (j // step) * stride + j % step` (see `index.py`). A run
+    whose segments are all timestep segments of one width k (the usual case: a trajectory stream)
+    is laid out as rows of k tokens, one per timestep — no division.
+
+    Args:
+        slot0: [g] slot of each segment's token 0. n: [g] tokens of each segment.
+        step, stride: [g] token placement of each segment.
+        slot, pos: int32 [Σ n] outputs.
+    """
+    k = int(step[0]) if len(step) else 1
+    if len(stride) and stride.min() > 0 and (step == k).all():
+        rows = n // k  # [g] timesteps of each segment
+        r = len(pos) // k
+        row = np.arange(r) - np.repeat(_excl_cumsum(rows), rows)  # [R] timestep within segment
+        row_slot = np.repeat(slot0, rows) + row * np.repeat(stride, rows)  # [R]
+        cols = np.arange(k)  # [k]
+        np.add(row_slot[:, None], cols, out=slot.reshape(r, k))  # [R, k]
+        np.add((row * k)[:, None], cols, out=pos.reshape(r, k))  # [R, k]
+        return
+    np.subtract(np.arange(len(pos), dtype=np.int32), np.repeat(_excl_cumsum(n).astype(np.int32), n),
+                out=pos)
+    np.add(np.repeat(slot0.astype(np.int32), n), pos, out=slot)
+    if stride.any():  # timestep and plain segments in one run: the general formula
+        step_t = np.repeat(step, n)  # [t]; a plain segment has step = n, so j // step = 0
+        slot += ((pos // step_t) * (np.repeat(stride, n) - step_t)).astype(np.int32)
+
+
+def _gather_rows(values: np.ndarray, dim: int, start: np.ndarray, n: np.ndarray,
+                 pos: np.ndarray, out: np.ndarray) -> None:
+    """Copies token rows of `dim` floats from a shard's flat `values` into `out` [Σ n, dim].
+
+    Args:
+        values: float32 [F] the shard's flat values. start: [g] first float of each segment.
+        n: [g] tokens of each segment. pos: [Σ n] token index within its segment.
+    """
+    if dim == 1 or not (start % dim).any():  # every segment starts on a row: a [F/dim, dim] view
+        rows = values[:len(values) // dim * dim].reshape(-1, dim)  # zero-copy
+        np.take(rows, np.repeat(start // dim, n) + pos, axis=0, out=out)
+    else:  # rows at arbitrary float offsets: a sliding-window view (row r = values[r:r+dim])
+        windows = np.lib.stride_tricks.sliding_window_view(values, dim)  # [F-dim+1, dim]
+        out[:] = windows[np.repeat(start, n) + pos.astype(np.int64) * dim]
 
 
 def padding_fraction(batch: Batch, size: BatchSize) -> float:
