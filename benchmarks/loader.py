@@ -1,6 +1,7 @@
 """Loader performance claims of issue 3, each measured in one run on the same shards.
 
 Usage: python benchmarks/loader.py [--workdir DIR] [--cartpole-episodes 1000] [--samples 20000]
+                                  [--rounds 3]
 
 Builds (once; `--workdir` keeps it for the next run) the built-in mixture — digits (all 1,797),
 spoken-digits (100), cartpole episodes, pydocs (all ~6.3k) — and reads it with equal weights,
@@ -11,12 +12,18 @@ spoken-digits (100), cartpole episodes, pydocs (all ~6.3k) — and reads it with
     values to the longest, build masks), visiting the mixture's own epoch order (so the baseline
     reads exactly the samples mmtool reads); best of num_workers 0 and 2;
 (b) mmtool `packed` loader samples/s (num_workers 0 and 2 threads, a few budgets), ratio to (a);
+    and the same with every batch's slot-level index fields computed on this CPU as well (what a
+    CPU-only trainer pays on top; on a GPU that work runs on the device, `layout.py`);
 (c) ceiling: a vectorized pyarrow memory-mapped scan pulling every shard's `ids`/`values` token
     buffers out as numpy views (zero-copy), samples/s; and the same scan copying the buffers once
     (real tokens/s: the memory-bandwidth bound for any loader that writes its tokens); packed as a
     fraction of each;
 (d) padding fraction of `packed` vs `padded` (same token budget, and 32 samples per batch);
 (e) RSS of the packed loader after each of 10 epochs.
+
+The machine is shared and noisy, so (a) and (b) are measured in `--rounds` interleaved rounds
+(baseline, then every mmtool setting, then again) and each setting reports its best round: the
+least-disturbed run of each side, taken over the same stretch of time.
 """
 
 from __future__ import annotations
@@ -97,25 +104,37 @@ def baseline(folders: list[Path], order: np.ndarray, workers: int) -> float:
 
 # -- (b) packed loader -------------------------------------------------------------------------
 def measure(data: list[str], samples: int, strategy: str, workers: int = 0,
-            epochs: int = 1, **size) -> dict:
-    """Samples/s and padding over `epochs` epochs, after one warm-up epoch (plans, threads)."""
+            epochs: int = 2, derive: bool = False, **size) -> dict:
+    """Best epoch's samples/s of `epochs` epochs after a warm-up epoch (plans, threads); padding.
+
+    With `derive`, every batch's slot-level fields are computed too (`batch["slot_stream"]`).
+    """
     loader = Loader(LoaderConfig(data, strategy=strategy, samples_per_epoch=samples,
                                  num_workers=workers, worker_type="thread", verify=False, **size))
     for _ in loader:  # warm-up epoch
         pass
-    n = real = cap = 0
-    pads = []
-    t = time.perf_counter()
+    best = None
     for _ in range(epochs):
+        n = real = cap = 0
+        pads = []
+        t = time.perf_counter()
         for b in loader:
+            if derive:
+                b["slot_stream"]
             n += b.batch_size
             real += b.real_tokens
             pads.append(padding_fraction(b, loader.size))
             cap += loader.size.tokens if (b.layout == "packed" and loader.size.tokens) else b.num_slots
-    dt = time.perf_counter() - t
+        dt = time.perf_counter() - t
+        if best is None or n / dt > best["samples_per_s"]:
+            best = {"samples_per_s": n / dt, "tokens_per_s": real / dt, "batches": len(pads),
+                    "pad_mean": float(np.mean(pads)), "pad_tokens": 1 - real / cap}
     loader.close()
-    return {"samples_per_s": n / dt, "tokens_per_s": real / dt, "batches": len(pads),
-            "pad_mean": float(np.mean(pads)), "pad_tokens": 1 - real / cap}
+    return best
+
+
+def best_of(old: dict | None, new: dict) -> dict:
+    return new if old is None or new["samples_per_s"] > old["samples_per_s"] else old
 
 
 # -- (c) ceiling -------------------------------------------------------------------------------
@@ -155,8 +174,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the built mixture here (default: a temp dir)")
     parser.add_argument("--cartpole-episodes", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=20000, help="mixture draws per epoch")
-    parser.add_argument("--baseline-samples", type=int, default=8000,
-                        help="samples the (slow) baseline reads per setting")
+    parser.add_argument("--baseline-samples", type=int, default=6000,
+                        help="samples the (slow) baseline reads per setting and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measuring rounds")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,20 +192,31 @@ def main() -> None:
               f"tokens/sample mean {lengths.mean():.0f}, max {lengths.max()}\n")
         t_measure = time.perf_counter()
 
+        configs = (("--batch-samples 32", {"batch_samples": 32}),
+                   ("--batch-tokens 16384", {"batch_tokens": 16384}),
+                   ("--batch-tokens 65536", {"batch_tokens": 65536}))
+        base: dict[int, float] = {0: 0.0, 2: 0.0}
+        runs: dict[tuple[str, int], dict] = {}
+        derived: dict[str, dict] = {}
+        for r in range(args.rounds):
+            print(f"  round {r + 1}/{args.rounds} ...", flush=True)
+            for w in (0, 2):
+                base[w] = max(base[w], baseline(folders, order[:args.baseline_samples], w))
+            for label, size in configs:
+                for w in (0, 2):
+                    runs[(label, w)] = best_of(runs.get((label, w)), measure(data, args.samples, "packed", w, **size))
+                derived[label] = best_of(derived.get(label), measure(data, args.samples, "packed", 0,
+                                                                     derive=True, **size))
+
         print("(a) baseline: datasets.with_format('torch') + DataLoader(batch_size=32, padding collate)")
-        base = {}
         for w in (0, 2):
-            base[w] = baseline(folders, order[:args.baseline_samples], w)
             print(f"    num_workers={w}: {base[w]:>12,.0f} samples/s")
         best_base = max(base.values())
 
-        print("\n(b) mmtool packed loader (full epochs, after a warm-up epoch)")
-        runs = {}
-        for label, size in (("--batch-samples 32", {"batch_samples": 32}),
-                            ("--batch-tokens 16384", {"batch_tokens": 16384}),
-                            ("--batch-tokens 65536", {"batch_tokens": 65536})):
+        print("\n(b) mmtool packed loader (best epoch, after a warm-up epoch)")
+        for label, _ in configs:
             for w in (0, 2):
-                r = runs[(label, w)] = measure(data, args.samples, "packed", w, **size)
+                r = runs[(label, w)]
                 print(f"    {label:<21} workers={w} (threads): {r['samples_per_s']:>10,.0f} samples/s "
                       f"{r['tokens_per_s'] / 1e6:>6.2f}M real tok/s  {r['batches']:>5} batches  "
                       f"= {r['samples_per_s'] / best_base:5.1f}x baseline")
@@ -193,6 +224,11 @@ def main() -> None:
         best = runs[best_key]
         print(f"    best: {best_key[0]}, workers={best_key[1]}: {best['samples_per_s']:,.0f} samples/s "
               f"= {best['samples_per_s'] / best_base:.1f}x the best baseline (target ≥ 30x)")
+        print("    + slot-level index fields computed on this CPU for every batch (workers=0):")
+        for label, _ in configs:
+            d = derived[label]
+            print(f"    {label:<21} {d['samples_per_s']:>10,.0f} samples/s = "
+                  f"{d['samples_per_s'] / best_base:5.1f}x baseline")
 
         print("\n(c) ceiling: pyarrow memory-mapped scan of every shard, token buffers as numpy")
         c_rows, c_bytes, c_tok = ceiling(folders, copy=False)
@@ -208,10 +244,10 @@ def main() -> None:
                             ("--batch-tokens 65536", {"batch_tokens": 65536}),
                             ("--batch-samples 32", {"batch_samples": 32})):
             packed = runs[(label, 0)]
-            padded = measure(data, args.samples, "padded", 0, **size)
+            padded = measure(data, args.samples, "padded", 0, epochs=1, **size)
             print(f"    {label:<21} packed {100 * packed['pad_mean']:5.2f}% [{100 * packed['pad_tokens']:5.2f}%]"
                   f"   padded {100 * padded['pad_mean']:5.2f}% [{100 * padded['pad_tokens']:5.2f}%]")
-        p4 = measure(data, args.samples, "packed", 0, batch_tokens=4096)
+        p4 = measure(data, args.samples, "packed", 0, epochs=1, batch_tokens=4096)
         print(f"    --batch-tokens 4096   packed {100 * p4['pad_mean']:5.2f}%  (1,400-token episodes: "
               "at most 2 fit, the rest of the budget needs small samples the mixture lacks)")
 

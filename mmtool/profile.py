@@ -9,6 +9,9 @@ measures `steps` batches of each (after `warmup` batches that fill caches and wo
   `Batch.to_per_field(device)`: copies and bytes per batch always (they follow from the buffer
   layout), and their time only where an accelerator exists — on a CPU-only machine the timing is
   reported as `null` with the reason, never as a made-up number;
+* slot-level index fields (`layout.py`): the time to compute them from the batch's segment table
+  on the destination device, once per batch — work the loader leaves to the device, reported so it
+  is not hidden (a training step would otherwise pay it on its first read of `slot_stream`);
 * memory: peak RSS of the process so far (`ru_maxrss`, so it never falls between strategies) and
   current RSS (`/proc/self/statm`) before and after each strategy;
 * with a `step_fn` (the model's forward + backward on a batch), the step throughput in real tokens/s
@@ -193,7 +196,7 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
             next(stream)
         samples = real = slots = 0
         pads: list[float] = []
-        wait = step = compare = 0.0
+        wait = step = compare = derive = 0.0
         start = time.perf_counter()
         for _ in range(cfg.steps):
             t0 = time.perf_counter()
@@ -207,13 +210,18 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
             per_field_before = h2d.seconds["per_field"]
             moved = h2d.move(batch)
             compare += h2d.seconds["per_field"] - per_field_before  # not part of the pipeline
+            t_derive = time.perf_counter()
+            moved["slot_stream"]  # computes (and caches) every slot-level field on the device
+            if cfg.device == "cuda":
+                torch.cuda.synchronize()
+            derive += time.perf_counter() - t_derive
             if cfg.step_fn is not None:
                 t2 = time.perf_counter()
                 cfg.step_fn(moved)
                 if cfg.device == "cuda":
                     torch.cuda.synchronize()
                 step += time.perf_counter() - t2
-        seconds = time.perf_counter() - start - compare
+        seconds = time.perf_counter() - start - compare - derive
     finally:
         stream.close()
         loader.close()  # ends worker threads/processes now rather than at exit
@@ -228,6 +236,7 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
         "padding_fraction": float(np.mean(pads)),
         "padding_fraction_max": float(np.max(pads)),
         "h2d": h2d.report(cfg.steps),
+        "slot_fields_seconds_per_batch": derive / cfg.steps,
         "rss_mb": {"before": rss_before, "after": (now := _rss_mb()),
                    # Linux updates ru_maxrss lazily: it can trail the current RSS by a few pages
                    "peak_so_far": max(_peak_rss_mb(), now)},

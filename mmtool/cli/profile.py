@@ -50,7 +50,7 @@ def profile_table(result: dict[str, Any]) -> Table:
                         f"(after {cfg['warmup']} warm-up), {cfg['num_workers']} {cfg['worker_type']} workers",
                   title_justify="left", show_edge=False)
     cols = ["strategy", "samples/batch", "samples/s", "real tok/s", "batches/s", "padding",
-            "H2D one buffer", "H2D per field", "RSS now / peak"]
+            "H2D one buffer", "H2D per field", "slot fields", "RSS now / peak"]
     if with_step:
         cols += ["step real tok/s", "data wait"]
     for col in cols:
@@ -59,7 +59,7 @@ def profile_table(result: dict[str, Any]) -> Table:
         cells = [f"[bold]{name}[/]", f"{r['mean_batch_samples']:,.1f}", _rate(r["samples_per_s"]),
                  _rate(r["real_tokens_per_s"]), f"{r['batches_per_s']:,.1f}",
                  f"{100 * r['padding_fraction']:.1f}%", _h2d_cell(r["h2d"], "one_buffer"),
-                 _h2d_cell(r["h2d"], "per_field"),
+                 _h2d_cell(r["h2d"], "per_field"), f"{1e3 * r['slot_fields_seconds_per_batch']:.2f} ms",
                  f"{r['rss_mb']['after']:,.0f} / {r['rss_mb']['peak_so_far']:,.0f} MB"]
         if with_step:
             s = r["step"]
@@ -69,7 +69,8 @@ def profile_table(result: dict[str, Any]) -> Table:
     data = result["data"]
     table.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
                      f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · H2D: copies × · "
-                     f"bytes · time per batch, time {first['h2d']['timing']} · torch {machine['torch']}, "
+                     f"bytes · time per batch, time {first['h2d']['timing']} · slot fields: per-slot indices "
+                     f"computed on {cfg['device']} from the segment table, per batch, not in samples/s · torch {machine['torch']}, "
                      f"{machine['cpu_count']} CPUs" + (f", {machine['accelerator']}" if machine["accelerator"] else ""))
     table.caption_justify = "left"
     return table

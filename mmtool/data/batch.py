@@ -3,26 +3,30 @@
 One buffer means one host-to-device copy per batch (and one pinned allocation on CUDA), instead of
 one per tensor; the fields are typed views into it, on the host and on the device alike.
 
-Fields (S = token slots, B = samples, n_k = tokens of stream k, d_k its vector size):
+Stored fields (B = samples, G = segments, n_k = tokens of stream k, d_k its vector size):
 
 ====================  =============  ======================================================
 name                  dtype, shape   meaning
 ====================  =============  ======================================================
-slot_sample           int32 [S]      batch-local sample of each slot, -1 for padding
-slot_pos              int32 [S]      position of the slot within its sample
-slot_stream           int32 [S]      stream index (see `TokenIndex.streams`), -1 for padding
-slot_segment          int32 [S]      batch-local segment of each slot, -1 for separators/padding
-cu_seqlens            int32 [B+1]    slot offset where each sample starts (and S or B·L at the end)
+cu_seqlens            int32 [B+1]    slot offset where each sample starts (and S at the end)
 seqlens               int32 [B]      real tokens of each sample
 sample_folder         int32 [B]      which data folder each sample came from
 sample_index          int64 [B]      global sample number (TokenIndex numbering)
 label                 int64 [B]      class label, -1 when missing
+sample_steps          int32 [B]      timesteps of a trajectory sample (0 otherwise)
+sample_sep            int32 [B]      position of its first separator in the sample
+sample_step_len       int32 [B]      tokens per timestep, separator included
 seg_sample            int32 [G]      batch-local sample of each segment
 seg_stream            int32 [G]      stream of each segment
+seg_ntok              int32 [G]      tokens of each segment
+seg_base/step/stride  int32 [G]      token placement: token j at base + (j // step)·stride + j % step
+seg_order             int32 [G]      segments in the order their tokens are stored
 s{k}.ids / s{k}.values int32 [n_k] / float32 [n_k, d_k]   the tokens of stream k
-s{k}.slot             int32 [n_k]    slot of each token of stream k
-s{k}.pos              int32 [n_k]    index of the token within its segment
 ====================  =============  ======================================================
+
+Slot-level index fields (`slot_sample`, `slot_pos`, `slot_stream`, `slot_segment`, `s{k}.slot`,
+`s{k}.pos`) are computed from these on first access, on the batch's device (`layout.py`), unless
+the batch stores them itself (batches rebuilt by `mmtool ablate` do).
 
 `layout` is "packed" (samples back to back, S = Σ seqlens, no padding slots) or "padded"
 (B rows of L slots, S = B·L, sample b in slots [b·L, b·L + seqlens[b])).
@@ -31,11 +35,13 @@ s{k}.pos              int32 [n_k]    index of the token within its segment
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+from mmtool.data.layout import SLOT_FIELDS, derive
 
 ALIGN = 64  # bytes; every field starts on a cache line, so typed views are always aligned
 
@@ -85,10 +91,13 @@ class Batch:
     """A batch in one buffer (host or device) with typed views for its fields.
 
     Attributes:
-        buffer: uint8 tensor holding every field.
-        specs: where each field lives in `buffer`.
+        buffer: uint8 tensor holding every stored field.
+        specs: where each stored field lives in `buffer`.
         layout: "packed" or "padded".
-        streams: stream indices present, in field order.
+        streams: stream indices present, in storage order (the separator stream last).
+        num_slots: S, the slots of the batch's token sequence.
+        real_tokens: Σ seqlens, the slots that hold a token or separator.
+        sep_stream / num_separators: the separator stream (-1 when none) and its token count.
         h2d_copies / h2d_bytes: host-to-device copies made to get here (for profiling).
     """
 
@@ -96,6 +105,10 @@ class Batch:
     specs: tuple[FieldSpec, ...]
     layout: str
     streams: tuple[int, ...]
+    num_slots: int
+    real_tokens: int
+    sep_stream: int = -1
+    num_separators: int = 0
     h2d_copies: int = 0
     h2d_bytes: int = 0
     _views: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -106,32 +119,55 @@ class Batch:
     def __getitem__(self, name: str) -> torch.Tensor:
         view = self._views.get(name)
         if view is None:
-            spec = self._spec(name)
+            spec = self._stored().get(name)
+            if spec is None:
+                if name not in self:
+                    raise KeyError(f"batch has no field {name!r} (fields: {', '.join(self.names())})")
+                self._views.update(derive(self))  # every slot-level field at once
+                return self._views[name]
             raw = self.buffer[spec.offset:spec.offset + spec.nbytes]
             view = raw.view(_NP_TO_TORCH[np.dtype(spec.dtype)]).view(spec.shape)
             self._views[name] = view
         return view
 
+    def _stored(self) -> dict[str, FieldSpec]:
+        index = self.__dict__.get("_by_name")
+        if index is None:
+            index = self.__dict__["_by_name"] = {s.name: s for s in self.specs}
+        return index
+
+    def names(self) -> list[str]:
+        """Stored fields, then the slot-level fields computed on access."""
+        stored = list(self._stored())
+        derived = [] if "slot_sample" in stored or "seg_order" not in stored else \
+            [*SLOT_FIELDS, *(f"s{k}.{p}" for k in self.streams for p in ("slot", "pos"))]
+        return stored + derived
+
     def __contains__(self, name: str) -> bool:
-        return any(s.name == name for s in self.specs)
+        return name in self._stored() or name in self.names()
 
     def _spec(self, name: str) -> FieldSpec:
-        for s in self.specs:
-            if s.name == name:
-                return s
-        raise KeyError(f"batch has no field {name!r} (fields: {', '.join(s.name for s in self.specs)})")
+        spec = self._stored().get(name)
+        if spec is None:
+            raise KeyError(f"batch stores no field {name!r} (stored: {', '.join(self._stored())})")
+        return spec
+
+    @property
+    def token_streams(self) -> tuple[int, ...]:
+        """Streams with stored tokens (every stream but the separators)."""
+        return tuple(k for k in self.streams if k != self.sep_stream)
+
+    def stream_tokens(self, k: int) -> int:
+        """Tokens of stream `k` in the batch (host-side: no device read)."""
+        if k == self.sep_stream:
+            return self.num_separators
+        stored = self._stored()
+        spec = stored.get(f"s{k}.ids") or stored.get(f"s{k}.values")
+        return spec.shape[0] if spec else 0
 
     @property
     def batch_size(self) -> int:
         return self._spec("seqlens").shape[0]
-
-    @property
-    def num_slots(self) -> int:
-        return self._spec("slot_sample").shape[0]
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self["seqlens"].sum())
 
     @property
     def max_seqlen(self) -> int:
@@ -143,23 +179,35 @@ class Batch:
         if self.buffer.device == device:
             return self
         buf = self.buffer.to(device, non_blocking=non_blocking)
-        return Batch(buf, self.specs, self.layout, self.streams, self.h2d_copies + 1,
-                     self.h2d_bytes + self.buffer.numel())
+        return replace(self, buffer=buf, h2d_copies=self.h2d_copies + 1,
+                       h2d_bytes=self.h2d_bytes + self.buffer.numel(), _views={})
 
     def to_per_field(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """The naive way, for comparison: one copy per field (`profile` measures both)."""
+        """The naive way, for comparison: one copy per stored field (`profile` measures both)."""
         return {s.name: self[s.name].to(device, non_blocking=True) for s in self.specs}
+
+    def clone(self) -> "Batch":
+        """A copy with its own buffer (for editing fields in place)."""
+        return replace(self, buffer=self.buffer.clone(), _views={})
 
     def pin_memory(self) -> "Batch":
         """Page-locks the buffer (DataLoader calls this when `pin_memory=True`)."""
-        return Batch(self.buffer.pin_memory(), self.specs, self.layout, self.streams,
-                     self.h2d_copies, self.h2d_bytes)
+        return replace(self, buffer=self.buffer.pin_memory(), _views={})
 
     def numpy(self, name: str) -> np.ndarray:
         """A host field as numpy (tests, reports)."""
         return self[name].cpu().numpy()
 
     @staticmethod
-    def from_numpy(buf: np.ndarray, specs: list[FieldSpec], layout: str,
-                   streams: tuple[int, ...]) -> "Batch":
-        return Batch(torch.from_numpy(buf), tuple(specs), layout, streams)
+    def from_numpy(buf: np.ndarray, specs: list[FieldSpec], layout: str, streams: tuple[int, ...],
+                   num_slots: int | None = None, real_tokens: int | None = None,
+                   sep_stream: int = -1, num_separators: int = 0) -> "Batch":
+        """Wraps a filled host buffer; sizes not given are read from its stored fields."""
+        by_name = {s.name: s for s in specs}
+        if num_slots is None:
+            num_slots = by_name["slot_sample"].shape[0]
+        if real_tokens is None:
+            s = by_name["seqlens"]
+            real_tokens = int(buf[s.offset:s.offset + s.nbytes].view(s.dtype).sum())
+        return Batch(torch.from_numpy(buf), tuple(specs), layout, streams, num_slots, real_tokens,
+                     sep_stream, num_separators)

@@ -240,10 +240,11 @@ _I32, _I64, _F32 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32)
 def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> Batch:
     """Gathers the tokens of `samples` (global numbers, batch order) into one `Batch` buffer.
 
-    The batch's segments are regrouped into *runs* — segments of one stream in one shard — and
-    every run is a few whole-array numpy operations: its tokens' slots and positions, one gather
-    of its ids or vector rows. A batch costs O(runs) Python steps (streams × shards, typically
-    under ten), never O(samples) or O(tokens).
+    The buffer holds the tokens and one row per sample and per segment saying where they go; the
+    slot-level index fields (`slot_stream`, `s{k}.slot`, ...) are computed from those rows on the
+    device that reads the batch (`layout.py`). The batch's segments are regrouped into *runs* —
+    segments of one stream in one shard — and each run's tokens are one gather, so a batch costs
+    O(runs) Python steps (streams × shards, typically under ten), never O(samples) or O(tokens).
 
     Args:
         index: the token index the sample numbers refer to.
@@ -263,42 +264,35 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     else:
         raise MMToolError(f"unknown layout {layout!r}")
 
-    # Segments of the batch, regrouped by (stream, shard): `regroup` maps grouped position →
-    # original batch-local segment number.
+    # Segments of the batch, and the order their tokens are stored in: by (stream, shard), so
+    # that each run is one gather; `seg_order` maps stored position → batch-local segment.
     seg_first = index.seg_offsets[samples]  # [B]
     seg_count = index.seg_offsets[samples + 1] - seg_first  # [B]
     segs = _ranges(seg_first, seg_count)  # [G]
-    seg_sample = np.repeat(np.arange(b, dtype=np.int32), seg_count)  # [G]
     stream = index.seg_stream[segs]  # [G]
     shard = index.seg_shard[segs]  # [G]
-    regroup = np.lexsort((shard, stream))  # [G] stable: stream-major, then shard
-    segs_g, stream_g, shard_g = segs[regroup], stream[regroup], shard[regroup]
+    seg_order = np.lexsort((shard, stream))  # [G] stable: stream-major, then shard
+    segs_g, stream_g, shard_g = segs[seg_order], stream[seg_order], shard[seg_order]
     ntok = index.seg_ntok[segs_g]  # [G]
-    seg_slot0 = starts[seg_sample[regroup]] + index.seg_base[segs_g]  # [G] slot of token 0
-    tok_first = _excl_cumsum(ntok)  # [G] first token (grouped order) of each segment
-    # Runs of (stream, shard) in grouped order: [g0, g1) segments, [t0, t1) tokens.
+    tok_first = _excl_cumsum(ntok)  # [G] first stored token of each segment
     cut = np.flatnonzero((np.diff(stream_g) != 0) | (np.diff(shard_g) != 0)) + 1
-    g0s = np.r_[0, cut].astype(np.int64) if len(segs) else np.zeros(0, np.int64)
-    g1s = np.r_[cut, len(segs)].astype(np.int64) if len(segs) else np.zeros(0, np.int64)
+    g0s = np.concatenate([[0], cut]).astype(np.int64) if len(segs) else cut
+    g1s = np.concatenate([cut, [len(segs)]]).astype(np.int64) if len(segs) else cut
     runs = list(zip(stream_g[g0s].tolist(), shard_g[g0s].tolist(), g0s.tolist(), g1s.tolist(),
                     tok_first[g0s].tolist(), (tok_first[g1s - 1] + ntok[g1s - 1]).tolist()))
-    per_stream: dict[int, list[int]] = {}  # stream → [first token, last token] in grouped order
+    per_stream: dict[int, list[int]] = {}  # stream → [first, end) stored tokens
     for k, _, _, _, t0, t1 in runs:
         per_stream.setdefault(k, [t0, t1])[1] = t1
-
-    # Separators of trajectory samples: one per timestep.
-    steps = index.steps[samples]  # [B]
-    n_sep = int(steps.sum())
-    t = np.arange(n_sep, dtype=np.int32) - np.repeat(_excl_cumsum(steps).astype(np.int32), steps)  # [n_sep]
-    sep_slot = np.repeat(starts + index.sep[samples], steps) + t * np.repeat(index.step_len[samples], steps)
-    sep_id = index.stream_ids[SEPARATOR]
+    n_sep = int(index.steps[samples].sum())
 
     plan = BufferBuilder()
-    for name, dtype, n in (("slot_sample", _I32, n_slots), ("slot_pos", _I32, n_slots),
-                           ("slot_stream", _I32, n_slots), ("slot_segment", _I32, n_slots),
-                           ("cu_seqlens", _I32, b + 1), ("seqlens", _I32, b),
+    for name, dtype, n in (("cu_seqlens", _I32, b + 1), ("seqlens", _I32, b),
                            ("sample_folder", _I32, b), ("sample_index", _I64, b), ("label", _I64, b),
-                           ("seg_sample", _I32, len(segs)), ("seg_stream", _I32, len(segs))):
+                           ("sample_steps", _I32, b), ("sample_sep", _I32, b), ("sample_step_len", _I32, b),
+                           ("seg_sample", _I32, len(segs)), ("seg_stream", _I32, len(segs)),
+                           ("seg_order", _I32, len(segs)), ("seg_ntok", _I32, len(segs)),
+                           ("seg_base", _I32, len(segs)), ("seg_step", _I32, len(segs)),
+                           ("seg_stride", _I32, len(segs))):
         plan.add(name, dtype, (n,))
     for k, (t0, t1) in per_stream.items():
         info = index.streams[k]
@@ -306,107 +300,64 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
             plan.add(f"s{k}.ids", _I32, (t1 - t0,))
         else:
             plan.add(f"s{k}.values", _F32, (t1 - t0, info.dim))
-        plan.add(f"s{k}.slot", _I32, (t1 - t0,))
-        plan.add(f"s{k}.pos", _I32, (t1 - t0,))
-    if n_sep:
-        plan.add(f"s{sep_id}.slot", _I32, (n_sep,))
-        plan.add(f"s{sep_id}.pos", _I32, (n_sep,))
     buf, v = plan.allocate()
 
-    # Per-sample and per-segment fields.
     v["seqlens"][:] = lens
     v["cu_seqlens"][:-1] = starts
     v["cu_seqlens"][-1] = n_slots
     v["sample_folder"][:] = index.sample_folder[samples]
     v["sample_index"][:] = samples
     v["label"][:] = index.labels[samples]
-    v["seg_sample"][:] = seg_sample
+    v["sample_steps"][:] = index.steps[samples]
+    v["sample_sep"][:] = index.sep[samples]
+    v["sample_step_len"][:] = index.step_len[samples]
+    v["seg_sample"][:] = np.repeat(np.arange(b, dtype=np.int32), seg_count)
     v["seg_stream"][:] = stream
+    v["seg_order"][:] = seg_order
+    for name, per_seg in (("seg_ntok", index.seg_ntok), ("seg_base", index.seg_base),
+                          ("seg_step", index.seg_step), ("seg_stride", index.seg_stride)):
+        v[name][:] = per_seg[segs]
 
-    # Per-slot fields of the samples; padding slots (padded layout) keep -1 / 0.
-    if layout == "padded":
-        v["slot_sample"].fill(-1)
-        v["slot_stream"].fill(-1)
-        v["slot_segment"].fill(-1)
-        real = _ranges(starts, lens)  # [Σ lens]
-        v["slot_sample"][real] = np.repeat(np.arange(b, dtype=np.int32), lens)
-        v["slot_pos"][real] = real - np.repeat(starts, lens)
-    else:  # every slot is real: plain writes, no identity scatter
-        v["slot_sample"][:] = np.repeat(np.arange(b, dtype=np.int32), lens)
-        np.subtract(np.arange(n_slots, dtype=np.int32), np.repeat(starts.astype(np.int32), lens),
-                    out=v["slot_pos"])
-    if n_sep:
-        v["slot_stream"][sep_slot] = sep_id
-        v["slot_segment"][sep_slot] = -1
-        v[f"s{sep_id}.slot"][:] = sep_slot
-        v[f"s{sep_id}.pos"][:] = t
-
-    # The tokens, run by run: slots and positions, then one gather of ids or vector rows.
+    # The tokens, run by run: one gather of ids or vector rows each.
     for k, sh, g0, g1, t0, t1 in runs:
         first = per_stream[k][0]
-        a, z = t0 - first, t1 - first  # the run's tokens within the stream's fields
         n = ntok[g0:g1]  # [g]
-        slot, pos = v[f"s{k}.slot"][a:z], v[f"s{k}.pos"][a:z]  # [t] each, written in place
-        _place(seg_slot0[g0:g1], n, index.seg_step[segs_g[g0:g1]], index.seg_stride[segs_g[g0:g1]],
-               slot, pos)
-        v["slot_stream"][slot] = k
-        v["slot_segment"][slot] = np.repeat(regroup[g0:g1].astype(np.int32), n)
-        src = index.shards[sh]
         start = index.seg_start[segs_g[g0:g1]]  # [g] first id, or first float, in the shard
+        # Token i of the run is token i - tok_first[g] of its segment g.
+        step_back = np.repeat(tok_first[g0:g1] - t0, n)  # [t]
+        src = index.shards[sh]
         info = index.streams[k]
         if info.kind == "ids":
-            np.take(src.ids, np.repeat(start, n) + pos, out=v[f"s{k}.ids"][a:z])
+            at = np.repeat(start, n) - step_back  # [t]
+            at += np.arange(t1 - t0)
+            np.take(src.ids, at, out=v[f"s{k}.ids"][t0 - first:t1 - first])
         else:
-            _gather_rows(src.values, info.dim, start, n, pos, v[f"s{k}.values"][a:z])
+            _gather_rows(src.values, info.dim, start, n, step_back, v[f"s{k}.values"][t0 - first:t1 - first])
+    sep_id = index.stream_ids[SEPARATOR]
     streams = tuple(per_stream) + ((sep_id,) if n_sep else ())
-    return Batch.from_numpy(buf, plan.specs, layout, streams)
-
-
-def _place(slot0: np.ndarray, n: np.ndarray, step: np.ndarray, stride: np.ndarray,
-           slot: np.ndarray, pos: np.ndarray) -> None:
-    """Writes the slot and in-segment position of every token of a run of segments.
-
-    Token j of a segment goes to `slot0 + (j // step) * stride + j % step` (see `index.py`). A run
-    whose segments are all timestep segments of one width k (the usual case: a trajectory stream)
-    is laid out as rows of k tokens, one per timestep — no division.
-
-    Args:
-        slot0: [g] slot of each segment's token 0. n: [g] tokens of each segment.
-        step, stride: [g] token placement of each segment.
-        slot, pos: int32 [Σ n] outputs.
-    """
-    k = int(step[0]) if len(step) else 1
-    if len(stride) and stride.min() > 0 and (step == k).all():
-        rows = n // k  # [g] timesteps of each segment
-        r = len(pos) // k
-        row = np.arange(r) - np.repeat(_excl_cumsum(rows), rows)  # [R] timestep within segment
-        row_slot = np.repeat(slot0, rows) + row * np.repeat(stride, rows)  # [R]
-        cols = np.arange(k)  # [k]
-        np.add(row_slot[:, None], cols, out=slot.reshape(r, k))  # [R, k]
-        np.add((row * k)[:, None], cols, out=pos.reshape(r, k))  # [R, k]
-        return
-    np.subtract(np.arange(len(pos), dtype=np.int32), np.repeat(_excl_cumsum(n).astype(np.int32), n),
-                out=pos)
-    np.add(np.repeat(slot0.astype(np.int32), n), pos, out=slot)
-    if stride.any():  # timestep and plain segments in one run: the general formula
-        step_t = np.repeat(step, n)  # [t]; a plain segment has step = n, so j // step = 0
-        slot += ((pos // step_t) * (np.repeat(stride, n) - step_t)).astype(np.int32)
+    return Batch.from_numpy(buf, plan.specs, layout, streams, num_slots=n_slots,
+                            real_tokens=int(lens.sum()), sep_stream=sep_id if n_sep else -1,
+                            num_separators=n_sep)
 
 
 def _gather_rows(values: np.ndarray, dim: int, start: np.ndarray, n: np.ndarray,
-                 pos: np.ndarray, out: np.ndarray) -> None:
-    """Copies token rows of `dim` floats from a shard's flat `values` into `out` [Σ n, dim].
+                 step_back: np.ndarray, out: np.ndarray) -> None:
+    """Copies the token rows of a run of segments from a shard's flat `values` into `out`.
 
     Args:
-        values: float32 [F] the shard's flat values. start: [g] first float of each segment.
-        n: [g] tokens of each segment. pos: [Σ n] token index within its segment.
+        values: float32 [F] the shard's flat values. dim: floats per token.
+        start: [g] first float of each segment. n: [g] tokens of each segment.
+        step_back: [Σ n] for token i of the run, i minus its index within its segment.
+        out: float32 [Σ n, dim].
     """
+    t = np.arange(len(out))  # [t]
     if dim == 1 or not (start % dim).any():  # every segment starts on a row: a [F/dim, dim] view
         rows = values[:len(values) // dim * dim].reshape(-1, dim)  # zero-copy
-        np.take(rows, np.repeat(start // dim, n) + pos, axis=0, out=out)
+        at = np.repeat(start // dim, n) - step_back  # [t]
+        np.take(rows, at + t, axis=0, out=out)
     else:  # rows at arbitrary float offsets: a sliding-window view (row r = values[r:r+dim])
         windows = np.lib.stride_tricks.sliding_window_view(values, dim)  # [F-dim+1, dim]
-        out[:] = windows[np.repeat(start, n) + pos.astype(np.int64) * dim]
+        out[:] = windows[np.repeat(start, n) + (t - step_back) * dim]
 
 
 def padding_fraction(batch: Batch, size: BatchSize) -> float:

@@ -51,7 +51,7 @@ def test_parameter_counts_agree_across_fusions():
 
 
 def clone(batch: Batch) -> Batch:
-    return Batch(batch.buffer.clone(), batch.specs, batch.layout, batch.streams)
+    return batch.clone()
 
 
 def hidden(m, batch):

@@ -99,7 +99,7 @@ def test_masked_patch_input_is_replaced_by_the_mask_vector(index):
     mask = corr[k][0].mask
 
     def shifted(which):
-        out = Batch(batch.buffer.clone(), batch.specs, batch.layout, batch.streams)
+        out = batch.clone()
         out[f"s{k}.values"][which] += 10.0
         return out
 
