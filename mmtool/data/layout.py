@@ -23,8 +23,9 @@ plain segments have `step = n` (so `j // step = 0`), timestep segments interleav
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,71 +35,112 @@ if TYPE_CHECKING:
 SLOT_FIELDS = ("slot_sample", "slot_pos", "slot_stream", "slot_segment")
 
 
-def _excl_cumsum(x: Tensor) -> Tensor:
-    return torch.cumsum(x, 0) - x
+class _NumpyOps:
+    """The few array calls `derive` makes, on the host in numpy (about 2x torch's speed there)."""
+
+    @staticmethod
+    def read(batch: "Batch", name: str) -> np.ndarray:
+        return batch[name].numpy()
+
+    @staticmethod
+    def rep(x: Any, counts: Any, total: int) -> np.ndarray:
+        return np.repeat(x, counts)
+
+    arange = staticmethod(lambda n: np.arange(n, dtype=np.int64))
+    full = staticmethod(lambda n, v: np.full(n, v, np.int32))
+    cumsum = staticmethod(np.cumsum)
+    i32 = staticmethod(lambda x: x.astype(np.int32))
+    i64 = staticmethod(lambda x: x.astype(np.int64))
+    out = staticmethod(torch.from_numpy)
 
 
-def _rep(x: Tensor, counts: Tensor, total: int) -> Tensor:
-    """`x[i]` repeated `counts[i]` times; `total` = Σ counts (known on the host: no device sync)."""
-    return torch.repeat_interleave(x, counts, output_size=total)
+class _TorchOps:
+    """The same calls in torch, on the batch's device (no host read: sizes come from the host)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def read(batch: "Batch", name: str) -> Tensor:
+        return batch[name]
+
+    @staticmethod
+    def rep(x: Tensor, counts: Tensor, total: int) -> Tensor:
+        return torch.repeat_interleave(x, counts, output_size=total)
+
+    def arange(self, n: int) -> Tensor:
+        return torch.arange(n, device=self.device)
+
+    def full(self, n: int, v: int) -> Tensor:
+        return torch.full((n,), v, dtype=torch.int32, device=self.device)
+
+    cumsum = staticmethod(lambda x: torch.cumsum(x, 0))
+    i32 = staticmethod(lambda x: x.int())
+    i64 = staticmethod(lambda x: x.long())
+    out = staticmethod(lambda x: x)
 
 
-def derive(batch: "Batch") -> dict[str, Tensor]:
+def derive(batch: "Batch", ops: Any = None) -> dict[str, Tensor]:
     """Every slot-level field of `batch` (see module docstring), on the batch's device.
+
+    One formula for both array libraries: numpy when the batch is on the host, torch on a device.
 
     Args:
         batch: a batch with a segment table (`seg_order`, `seg_ntok`, `seg_base`, `seg_step`,
             `seg_stride`, `sample_steps`, `sample_sep`, `sample_step_len`).
+        ops: `_NumpyOps` or a `_TorchOps` (default: by the batch's device; tests run the torch
+            formula on the host too).
     """
     dev = batch.buffer.device
+    xp: Any = ops or (_NumpyOps if dev.type == "cpu" else _TorchOps(dev))
+    read = lambda name: xp.i64(xp.read(batch, name))  # noqa: E731
     s, b = batch.num_slots, batch.batch_size
-    lens = batch["seqlens"].long()  # [B]
-    starts = batch["cu_seqlens"].long()[:-1]  # [B] first slot of each sample (both layouts)
-    out: dict[str, Tensor] = {}
+    lens = read("seqlens")  # [B]
+    starts = read("cu_seqlens")[:-1]  # [B] first slot of each sample (both layouts)
+    out: dict[str, Any] = {}
 
     # Tokens of every stream, in storage order (the streams' fields back to back).
-    order = batch["seg_order"].long()  # [G] segments in the order their tokens are stored
-    ntok = batch["seg_ntok"].long()[order]  # [G]
+    order = read("seg_order")  # [G] segments in the order their tokens are stored
+    ntok = read("seg_ntok")[order]  # [G]
     t = int(sum(batch.stream_tokens(k) for k in batch.token_streams))
-    first = _excl_cumsum(ntok)  # [G]
-    pos = torch.arange(t, device=dev) - _rep(first, ntok, t)  # [T] token within its segment
-    step = _rep(batch["seg_step"].long()[order], ntok, t)  # [T]
-    stride = _rep(batch["seg_stride"].long()[order], ntok, t)  # [T]; 0 for plain segments
-    slot0 = starts[batch["seg_sample"].long()[order]] + batch["seg_base"].long()[order]  # [G]
-    # Plain segments have step = n, so pos // step = 0 and the slot is slot0 + pos.
-    slot = _rep(slot0, ntok, t) + pos + torch.div(pos, step, rounding_mode="floor") * (stride - step)  # [T]
-
-    slot_stream = torch.full((s,), -1, dtype=torch.int32, device=dev)  # [S]
-    slot_segment = torch.full((s,), -1, dtype=torch.int32, device=dev)  # [S]
-    slot_stream[slot] = _rep(batch["seg_stream"][order], ntok, t)
-    slot_segment[slot] = _rep(order.int(), ntok, t)
+    first = xp.cumsum(ntok) - ntok  # [G] first stored token of each segment
+    tok_seg = xp.rep(xp.arange(len(ntok)), ntok, t)  # [T] segment (storage order) of each token
+    ar = xp.arange(t)  # [T]
+    slot0 = starts[read("seg_sample")[order]] + read("seg_base")[order]  # [G] slot of token 0
+    slot = (slot0 - first)[tok_seg] + ar  # [T] plain segments: slot0 + pos
+    pos = ar - first[tok_seg]  # [T] token within its segment
+    if batch.sep_stream >= 0:  # timestep segments (only trajectory samples have separators)
+        step, stride = read("seg_step")[order], read("seg_stride")[order]  # [G]
+        slot += (pos // step[tok_seg]) * (stride - step)[tok_seg]  # plain: pos // step = 0
+    slot_stream, slot_segment = xp.full(s, -1), xp.full(s, -1)  # [S] each
+    slot_stream[slot] = xp.i32(read("seg_stream")[order])[tok_seg]
+    slot_segment[slot] = xp.i32(order)[tok_seg]
     at = 0
     for k in batch.token_streams:
         n = batch.stream_tokens(k)
-        out[f"s{k}.slot"], out[f"s{k}.pos"] = slot[at:at + n].int(), pos[at:at + n].int()
+        out[f"s{k}.slot"], out[f"s{k}.pos"] = xp.i32(slot[at:at + n]), xp.i32(pos[at:at + n])
         at += n
 
     # Separators: one per timestep of each trajectory sample.
     if batch.sep_stream >= 0:
-        steps = batch["sample_steps"].long()  # [B]
+        steps = read("sample_steps")  # [B]
         n_sep = batch.stream_tokens(batch.sep_stream)
-        tstep = torch.arange(n_sep, device=dev) - _rep(_excl_cumsum(steps), steps, n_sep)  # [n_sep]
-        sep_slot = _rep(starts + batch["sample_sep"].long(), steps, n_sep) \
-            + tstep * _rep(batch["sample_step_len"].long(), steps, n_sep)  # [n_sep]
+        tstep = xp.arange(n_sep) - xp.rep(xp.cumsum(steps) - steps, steps, n_sep)  # [n_sep]
+        sep_slot = xp.rep(starts + read("sample_sep"), steps, n_sep) \
+            + tstep * xp.rep(read("sample_step_len"), steps, n_sep)  # [n_sep]
         slot_stream[sep_slot] = batch.sep_stream
-        out[f"s{batch.sep_stream}.slot"], out[f"s{batch.sep_stream}.pos"] = sep_slot.int(), tstep.int()
+        out[f"s{batch.sep_stream}.slot"], out[f"s{batch.sep_stream}.pos"] = xp.i32(sep_slot), xp.i32(tstep)
 
     # Sample and position of every slot.
     real = batch.real_tokens  # Σ seqlens, known on the host
-    sample = _rep(torch.arange(b, device=dev), lens, real)  # [R]
-    rank = torch.arange(real, device=dev) - _rep(_excl_cumsum(lens), lens, real)  # [R]
+    sample = xp.rep(xp.arange(b), lens, real)  # [R]
+    rank = xp.arange(real) - xp.rep(xp.cumsum(lens) - lens, lens, real)  # [R]
     if batch.layout == "packed":  # every slot is real
-        out["slot_sample"], out["slot_pos"] = sample.int(), rank.int()
+        out["slot_sample"], out["slot_pos"] = xp.i32(sample), xp.i32(rank)
     else:
-        slot_sample = torch.full((s,), -1, dtype=torch.int32, device=dev)
-        slot_pos = torch.zeros(s, dtype=torch.int32, device=dev)
+        slot_sample, slot_pos = xp.full(s, -1), xp.full(s, 0)
         where = starts[sample] + rank  # [R] real slots
-        slot_sample[where], slot_pos[where] = sample.int(), rank.int()
+        slot_sample[where], slot_pos[where] = xp.i32(sample), xp.i32(rank)
         out["slot_sample"], out["slot_pos"] = slot_sample, slot_pos
     out["slot_stream"], out["slot_segment"] = slot_stream, slot_segment
-    return out
+    return {name: xp.out(v) for name, v in out.items()}

@@ -11,12 +11,13 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from mmtool.ablate import rebuild, sample_slots
 from mmtool.data.batch import ALIGN
 from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex
-from mmtool.data.layout import SLOT_FIELDS
+from mmtool.data.layout import SLOT_FIELDS, _TorchOps, derive
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,19 @@ def test_a_batch_that_stores_slot_fields_is_read_as_stored(index):
     assert "slot_stream" in {s.name for s in rebuilt.specs}
     assert len(rebuilt.names()) == len(set(rebuilt.names()))
     np.testing.assert_array_equal(rebuilt.numpy("slot_pos"), batch.numpy("slot_pos")[np.concatenate(orders)])
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_the_device_formula_in_torch_equals_the_host_one(index, layout):
+    """On a GPU the fields come from the torch path: run it here and compare with numpy's."""
+    rng = np.random.default_rng(0)
+    trajectories = np.flatnonzero(index.steps > 0)  # timestep placement must be exercised
+    for _ in range(4):
+        picked = np.r_[rng.choice(len(index), 50, replace=False), rng.choice(trajectories, 3)]
+        batch = assemble(index, np.unique(picked), layout)
+        assert batch.sep_stream >= 0
+        host, device = derive(batch), derive(batch, ops=_TorchOps(torch.device("cpu")))
+        assert host.keys() == device.keys() == set(derived_names(batch))
+        for name in host:
+            assert host[name].dtype == device[name].dtype == torch.int32
+            assert torch.equal(host[name], device[name]), name
