@@ -115,12 +115,15 @@ def measure(data: list[str], samples: int, strategy: str, workers: int = 0,
         pass
     best = None
     for _ in range(epochs):
-        n = real = cap = 0
+        n = real = cap = shipped = slot_bytes = 0
         pads = []
         t = time.perf_counter()
         for b in loader:
+            shipped += b.buffer.numel()
             if derive:
                 b["slot_stream"]
+                slot_bytes += sum(v.numel() * v.element_size() for k, v in b._views.items()
+                                  if k.startswith("slot_") or k.endswith((".slot", ".pos")))
             n += b.batch_size
             real += b.real_tokens
             pads.append(padding_fraction(b, loader.size))
@@ -128,7 +131,8 @@ def measure(data: list[str], samples: int, strategy: str, workers: int = 0,
         dt = time.perf_counter() - t
         if best is None or n / dt > best["samples_per_s"]:
             best = {"samples_per_s": n / dt, "tokens_per_s": real / dt, "batches": len(pads),
-                    "pad_mean": float(np.mean(pads)), "pad_tokens": 1 - real / cap}
+                    "pad_mean": float(np.mean(pads)), "pad_tokens": 1 - real / cap,
+                    "shipped_bytes": shipped, "slot_bytes": slot_bytes}
     loader.close()
     return best
 
@@ -230,6 +234,11 @@ def main() -> None:
             print(f"    {label:<21} {d['samples_per_s']:>10,.0f} samples/s = "
                   f"{d['samples_per_s'] / best_base:5.1f}x baseline")
 
+        d = derived["--batch-tokens 65536"]
+        print(f"    host-to-device bytes per epoch (--batch-tokens 65536): {d['shipped_bytes'] / 1e6:,.1f} MB "
+              f"shipped; shipping the slot-level fields too would be {(d['shipped_bytes'] + d['slot_bytes']) / 1e6:,.1f} MB "
+              f"= {(d['shipped_bytes'] + d['slot_bytes']) / d['shipped_bytes']:.2f}x")
+
         print("\n(c) ceiling: pyarrow memory-mapped scan of every shard, token buffers as numpy")
         c_rows, c_bytes, c_tok = ceiling(folders, copy=False)
         k_rows, k_bytes, k_tok = ceiling(folders, copy=True)
@@ -257,15 +266,17 @@ def main() -> None:
                                      num_workers=best_key[1], verify=False, **size))
         curve = []
         for _ in range(10):
-            for _ in loader:
+            for batch in loader:
                 pass
+            del batch  # the epoch's last batch: a buffer of up to tens of MB
             gc.collect()
             curve.append(_rss_mb())
         loader.close()
         print("    epoch: " + " ".join(f"{e + 1:>6}" for e in range(10)))
         print("    MB:    " + " ".join(f"{mb:>6.1f}" for mb in curve))
-        print(f"    RSS grows by {curve[-1] - curve[0]:+.1f} MB from epoch 1 to 10 "
-              f"(max - min over epochs 1-10: {max(curve) - min(curve):.1f} MB)")
+        print(f"    highest RSS in epochs 1-5: {max(curve[:5]):.1f} MB, in epochs 6-10: {max(curve[5:]):.1f} MB "
+              f"(growth {max(curve[5:]) - max(curve[:5]):+.1f} MB; swing between epochs "
+              f"{max(curve) - min(curve):.1f} MB: freed batch buffers the allocator keeps or returns)")
         print(f"\nmeasured in {time.perf_counter() - t_measure:.0f} s (total with building "
               f"{time.perf_counter() - t0:.0f} s)")
 
