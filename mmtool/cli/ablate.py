@@ -67,25 +67,33 @@ def ablate_cmd(
     plot: Optional[Path] = typer.Option(None, help="Bar chart with error bars (default RUN/ablation.png)."),
 ) -> None:
     """Drop and permute each modality: change in remaining-modality loss and probe accuracy, 95% CIs."""
-    from mmtool.ablate import AblateConfig, ablate
-    from mmtool.report import plot_ablation
+    from mmtool.ablate import AblateConfig
 
     split_list = lambda t: [s.strip() for s in t.split(",") if s.strip()]  # noqa: E731
     cfg = AblateConfig(run=run, data=list(data), modes=split_list(modes),
                        modalities=split_list(modalities) if modalities else None, batches=batches,
                        batch_samples=batch_samples, split=split, seed=seed, probe_c=probe_c, device=device)
-    console = Console(highlight=False)
+    run_ablate(cfg, Console(highlight=False), json_out, plot)
+
+
+def run_ablate(cfg: "AblateConfig", console: Console, json_out: Path | None = None,
+               plot: Path | None = None) -> dict[str, Any]:
+    """Ablates with a progress bar, prints the table, writes the JSON and the plot (default: in the run)."""
+    from mmtool.ablate import ablate
+    from mmtool.report import plot_ablation
+
     with Progress(TextColumn("[bold]ablate[/]"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as bar:
-        task = bar.add_task("ablate", total=batches)
+        task = bar.add_task("ablate", total=cfg.batches)
         result = ablate(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(ablation_table(result))
-    json_out = json_out or run / "ablation.json"
-    plot = plot or run / "ablation.png"
+    json_out = json_out or cfg.run / "ablation.json"
+    plot = plot or cfg.run / "ablation.png"
     json_out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_out, result)
     plot_ablation(result, plot)
     console.print(f"wrote {json_out} and {plot}")
+    return result
 
 
 @app.command("sanity")

@@ -37,6 +37,10 @@ PROFILE_STEPS = 64
 longest-first within a window, so fewer batches would see only the long samples); seconds."""
 
 
+ABLATE_BATCHES = 8
+"""Evaluation batches of 16 samples in the ablate stage; seconds."""
+
+
 @app.command("quickstart")
 def quickstart(
     out: Path = typer.Option(Path("mmtool-quickstart"), "--out", "-o", help="Folder for everything quickstart makes."),
@@ -92,5 +96,20 @@ def quickstart(
     from mmtool.cli.eval_transfer import quickstart_stage
 
     quickstart_stage(out, console)  # linear probe + small k-shot on image-only digits; seconds
+
+    console.rule("[bold]6. ablate: each modality dropped from the run's inputs")
+    from mmtool.ablate import AblateConfig
+    from mmtool.cli.ablate import run_ablate
+
+    run_ablate(AblateConfig(run=run, modes=["drop"], batches=ABLATE_BATCHES, batch_samples=16), console)
+    console.print(f"  (a {train_steps}-step tiny model: the intervals, not the ranking, are the point "
+                  "here; README \"Recipe: where to fuse, and what sample weights change\" has runs worth ranking)")
+
+    console.rule("[bold]7. report: the run, its ablation and its transfer side by side")
+    from mmtool.cli.report import report_table
+    from mmtool.report import write_report
+
+    report = write_report([run, out / "transfer"], out / "report")
+    console.print(report_table(report))
     console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'} · "
-                  f"{out / 'profile.png'} · {run / 'metrics.jsonl'}")
+                  f"{out / 'profile.png'} · {run / 'metrics.jsonl'} · {out / 'report'}")

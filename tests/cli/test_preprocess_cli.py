@@ -111,6 +111,11 @@ def test_quickstart_runs_every_stage_and_reruns_cheaply(tmp_path, cli):
     assert json.loads((out / "embed" / "digits" / "manifest.json").read_text())["embedding"]["encoder"] == "minilm-l6"
     transfer = json.loads((out / "transfer" / "report.json").read_text())["tasks"]["digits"]
     assert transfer["modalities"] == ["image"] and "kshot k=5" in first and "linear-probe" in first
+    ablation = json.loads((out / "run" / "ablation.json").read_text())
+    assert ablation["settings"]["modes"] == ["drop"] and {"image", "text"} <= set(ablation["results"])
+    assert ablation["batches"] == 8 and (out / "run" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    entries = json.loads((out / "report" / "report.json").read_text())["entries"]
+    assert [e["kind"] for e in entries] == ["run", "eval"] and "ablation" in entries[0]
     again = cli(*args).stdout
     assert again.count("up to date") >= 6
     assert f"final loss {log[-1]['loss']:.4f}" in again  # the finished run is reported, not redone
