@@ -89,7 +89,7 @@ def run_arm(name: str, data: Path, work: Path, args, splits: np.ndarray) -> dict
         "tokens_per_sample": float(np.mean(loader.index.lengths)),
         "parameters_trained": summary["parameters"],
         "final_loss": float(np.mean([x["loss"] for x in last])),
-        "final_losses": {k: float(np.mean([x["losses"][k] for x in last])) for k in OBJECTIVES},
+        "final_losses": {k: float(np.mean([x["losses"][k] for x in last if k in x["losses"]])) for k in OBJECTIVES},
         "probe_accuracy": probe(image_features(model, loader.index), labels, splits),
         "probe_untrained": probe(image_features(untrained, loader.index), labels, splits),
     }

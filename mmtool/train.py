@@ -9,7 +9,8 @@ checkpoint, and model and optimizer states are restored exactly, so an interrupt
 Run folder::
 
     RUN/config.json      everything needed to rebuild the run
-    RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source),
+    RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source;
+                         an objective with no targets in the step is left out, not logged as 0),
                          real tokens/s, data-wait fraction, lr, grad norm
     RUN/checkpoints/     see `mmtool.checkpoint`
 
@@ -288,8 +289,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
                 tokens += output.tokens
-                for k, v in output.losses.items():
-                    losses[k] = losses.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                for k in output.counted:  # an objective with nothing in the batch has no loss to log
+                    losses.setdefault(k, []).append(float(output.losses[k].detach()))
                 for k, v in output.by_stream.items():
                     by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
                 for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
@@ -305,6 +306,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                 reduced = torch.tensor([total, tokens], dtype=torch.float64)
                 dist.all_reduce(reduced)
                 total, tokens = float(reduced[0]) / ddp.world, int(reduced[1])
+            losses = {k: sum(v) / len(v) for k, v in losses.items()}  # mean over micro-batches with it
             line = {"step": step, "loss": total, "losses": losses, "by_stream": by_stream,
                     "by_source": by_source, "tokens": tokens,
                     "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,

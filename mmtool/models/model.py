@@ -79,6 +79,7 @@ class ModelOutput:
             or "contrastive/modA+modB", only for groups that the batch has.
         by_sample_loss: [B] detached Σ weight · (the sample's mean loss under each objective).
         tokens: real tokens in the batch.
+        counted: the objectives that had rows in this batch (the others' losses are the zeros).
     """
 
     loss: Tensor
@@ -86,6 +87,7 @@ class ModelOutput:
     by_stream: dict[str, float]
     by_sample_loss: Tensor
     tokens: int
+    counted: tuple[str, ...] = ()
 
 
 class UnifiedModel(nn.Module):
@@ -229,7 +231,8 @@ class UnifiedModel(nn.Module):
                 sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
                 at += 2 * k
                 by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
-        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens))
+        counted = tuple(name for name, *_ in stats)
+        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted)
 
     def hidden_states(self, batch: Batch) -> tuple[Tensor, PackedView]:
         """Final hidden states, uncorrupted: ([N, d], the view that says which sample, position and

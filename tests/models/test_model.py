@@ -87,6 +87,7 @@ def test_an_objective_without_tokens_in_the_batch_adds_an_attached_zero(index):
     out = m(assemble(index, np.array([16, 17]), "packed"))  # episodes only: no image patches
     assert out.losses["masked-patch"].item() == 0.0 and out.losses["masked-patch"].requires_grad
     assert not any(k.startswith("masked-patch") for k in out.by_stream)
+    assert out.counted == ("next-token",)
     out.loss.backward()
 
 
