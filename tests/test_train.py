@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.errors import MMToolError

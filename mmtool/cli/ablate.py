@@ -4,7 +4,7 @@ and `mmtool sanity`: the known-answer check of the ablation and the probes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.table import Table
 from mmtool.cli.app import app
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
+
+if TYPE_CHECKING:
+    from mmtool.ablate import AblateConfig
 
 
 def _ci(v: float, ci: list[float], pct: bool = False) -> str:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtool.data.batch import Batch

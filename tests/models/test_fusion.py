@@ -100,7 +100,7 @@ def test_bidirectional_without_next_token(index):
     batch = assemble(index, np.array([0]), "packed")
     changed = clone(batch)
     changed[f"s{index.stream_ids['image:patches']}.values"][3] += 5.0
-    (a, view), (b, _) = hidden(m, batch), hidden(m, changed)
+    (a, _), (b, _) = hidden(m, batch), hidden(m, changed)
     assert (a[0] - b[0]).abs().max() > 1e-6
 
 

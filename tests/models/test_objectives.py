@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmtool.data.batch import Batch
 from mmtool.data.batching import assemble
 from mmtool.data.index import Stream
 from mmtool.errors import MMToolError
