@@ -9,8 +9,9 @@ them, so a report reads any folder that has them:
     RUN/**/ablation.json                   `mmtool ablate` results (default RUN/ablation.json)
     RUN/**/report.json                     `mmtool eval-transfer` results (default RUN/transfer/)
 
-Per entry: the run's settings (fusion, size, objectives, data and weights), final metrics (the last
-step, and the mean of the last 10% of steps — one step is noisy), throughput, the probe summary of
+Per entry: the run's settings (fusion, size, objectives, data and weights, batching), final metrics
+(the last step, and the mean of the last 10% of steps — one step is noisy), throughput, the gradient
+norm's mean and coefficient of variation after warm-up (how steady the updates are), the probe summary of
 the last quarter of probe steps (one batch need not hold every modality) (attention each modality sends to *other* modalities averaged over layers, gradient per
 token at each modality's encoder, loss per modality), modality importance with 95% intervals and
 the ranking, and the transfer ratios (pretrained / scratch) per task and protocol.
@@ -112,6 +113,15 @@ def _dict_tail(lines: list[dict[str, Any]], key: str) -> dict[str, float]:
     return {n: float(np.mean([x[key][n] for x in tail if n in x.get(key, {})])) for n in names}
 
 
+def grad_norm_summary(lines: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean and coefficient of variation (std / mean) of the gradient norm after the first 10% of
+    steps (warm-up): how steady the updates are, e.g. mixed vs single-modality batches."""
+    norms = np.array([x["grad_norm"] for x in lines[len(lines) // 10:] if "grad_norm" in x], float)
+    if len(norms) < 2 or norms.mean() <= 0:
+        return None
+    return {"mean": float(norms.mean()), "cv": float(norms.std() / norms.mean())}
+
+
 def probe_summary(lines: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The first probe step and the last quarter of them, condensed (None: no probes logged)."""
     probed = [x for x in lines if "probes" in x]
@@ -197,7 +207,9 @@ def summarize(folder: Path) -> dict[str, Any]:
         entry["config"] = {"fusion": model.get("fusion"), "fusion_layer": model.get("fusion_layer"),
                            "size": model.get("size"), "objectives": model.get("objectives"),
                            "data": cfg.get("data"), "max_steps": cfg.get("max_steps"), "lr": cfg.get("lr"),
-                           "seed": cfg.get("seed")}
+                           "seed": cfg.get("seed"), "strategy": cfg.get("strategy"),
+                           "batch_samples": cfg.get("batch_samples"),
+                           "batch_tokens": None if cfg.get("batch_samples") else cfg.get("batch_tokens")}
         if lines:
             stride = max(1, len(lines) // MAX_CURVE_POINTS)
             entry["final"] = {
@@ -205,6 +217,7 @@ def summarize(folder: Path) -> dict[str, Any]:
                 "loss_tail": _tail_mean(lines, lambda x: x.get("loss")),
                 "losses_tail": _dict_tail(lines, "losses"), "by_source_tail": _dict_tail(lines, "by_source"),
                 "tokens_per_s": float(np.median([x["tokens_per_s"] for x in lines])),
+                "grad_norm": grad_norm_summary(lines),
                 "seconds": float(sum(x.get("seconds", 0.0) for x in lines))}
             entry["curve"] = {"step": [x["step"] for x in lines[::stride]],
                               "loss": [x["loss"] for x in lines[::stride]]}

@@ -19,9 +19,10 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 def report_table(report: dict[str, Any]) -> Table:
     """One row per entry: settings, final metrics, probe summary, importance ranking, transfer."""
     table = Table(title="runs side by side", title_justify="left", show_edge=False)
-    for col in ("run", "fusion", "data", "steps", "final loss (last 10%)", "per objective",
-                "tok/s", "attention to other modalities", "grad/token", "importance", "transfer ratio"):
-        table.add_column(col, justify="right" if col in ("steps", "tok/s") else "left")
+    for col in ("run", "fusion", "data", "batching", "steps", "final loss (last 10%)", "per objective",
+                "tok/s", "grad norm (cv)", "attention to other modalities", "grad/token", "importance",
+                "transfer ratio"):
+        table.add_column(col, justify="right" if col in ("steps", "tok/s", "grad norm (cv)") else "left")
     for e in report["entries"]:
         cfg, fin = e.get("config", {}), e.get("final", {})
         probes = (e.get("probes") or {}).get("last", {})
@@ -34,19 +35,27 @@ def report_table(report: dict[str, Any]) -> Table:
         fusion = cfg.get("fusion") or "–"
         if fusion == "mid":
             fusion += f"@{cfg.get('fusion_layer')}"
+        batching = cfg.get("strategy") or "–"
+        if cfg.get("batch_samples"):
+            batching += f", {cfg['batch_samples']} samples"
+        elif cfg.get("batch_tokens"):
+            batching += f", {cfg['batch_tokens']:,} tokens"
+        grad = fin.get("grad_norm")
         table.add_row(
             f"[bold]{e['name']}[/]", fusion,
-            ", ".join(Path(str(d)).name for d in cfg.get("data") or []) or "–",
+            ", ".join(Path(str(d)).name for d in cfg.get("data") or []) or "–", batching,
             str(fin.get("step", "–")),
             f"{_fmt(fin.get('loss'))} ({_fmt(fin.get('loss_tail'))})" if fin else "–",
             " ".join(f"{k} {v:.3f}" for k, v in (fin.get("losses_tail") or {}).items()) or "–",
             _fmt(fin.get("tokens_per_s"), ",.0f"),
+            f"{grad['mean']:.2f} ({grad['cv']:.2f})" if grad else "–",
             " ".join(f"{k} {v:.2f}" for k, v in (probes.get("attention_to_others") or {}).items()
                      if k != "separator") or "–",
             " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
             imp,
             " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
-    table.caption = ("final loss: last step (mean of the last 10% of steps) · attention: share each modality's "
+    table.caption = ("final loss: last step (mean of the last 10% of steps) · grad norm: mean (std / mean) "
+                     "after the first 10% of steps · attention: share each modality's "
                      "tokens send to other modalities, mean over layers and the last quarter of probe steps · importance: "
                      "`mmtool ablate` ranking · transfer: pretrained/scratch, `mmtool eval-transfer`")
     table.caption_justify = "left"

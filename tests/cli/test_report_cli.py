@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mmtool.ablate import AblateConfig, ablate
@@ -42,6 +43,11 @@ def test_report_puts_runs_side_by_side(runs, cli, tmp_path):
     early, late = rep["entries"]
     assert early["config"]["fusion"] == "early" and late["config"]["fusion"] == "late"
     assert early["final"]["step"] == 4 and early["curve"]["step"] == [1, 2, 3, 4]
+    assert early["config"]["strategy"] == "packed" and early["config"]["batch_samples"] == 16
+    norms = [json.loads(x)["grad_norm"] for x in (runs / "runs" / "early" / "metrics.jsonl").read_text().splitlines()]
+    assert early["final"]["grad_norm"]["mean"] == pytest.approx(sum(norms) / 4)  # 4 steps: none skipped
+    assert early["final"]["grad_norm"]["cv"] == pytest.approx(float(np.std(norms) / np.mean(norms)))
+    assert "packed, 16 samples" in proc.stdout
     assert early["probes"]["steps"] == [1, 2, 4]
     assert set(early["probes"]["last"]["attention_to_others"]) >= {"image", "text"}
     assert late["probes"]["last"]["attention_to_others"]["text"] == pytest.approx(0.0, abs=1e-6)  # late: no cross-modal attention
