@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from mmtool.cli._render import human_bytes
 from mmtool.cli.app import app
@@ -35,45 +36,54 @@ def _rate(x: float) -> str:
 
 def _h2d_cell(h2d: dict[str, Any], path: str) -> str:
     p = h2d[path]
-    timing = "n/a" if p["seconds_per_batch"] is None else f"{p['seconds_per_batch'] * 1e6:,.0f} µs"
-    return f"{p['copies_per_batch']:,.1f} × · {human_bytes(p['bytes_per_batch'])} · {timing}"
+    cell = f"{p['copies_per_batch']:,.1f} × {human_bytes(p['bytes_per_batch'])}"
+    return cell if p["seconds_per_batch"] is None else f"{cell} · {p['seconds_per_batch'] * 1e6:,.0f} µs"
 
 
-def profile_table(result: dict[str, Any]) -> Table:
-    """One row per strategy: throughput, padding, H2D copies/bytes/time of both paths, memory."""
+def profile_table(result: dict[str, Any]) -> Group:
+    """Two tables, one row per strategy each (so that an 80-column terminal shows them whole):
+    throughput and padding (and the model step's); host-to-device traffic, slot fields, memory."""
     rows = result["strategies"]
     with_step = any(r["step"] for r in rows.values())
     cfg, machine = result["config"], result["machine"]
     size = (f"--batch-tokens {cfg['batch_tokens']:,}" if cfg["batch_tokens"] else
             f"--batch-samples {cfg['batch_samples']}")
-    table = Table(title=f"batching strategies: {size}, {cfg['steps']} batches each "
+    speed = Table(title=f"batching strategies: {size}, {cfg['steps']} batches each "
                         f"(after {cfg['warmup']} warm-up), {cfg['num_workers']} {cfg['worker_type']} workers",
                   title_justify="left", show_edge=False)
-    cols = ["strategy", "samples/batch", "samples/s", "real tok/s", "batches/s", "padding",
-            "H2D one buffer", "H2D per field", "slot fields", "RSS now / peak"]
+    cols = ["strategy", "samples/batch", "samples/s", "real tok/s", "batches/s", "padding"]
     if with_step:
         cols += ["step real tok/s", "data wait"]
     for col in cols:
-        table.add_column(col, justify="left" if col in ("strategy",) or col.startswith("H2D") else "right")
+        speed.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
+    first = next(iter(rows.values()))
+    timed = first["h2d"]["timing"]
+    traffic = Table(title="per batch: host-to-device copies × bytes" +
+                          ("" if first["h2d"]["one_buffer"]["seconds_per_batch"] is None else " · time") +
+                          f", slot fields computed on {cfg['device']}, memory",
+                    title_justify="left", show_edge=False)
+    for col in ("strategy", "H2D one buffer", "H2D per field", "slot fields", "RSS now / peak"):
+        traffic.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
     for name, r in rows.items():
         cells = [f"[bold]{name}[/]", f"{r['mean_batch_samples']:,.1f}", _rate(r["samples_per_s"]),
                  _rate(r["real_tokens_per_s"]), f"{r['batches_per_s']:,.1f}",
-                 f"{100 * r['padding_fraction']:.1f}%", _h2d_cell(r["h2d"], "one_buffer"),
-                 _h2d_cell(r["h2d"], "per_field"), f"{1e3 * r['slot_fields_seconds_per_batch']:.2f} ms",
-                 f"{r['rss_mb']['after']:,.0f} / {r['rss_mb']['peak_so_far']:,.0f} MB"]
+                 f"{100 * r['padding_fraction']:.1f}%"]
         if with_step:
-            s = r["step"]
-            cells += [_rate(s["real_tokens_per_s"]) if s else "", f"{100 * s['data_wait_fraction']:.1f}%" if s else ""]
-        table.add_row(*cells)
-    first = next(iter(rows.values()))
+            st = r["step"]
+            cells += [_rate(st["real_tokens_per_s"]) if st else "", f"{100 * st['data_wait_fraction']:.1f}%" if st else ""]
+        speed.add_row(*cells)
+        traffic.add_row(f"[bold]{name}[/]", _h2d_cell(r["h2d"], "one_buffer"), _h2d_cell(r["h2d"], "per_field"),
+                        f"{1e3 * r['slot_fields_seconds_per_batch']:.2f} ms",
+                        f"{r['rss_mb']['after']:,.0f} / {r['rss_mb']['peak_so_far']:,.0f} MB")
     data = result["data"]
-    table.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
-                     f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · H2D: copies × · "
-                     f"bytes · time per batch, time {first['h2d']['timing']} · slot fields: per-slot indices "
-                     f"computed on {cfg['device']} from the segment table, per batch, not in samples/s · torch {machine['torch']}, "
+    speed.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
+                     f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · torch {machine['torch']}, "
                      f"{machine['cpu_count']} CPUs" + (f", {machine['accelerator']}" if machine["accelerator"] else ""))
-    table.caption_justify = "left"
-    return table
+    traffic.caption = (f"H2D time: {timed} · slot fields: the per-slot index fields computed from the "
+                       "batch's segment table where it is read, not counted in samples/s")
+    for t in (speed, traffic):
+        t.caption_justify = "left"
+    return Group(speed, Text(""), traffic)
 
 
 def run_profile(cfg: "ProfileConfig", console: Console, json_path: Path | None = None,

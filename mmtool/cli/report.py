@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, List
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from mmtool.cli.app import app
 
@@ -16,13 +17,17 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def report_table(report: dict[str, Any]) -> Table:
-    """One row per entry: settings, final metrics, probe summary, importance ranking, transfer."""
-    table = Table(title="runs side by side", title_justify="left", show_edge=False)
+def report_table(report: dict[str, Any]) -> Group:
+    """Two tables, one row per entry each: the runs (settings, final metrics, steadiness), and what
+    they learned (probe summary, importance ranking, transfer)."""
+    runs = Table(title="runs side by side", title_justify="left", show_edge=False)
     for col in ("run", "fusion", "data", "batching", "steps", "final loss (last 10%)", "per objective",
-                "tok/s", "grad norm (cv)", "attention to other modalities", "grad/token", "importance",
-                "transfer ratio"):
-        table.add_column(col, justify="right" if col in ("steps", "tok/s", "grad norm (cv)") else "left")
+                "tok/s", "grad norm (cv)"):
+        runs.add_column(col, justify="right" if col in ("steps", "tok/s", "grad norm (cv)") else "left",
+                        no_wrap=col == "run")
+    learned = Table(title="what they learned", title_justify="left", show_edge=False)
+    for col in ("run", "attention to other modalities", "grad/token", "importance", "transfer ratio"):
+        learned.add_column(col, no_wrap=col == "run")
     for e in report["entries"]:
         cfg, fin = e.get("config", {}), e.get("final", {})
         probes = (e.get("probes") or {}).get("last", {})
@@ -41,25 +46,29 @@ def report_table(report: dict[str, Any]) -> Table:
         elif cfg.get("batch_tokens"):
             batching += f", {cfg['batch_tokens']:,} tokens"
         grad = fin.get("grad_norm")
-        table.add_row(
-            f"[bold]{e['name']}[/]", fusion,
-            ", ".join(Path(str(d)).name for d in cfg.get("data") or []) or "–", batching,
+        name = f"[bold]{e['name']}[/]"
+        runs.add_row(
+            name, fusion, ", ".join(Path(str(d)).name for d in cfg.get("data") or []) or "–", batching,
             str(fin.get("step", "–")),
             f"{_fmt(fin.get('loss'))} ({_fmt(fin.get('loss_tail'))})" if fin else "–",
             " ".join(f"{k} {v:.3f}" for k, v in (fin.get("losses_tail") or {}).items()) or "–",
             _fmt(fin.get("tokens_per_s"), ",.0f"),
-            f"{grad['mean']:.2f} ({grad['cv']:.2f})" if grad else "–",
+            f"{grad['mean']:.2f} ({grad['cv']:.2f})" if grad else "–")
+        learned.add_row(
+            name,
             " ".join(f"{k} {v:.2f}" for k, v in (probes.get("attention_to_others") or {}).items()
                      if k != "separator") or "–",
             " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
             imp,
             " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
-    table.caption = ("final loss: last step (mean of the last 10% of steps) · grad norm: mean (std / mean) "
-                     "after the first 10% of steps · attention: share each modality's "
-                     "tokens send to other modalities, mean over layers and the last quarter of probe steps · importance: "
-                     "`mmtool ablate` ranking · transfer: pretrained/scratch, `mmtool eval-transfer`")
-    table.caption_justify = "left"
-    return table
+    runs.caption = ("final loss: last step (mean of the last 10% of steps) · grad norm: mean (std / mean) "
+                    "after the first 10% of steps")
+    learned.caption = ("attention: share each modality's tokens send to other modalities, mean over layers "
+                       "and the last quarter of probe steps · grad/token: at each modality's encoder · "
+                       "importance: `mmtool ablate` ranking · transfer: pretrained/scratch, `mmtool eval-transfer`")
+    for t in (runs, learned):
+        t.caption_justify = "left"
+    return Group(runs, Text(""), learned)
 
 
 @app.command("report")
