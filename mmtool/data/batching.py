@@ -323,16 +323,15 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
         first = per_stream[k][0]
         n = ntok[g0:g1]  # [g]
         start = index.seg_start[segs_g[g0:g1]]  # [g] first id, or first float, in the shard
-        # Token i of the run is token i - tok_first[g] of its segment g.
-        step_back = np.repeat(tok_first[g0:g1] - t0, n)  # [t]
+        back = tok_first[g0:g1] - t0  # [g] the run's token number of each segment's token 0
         src = index.shards[sh]
         info = index.streams[k]
-        if info.kind == "ids":
-            at = np.repeat(start, n) - step_back  # [t]
+        if info.kind == "ids":  # token i of the run, in segment g, is id start[g] + i - back[g]
+            at = np.repeat(start - back, n)  # [t]
             at += np.arange(t1 - t0)
             np.take(src.ids, at, out=v[f"s{k}.ids"][t0 - first:t1 - first])
         else:
-            _gather_rows(src.values, info.dim, start, n, step_back, v[f"s{k}.values"][t0 - first:t1 - first])
+            _gather_rows(src.values, info.dim, start, back, n, v[f"s{k}.values"][t0 - first:t1 - first])
     sep_id = index.stream_ids[SEPARATOR]
     streams = tuple(per_stream) + ((sep_id,) if n_sep else ())
     return Batch.from_numpy(buf, plan.specs, layout, streams, num_slots=n_slots,
@@ -340,24 +339,25 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
                             num_separators=n_sep)
 
 
-def _gather_rows(values: np.ndarray, dim: int, start: np.ndarray, n: np.ndarray,
-                 step_back: np.ndarray, out: np.ndarray) -> None:
+def _gather_rows(values: np.ndarray, dim: int, start: np.ndarray, back: np.ndarray, n: np.ndarray,
+                 out: np.ndarray) -> None:
     """Copies the token rows of a run of segments from a shard's flat `values` into `out`.
 
     Args:
         values: float32 [F] the shard's flat values. dim: floats per token.
-        start: [g] first float of each segment. n: [g] tokens of each segment.
-        step_back: [Σ n] for token i of the run, i minus its index within its segment.
+        start: [g] first float of each segment. back: [g] the run's token number of each
+            segment's token 0. n: [g] tokens of each segment.
         out: float32 [Σ n, dim].
     """
-    t = np.arange(len(out))  # [t]
+    t = np.arange(len(out))  # [t] the run's token numbers
     if dim == 1 or not (start % dim).any():  # every segment starts on a row: a [F/dim, dim] view
         rows = values[:len(values) // dim * dim].reshape(-1, dim)  # zero-copy
-        at = np.repeat(start // dim, n) - step_back  # [t]
-        np.take(rows, at + t, axis=0, out=out)
+        at = np.repeat(start // dim - back, n)  # [t]
+        at += t
+        np.take(rows, at, axis=0, out=out)
     else:  # rows at arbitrary float offsets: a sliding-window view (row r = values[r:r+dim])
         windows = np.lib.stride_tricks.sliding_window_view(values, dim)  # [F-dim+1, dim]
-        out[:] = windows[np.repeat(start, n) + (t - step_back) * dim]
+        out[:] = windows[np.repeat(start - back * dim, n) + t * dim]
 
 
 def padding_fraction(batch: Batch, size: BatchSize) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmtool.data.batching import (STRATEGIES, BatchSize, _fill_bins, assemble, check_budget,
-                                  padding_fraction)
+from mmtool.data.batching import (STRATEGIES, BatchSize, _fill_bins, _gather_rows, assemble,
+                                  check_budget, padding_fraction)
 from mmtool.data.index import SEPARATOR, TokenIndex
 from mmtool.data.mixture import Mixture
 from mmtool.data.schema import Sample, timestep_layout
@@ -210,6 +210,19 @@ def test_packed_respects_budget_with_little_padding(mix):
             assert index.lengths[planned].sum() <= BUDGET
             fractions.append(padding_fraction(assemble(index, planned, "packed"), size))
     assert np.mean(fractions) <= 0.02, np.mean(fractions)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gather_rows_copies_each_segments_token_rows(aligned):
+    """A shard whose values mix vector sizes puts segments at any float offset: both paths."""
+    dim, values = 4, np.arange(100, dtype=np.float32)
+    start = np.array([8, 40, 20]) + (0 if aligned else 1)  # segments' first floats
+    n = np.array([3, 2, 4])  # tokens per segment
+    back = np.array([0, 3, 5])  # their first token in the run
+    out = np.full((9, dim), np.nan, np.float32)
+    _gather_rows(values, dim, start, back, n, out)
+    expected = np.concatenate([values[a:a + k * dim].reshape(k, dim) for a, k in zip(start, n)])
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_fill_bins_on_a_known_instance():
