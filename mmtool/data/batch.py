@@ -112,6 +112,10 @@ class Batch:
     h2d_copies: int = 0
     h2d_bytes: int = 0
     _views: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _by_name: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {s.name: s for s in self.specs}
 
     def __getstate__(self) -> dict[str, Any]:  # views are rebuilt on demand, never shipped
         return {**self.__dict__, "_views": {}}
@@ -119,7 +123,7 @@ class Batch:
     def __getitem__(self, name: str) -> torch.Tensor:
         view = self._views.get(name)
         if view is None:
-            spec = self._stored().get(name)
+            spec = self._by_name.get(name)
             if spec is None:
                 if name not in self:
                     raise KeyError(f"batch has no field {name!r} (fields: {', '.join(self.names())})")
@@ -130,27 +134,15 @@ class Batch:
             self._views[name] = view
         return view
 
-    def _stored(self) -> dict[str, FieldSpec]:
-        index = self.__dict__.get("_by_name")
-        if index is None:
-            index = self.__dict__["_by_name"] = {s.name: s for s in self.specs}
-        return index
-
     def names(self) -> list[str]:
         """Stored fields, then the slot-level fields computed on access."""
-        stored = list(self._stored())
+        stored = list(self._by_name)
         derived = [] if "slot_sample" in stored or "seg_order" not in stored else \
             [*SLOT_FIELDS, *(f"s{k}.{p}" for k in self.streams for p in ("slot", "pos"))]
         return stored + derived
 
     def __contains__(self, name: str) -> bool:
-        return name in self._stored() or name in self.names()
-
-    def _spec(self, name: str) -> FieldSpec:
-        spec = self._stored().get(name)
-        if spec is None:
-            raise KeyError(f"batch stores no field {name!r} (stored: {', '.join(self._stored())})")
-        return spec
+        return name in self._by_name or name in self.names()
 
     @property
     def token_streams(self) -> tuple[int, ...]:
@@ -161,13 +153,12 @@ class Batch:
         """Tokens of stream `k` in the batch (host-side: no device read)."""
         if k == self.sep_stream:
             return self.num_separators
-        stored = self._stored()
-        spec = stored.get(f"s{k}.ids") or stored.get(f"s{k}.values")
+        spec = self._by_name.get(f"s{k}.ids") or self._by_name.get(f"s{k}.values")
         return spec.shape[0] if spec else 0
 
     @property
     def batch_size(self) -> int:
-        return self._spec("seqlens").shape[0]
+        return self._by_name["seqlens"].shape[0]
 
     @property
     def max_seqlen(self) -> int:
