@@ -36,7 +36,7 @@ SLOT_FIELDS = ("slot_sample", "slot_pos", "slot_stream", "slot_segment")
 
 
 class _NumpyOps:
-    """The few array calls `derive` makes, on the host in numpy (about 1.5x torch's speed there)."""
+    """The few array calls `derive` makes, on the host in numpy (1.5-2x torch's speed there)."""
 
     @staticmethod
     def read(batch: "Batch", name: str) -> np.ndarray:
