@@ -248,6 +248,29 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
     return result
 
 
+def step_objectives(streams: list) -> dict[str, float]:
+    """The default training objectives that these streams can feed (e.g. masked-patch alone for an
+    embedding folder, which has no ids to predict): profiling times a step, it needs no recipe.
+
+    Raises:
+        MMToolError: none of them can (the first one's error says what it needs).
+    """
+    from mmtool.models.model import ModelConfig
+    from mmtool.models.objectives import build_objective
+
+    fit, first_error = {}, None
+    for name, weight in ModelConfig().objectives.items():
+        try:
+            build_objective(name, streams, d_model=8, mask_ratio=0.5)
+        except MMToolError as err:
+            first_error = first_error or err
+            continue
+        fit[name] = weight
+    if not fit:
+        raise first_error
+    return fit
+
+
 def model_step(cfg: ProfileConfig, size: str) -> Callable[[Batch], None]:
     """A training step (forward, backward, AdamW) of a `size` model built for `cfg`'s data."""
     from mmtool.data.index import TokenIndex
@@ -256,7 +279,7 @@ def model_step(cfg: ProfileConfig, size: str) -> Callable[[Batch], None]:
 
     streams = TokenIndex([s.path for s in parse_data_specs(cfg.data)], verify=False).streams
     torch.manual_seed(cfg.seed)
-    model = build_model(ModelConfig(size=size), streams).to(cfg.device)
+    model = build_model(ModelConfig(size=size, objectives=step_objectives(streams)), streams).to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(cfg.seed)
 

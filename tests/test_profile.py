@@ -12,8 +12,9 @@ import torch
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.errors import MMToolError
+from mmtool.data.index import Stream
 from mmtool.profile import (DEFAULT_STRATEGIES, NO_ACCELERATOR, ProfileConfig, check_plot_path,
-                            plot_profile, profile_strategies)
+                            plot_profile, profile_strategies, step_objectives)
 
 STEPS = 5
 
@@ -136,3 +137,13 @@ def test_cuda_without_a_device_is_refused(folders):
 def test_plot_path_needs_an_image_suffix(tmp_path):
     with pytest.raises(MMToolError, match="--plot .*chart.txt: expected a file ending in .png"):
         check_plot_path(tmp_path / "chart.txt")
+
+
+def test_the_profiled_step_trains_the_default_objectives_the_data_can_feed():
+    patches = Stream("image:patches", "image", "values", dim=16)
+    text = Stream("text:wordpiece", "text", "ids", vocab_size=100)
+    assert step_objectives([patches, text]) == {"next-token": 1.0, "masked-patch": 1.0}
+    assert step_objectives([patches]) == {"masked-patch": 1.0}  # e.g. an embedding folder
+    assert step_objectives([text]) == {"next-token": 1.0}
+    with pytest.raises(MMToolError, match="next-token"):
+        step_objectives([Stream("separator", "separator", "none")])
