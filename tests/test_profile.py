@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from mmtool.data.index import Stream
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.errors import MMToolError
-from mmtool.data.index import Stream
 from mmtool.profile import (DEFAULT_STRATEGIES, NO_ACCELERATOR, ProfileConfig, check_plot_path,
                             plot_profile, profile_strategies, step_objectives)
 
