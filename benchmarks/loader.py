@@ -18,7 +18,8 @@ spoken-digits (100), cartpole episodes, pydocs (all ~6.3k) — and reads it with
     buffers out as numpy views (zero-copy), samples/s; and the same scan copying the buffers once
     (real tokens/s: the memory-bandwidth bound for any loader that writes its tokens); packed as a
     fraction of each;
-(d) padding fraction of `packed` vs `padded` (same token budget, and 32 samples per batch);
+(d) padding fraction of `packed` vs `padded`, `by-modality` and `by-modality-sorted` (same token
+    budget, and 32 samples per batch);
 (e) RSS of the packed loader after each of 10 epochs.
 
 The machine is shared and noisy, so (a) and (b) are measured in `--rounds` interleaved rounds
@@ -273,9 +274,11 @@ def main() -> None:
                             ("--batch-tokens 65536", {"batch_tokens": 65536}),
                             ("--batch-samples 32", {"batch_samples": 32})):
             packed = runs[(label, 0)]
-            padded = measure(data, args.samples, "padded", 0, epochs=1, **size)
-            print(f"    {label:<21} packed {100 * packed['pad_mean']:5.2f}% [{100 * packed['pad_tokens']:5.2f}%]"
-                  f"   padded {100 * padded['pad_mean']:5.2f}% [{100 * padded['pad_tokens']:5.2f}%]")
+            other = {name: measure(data, args.samples, name, 0, epochs=1, **size)
+                     for name in ("padded", "by-modality", "by-modality-sorted")}
+            print(f"    {label:<21} packed {100 * packed['pad_mean']:5.2f}% [{100 * packed['pad_tokens']:5.2f}%]" +
+                  "".join(f"   {name} {100 * r['pad_mean']:5.2f}% [{100 * r['pad_tokens']:5.2f}%]"
+                          for name, r in other.items()))
         p4 = measure(data, args.samples, "packed", 0, epochs=1, batch_tokens=4096)
         print(f"    --batch-tokens 4096   packed {100 * p4['pad_mean']:5.2f}%  (1,400-token episodes: "
               "at most 2 fit, the rest of the budget needs small samples the mixture lacks)")

@@ -40,7 +40,7 @@ from mmtool.data.batching import STRATEGIES, BatchSize, padding_fraction
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.errors import MMToolError
 
-DEFAULT_STRATEGIES = ["per-sample", "by-modality", "padded", "packed"]
+DEFAULT_STRATEGIES = ["per-sample", "by-modality", "by-modality-sorted", "padded", "packed"]
 NO_ACCELERATOR = "n/a (no accelerator)"
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 

@@ -21,7 +21,7 @@ from mmtool.data.shards import atomic_write_json
 if TYPE_CHECKING:
     from mmtool.profile import ProfileConfig
 
-DEFAULT_STRATEGIES = "per-sample,by-modality,padded,packed"
+DEFAULT_STRATEGIES = "per-sample,by-modality,by-modality-sorted,padded,packed"
 """`--strategies` default; equal to `mmtool.profile.DEFAULT_STRATEGIES` (a test checks)."""
 
 

@@ -8,8 +8,8 @@ A strategy has two halves:
 * `assemble` turns one planned batch into a `Batch` buffer with a few vectorized numpy gathers —
   no Python loop over samples or tokens.
 
-Registered strategies (`mmtool ls strategies`): `per-sample`, `by-modality`, `padded`, `packed`,
-`embeddings`.
+Registered strategies (`mmtool ls strategies`): `per-sample`, `by-modality`, `by-modality-sorted`,
+`padded`, `packed`, `embeddings`.
 The padding fraction of a batch is the share of its token capacity that holds no real token:
 capacity is B·L for padded layouts and the token budget for `packed` with `--batch-tokens`.
 """
@@ -200,12 +200,35 @@ def _plan_by_modality(index, order, size):
     return [batches[i] for i in np.argsort(firsts, kind="stable")]
 
 
+def _plan_by_modality_sorted(index, order, size, window: int = 64):
+    """`by-modality` with length bucketing: within each signature group, the samples of every
+    window of ~`window` batches are sorted by length before being cut into padded batches, and the
+    window's batches are emitted in a pseudo-random order (as `packed` does with its bins)."""
+    sig = index.signature[order]
+    lengths = index.lengths
+    mean_len = max(float(lengths[order].mean()), 1.0) if len(order) else 1.0
+    take = max(window * (size.samples or int(size.tokens / mean_len)), 1)  # samples per window
+    batches, firsts = [], []
+    for s in np.unique(sig):
+        where = np.flatnonzero(sig == s)
+        for at in range(0, len(where), take):
+            chunk = where[at:at + take]  # [w] positions in the mixture order
+            by_len = order[chunk][np.argsort(lengths[order[chunk]], kind="stable")]
+            planned = _plan_padded(index, by_len, size)
+            rng = np.random.default_rng(by_len[:8].tolist() + [len(batches)])
+            batches.extend(planned[i] for i in rng.permutation(len(planned)))
+            firsts.extend([int(chunk[0])] * len(planned))
+    return [batches[i] for i in np.argsort(firsts, kind="stable")]
+
+
 # per-sample uses the padded layout: a [1, L] row has no padding, whereas the packed layout would
 # measure the lone sample against the whole --batch-tokens budget (e.g. 90% "padding").
 STRATEGIES.add("per-sample", Strategy("padded", _plan_per_sample),
                "one sample per batch: no padding, no batching benefit")
 STRATEGIES.add("by-modality", Strategy("padded", _plan_by_modality),
                "batches of samples that share a modality signature, padded to the longest")
+STRATEGIES.add("by-modality-sorted", Strategy("padded", _plan_by_modality_sorted),
+               "by-modality with length bucketing: each signature's samples sorted by length within windows")
 STRATEGIES.add("padded", Strategy("padded", _plan_padded),
                "mixed batches, every sample padded to the longest, with masks")
 STRATEGIES.add("packed", Strategy("packed", _plan_packed),

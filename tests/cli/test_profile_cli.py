@@ -23,11 +23,11 @@ def test_profile_writes_table_json_and_png(data, tmp_path, cli):
     out_json, out_png = tmp_path / "out" / "profile.json", tmp_path / "out" / "profile.png"
     proc = cli("profile", "--data", data / "digits", "--data", f"{data / 'cartpole'}=2",
                "--batch-tokens", "2048", "--steps", "3", "--json", out_json, "--plot", out_png)
-    for name in ("per-sample", "by-modality", "padded", "packed"):
+    for name in ("per-sample", "by-modality", "by-modality-sorted", "padded", "packed"):
         assert name in proc.stdout
     assert "n/a (no accelerator)" in proc.stdout or "measured on cuda" in proc.stdout
     result = json.loads(out_json.read_text())
-    assert list(result["strategies"]) == ["per-sample", "by-modality", "padded", "packed"]
+    assert list(result["strategies"]) == ["per-sample", "by-modality", "by-modality-sorted", "padded", "packed"]
     assert result["config"]["batch_tokens"] == 2048 and result["config"]["steps"] == 3
     assert all(r["batches"] == 3 and r["samples_per_s"] > 0 for r in result["strategies"].values())
     png = out_png.read_bytes()

@@ -13,7 +13,7 @@ from mmtool.data.mixture import Mixture
 from mmtool.data.schema import Sample, timestep_layout
 from mmtool.errors import MMToolError
 
-ALL_STRATEGIES = ("per-sample", "by-modality", "padded", "packed")
+ALL_STRATEGIES = ("per-sample", "by-modality", "by-modality-sorted", "padded", "packed")
 BUDGET = 2048  # tokens; the longest sample (a cartpole episode) has 1400
 
 
@@ -273,6 +273,20 @@ def test_by_modality_batches_hold_one_signature_each(mix):
         firsts = [rank[p[0]] for p in plan]
         assert firsts == sorted(firsts)
     assert len(np.unique(index.signature)) == 7  # the mixture really is mixed
+
+
+@pytest.mark.parametrize("size", [BatchSize(tokens=BUDGET), BatchSize(samples=8)])
+def test_by_modality_sorted_keeps_one_signature_per_batch_and_pads_less(mix, size):
+    index, _ = mix
+    order = Mixture(index.folder_sizes(), seed=0).epoch(0)
+
+    def padding(strategy):
+        plan = STRATEGIES.get(strategy).plan(index, order, size)
+        assert all(len(np.unique(index.signature[p])) == 1 for p in plan)
+        return np.mean([1 - index.lengths[p].sum() / (len(p) * index.lengths[p].max()) for p in plan])
+
+    plain, bucketed = padding("by-modality"), padding("by-modality-sorted")
+    assert bucketed < min(plain / 4, 0.10), (plain, bucketed)
 
 
 def test_batch_samples_gives_identical_sample_sets_for_packed_and_padded(mix):
