@@ -58,12 +58,12 @@ def profile_table(result: dict[str, Any]) -> Group:
         speed.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
     first = next(iter(rows.values()))
     timed = first["h2d"]["timing"]
-    traffic = Table(title="per batch: host-to-device copies × bytes" +
+    traffic = Table(title="per batch: host-to-device copies × bytes (one buffer; one per field)" +
                           ("" if first["h2d"]["one_buffer"]["seconds_per_batch"] is None else " · time") +
                           f", slot fields computed on {cfg['device']}, memory",
                     title_justify="left", show_edge=False)
-    for col in ("strategy", "H2D one buffer", "H2D per field", "slot fields", "RSS now / peak"):
-        traffic.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
+    for col in ("strategy", "one buffer", "per field", "slot fields", "RSS now/peak"):
+        traffic.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for name, r in rows.items():
         cells = [f"[bold]{name}[/]", f"{r['mean_batch_samples']:,.1f}", _rate(r["samples_per_s"]),
                  _rate(r["real_tokens_per_s"]), f"{r['batches_per_s']:,.1f}",
@@ -74,7 +74,7 @@ def profile_table(result: dict[str, Any]) -> Group:
         speed.add_row(*cells)
         traffic.add_row(f"[bold]{name}[/]", _h2d_cell(r["h2d"], "one_buffer"), _h2d_cell(r["h2d"], "per_field"),
                         f"{1e3 * r['slot_fields_seconds_per_batch']:.2f} ms",
-                        f"{r['rss_mb']['after']:,.0f} / {r['rss_mb']['peak_so_far']:,.0f} MB")
+                        f"{r['rss_mb']['after']:,.0f}/{r['rss_mb']['peak_so_far']:,.0f} MB")
     data = result["data"]
     speed.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
                      f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · torch {machine['torch']}, "
