@@ -98,6 +98,12 @@ def _greedy_padded(index: TokenIndex, order: np.ndarray, budget: int) -> list[np
     return batches
 
 
+def _window_samples(lengths: np.ndarray, order: np.ndarray, size: BatchSize, window: int) -> int:
+    """Samples in `window` batches of `size` (by the order's mean length for a token budget)."""
+    mean_len = max(float(lengths[order].mean()), 1.0) if len(order) else 1.0
+    return max(int(window * (size.samples or size.tokens / mean_len)), 1)
+
+
 def _fill_bins(lengths: np.ndarray, budget: int) -> tuple[list[np.ndarray], list[int]]:
     """Packs samples into bins of `budget` tokens, one bin at a time, largest fitting first.
 
@@ -154,8 +160,7 @@ def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
     batches: list[np.ndarray] = []
     carry = np.zeros(0, np.int64)
     pos = 0
-    mean_len = max(float(lengths[order].mean()), 1.0) if len(order) else 1.0
-    take = max(int(window * budget / mean_len), 1)
+    take = _window_samples(lengths, order, BatchSize(tokens=budget), window)
     while pos < len(order) or len(carry):
         chunk = np.concatenate([carry, order[pos:pos + take]])
         pos += take
@@ -206,8 +211,7 @@ def _plan_by_modality_sorted(index, order, size, window: int = 64):
     window's batches are emitted in a pseudo-random order (as `packed` does with its bins)."""
     sig = index.signature[order]
     lengths = index.lengths
-    mean_len = max(float(lengths[order].mean()), 1.0) if len(order) else 1.0
-    take = max(window * (size.samples or int(size.tokens / mean_len)), 1)  # samples per window
+    take = _window_samples(lengths, order, size, window)
     batches, firsts = [], []
     for s in np.unique(sig):
         where = np.flatnonzero(sig == s)
