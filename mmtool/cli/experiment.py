@@ -1,0 +1,44 @@
+"""`mmtool experiment NAME`: run a shipped experiment (the positive controls) and print its checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmtool.cli.app import app
+from mmtool.errors import MMToolError
+
+
+@app.command("experiment")
+def experiment(
+    name: str = typer.Argument(..., help="Experiment (`mmtool ls experiments`), e.g. controls."),
+    workdir: Path = typer.Option(Path("mmtool-experiments"), help="Folder for data, runs and results (reused)."),
+    seed: int = typer.Option(0, help="Seed of the split, training and evaluation."),
+    steps: int = typer.Option(None, help="Training steps (default: each experiment's calibrated setting)."),
+    episodes: int = typer.Option(100, help="k-shot episodes per k."),
+) -> None:
+    """Run a shipped experiment; a positive control exits 2 when its instrument misses the known answer."""
+    from mmtool.experiments import ExperimentConfig, run_experiment
+
+    console = Console(highlight=False)
+    with console.status(f"experiment {name}") as status:
+        results = run_experiment(name, ExperimentConfig(workdir=workdir, seed=seed, steps=steps,
+                                                        episodes=episodes),
+                                 say=lambda m: status.update(m))
+    for r in results:
+        table = Table(title=f"{r.name}: {'[green]passed[/]' if r.passed else '[red]FAILED[/]'}",
+                      title_justify="left", show_edge=False)
+        table.add_column("claim")
+        table.add_column("result")
+        table.add_column("measured")
+        for c in r.checks:
+            table.add_row(c.claim, "[green]pass[/]" if c.passed else "[red]FAIL[/]", c.detail)
+        console.print(table)
+        console.print(f"  details: {workdir / r.name / 'result.json'}\n")
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        raise MMToolError(f"positive control(s) failed: {', '.join(failed)}: the instrument did not "
+                          "find the known answer (see the tables above)")
