@@ -20,6 +20,7 @@ gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from mmtool import checkpoint
 from mmtool.config import from_dict, to_dict
 from mmtool.data.loader import Loader, LoaderConfig
+from mmtool.data.mixture import resolve_mix_by
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, build_model
@@ -58,6 +60,12 @@ class TrainConfig:
     """Mixture temperature: p ∝ weight · n^(1/T)."""
     samples_per_epoch: int | None = None
     """Draws per epoch (default: every sample once)."""
+    mix_by: str | None = None
+    """What a mixture weight is a share of: tokens or samples (`--mix-by`; None: the mixture YAML's
+    `mix_by`, else tokens). config.json records the value used."""
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    """Rows read for pretraining, by their `split` column (`--splits train[,validation,test]`):
+    validation and test rows stay out by default so that evaluation sees unseen data."""
     num_workers: int = 1
     """Loader worker threads that assemble batches ahead of the model (0: on demand)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -96,6 +104,7 @@ class TrainConfig:
                             batch_tokens=None if samples else self.batch_tokens,
                             batch_samples=samples, temperature=self.temperature, seed=self.seed,
                             samples_per_epoch=self.samples_per_epoch, num_workers=self.num_workers,
+                            mix_by=self.mix_by, splits=list(self.splits),
                             rank=rank, world_size=world, pin_memory=pin)
 
 
@@ -161,7 +170,8 @@ def _prepare_run(cfg: TrainConfig, resume: bool) -> Path | None:
         raise MMToolError(f"--resume: {out} holds no run (no config.json)")
     old = json.loads(saved.read_text())
     mine = to_dict(cfg)
-    for key in ("model", "data", "strategy", "batch_tokens", "batch_samples", "seed", "grad_accum"):
+    for key in ("model", "data", "strategy", "batch_tokens", "batch_samples", "seed", "grad_accum",
+                "mix_by", "splits"):
         if old.get(key) != mine.get(key):
             raise MMToolError(f"--resume: {out} was trained with {key}={old.get(key)!r}, this command "
                               f"gives {mine.get(key)!r}; use the same settings or a new --out")
@@ -195,6 +205,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             loss (after saving what is safe: metrics up to the failing step; checkpoints untouched).
     """
     _validate(cfg)
+    cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     ddp = _init_distributed(kind)
     device = _device(cfg.device, ddp.local_rank)
