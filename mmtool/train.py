@@ -11,7 +11,8 @@ Run folder::
     RUN/config.json      everything needed to rebuild the run
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source;
                          an objective with no targets in the step is left out, not logged as 0),
-                         real tokens/s, data-wait fraction, lr, grad norm
+                         real tokens/s, data-wait fraction, lr, grad norm, and `token_share`:
+                         each source folder's share of the step's real tokens (this rank's)
     RUN/checkpoints/     see `mmtool.checkpoint`
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
@@ -247,7 +248,9 @@ def train(cfg: TrainConfig, resume: bool = False,
         if on_start:
             on_start({"parameters": model.num_parameters(), "start_step": step,
                       "resumed_from": str(start_ckpt) if start_ckpt else None,
-                      "streams": [s.key for s in loader.index.streams], "world_size": ddp.world})
+                      "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
+                      "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
+                      "warnings": loader.warnings()})
 
     def save() -> Path | None:
         states = [None] * ddp.world
@@ -275,6 +278,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                 group["lr"] = lr
             t0 = time.perf_counter()
             wait, tokens, losses, by_stream, by_source, total = 0.0, 0, {}, {}, {}, 0.0
+            source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
             probing = probes is not None and probes.due(step)
             if probing:
                 probes.start()
@@ -304,6 +308,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     losses.setdefault(k, []).append(float(output.losses[k].detach()))
                 for k, v in output.by_stream.items():
                     by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
+                source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(),
+                                             batch["seqlens"].cpu().numpy(), len(names)).astype(np.int64)
                 for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
                     by_source[k] = by_source.get(k, 0.0) + v / cfg.grad_accum
             if probing:
@@ -320,6 +326,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             losses = {k: sum(v) / len(v) for k, v in losses.items()}  # mean over micro-batches with it
             line = {"step": step, "loss": total, "losses": losses, "by_stream": by_stream,
                     "by_source": by_source, "tokens": tokens,
+                    "token_share": {names[f]: float(source_tokens[f] / max(source_tokens.sum(), 1))
+                                    for f in np.flatnonzero(source_tokens)},
                     "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,
                     "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds}
             if probing:

@@ -84,6 +84,9 @@ def run_training(cfg, resume: bool, console: Console) -> dict:
             console.print(f"model {cfg.model.size}/{cfg.model.fusion}: {info['parameters']:,} parameters; "
                           f"streams {', '.join(info['streams'])}"
                           + (f"; resuming {info['resumed_from']}" if info["resumed_from"] else ""))
+            console.print(f"mixture: weights are shares of {info['mix_by']}; splits {','.join(info['splits'])}")
+            for line in info["warnings"]:
+                console.print(f"[yellow]warning:[/] {line}")
 
         def on_step(line: dict) -> None:
             bar.update(task, completed=line["step"],

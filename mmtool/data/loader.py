@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtool.data.batch import Batch
-from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget
+from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget, plan_warnings
 from mmtool.data.index import TokenIndex
 from mmtool.data.mixture import Mixture, parse_data_specs, resolve_mix_by
 from mmtool.data.schema import SPLITS
@@ -182,6 +182,11 @@ class Loader:
             everything = self.strategy.plan(self.index, self.order(epoch), self.size)
             self._plan_cache = (epoch, everything[self.cfg.rank::self.cfg.world_size])
         return self._plan_cache[1]
+
+    def warnings(self) -> list[str]:
+        """Lines saying where the current epoch's batches stray from the mixture (`plan_warnings`)."""
+        return plan_warnings(self.index, self.order(self.epoch), self.plan(self.epoch), self.size,
+                             self.cfg.strategy)
 
     def __len__(self) -> int:
         """Batches of this rank in the current epoch."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmtool.data.batching import (STRATEGIES, BatchSize, _fill_bins, _gather_rows, assemble,
+from mmtool.data.batching import (STRATEGIES, BatchSize, _gather_rows, assemble,
                                   check_budget, padding_fraction)
 from mmtool.data.index import SEPARATOR, TokenIndex
 from mmtool.data.mixture import Mixture
@@ -223,27 +223,6 @@ def test_gather_rows_copies_each_segments_token_rows(aligned):
     _gather_rows(values, dim, start, back, n, out)
     expected = np.concatenate([values[a:a + k * dim].reshape(k, dim) for a, k in zip(start, n)])
     np.testing.assert_array_equal(out, expected)
-
-
-def test_fill_bins_on_a_known_instance():
-    # Largest fitting first, bin by bin: [7, 3], [5, 4, 1], [2, 2]; the 12 over budget, alone, last.
-    lengths = np.array([5, 7, 1, 4, 3, 12, 2, 2])
-    bins, fills = _fill_bins(lengths, 10)
-    assert [sorted(lengths[b].tolist()) for b in bins] == [[3, 7], [1, 4, 5], [2, 2], [12]]
-    assert fills == [10, 10, 4, 12]
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_fill_bins_closes_a_bin_only_when_nothing_left_fits(seed):
-    rng = np.random.default_rng(seed)
-    lengths = np.concatenate([rng.integers(1, 60, 300), np.full(200, 10), rng.integers(200, 500, 40)])
-    budget = 512
-    bins, fills = _fill_bins(lengths, budget)
-    np.testing.assert_array_equal(np.sort(np.concatenate(bins)), np.arange(len(lengths)))
-    assert fills == [int(lengths[b].sum()) for b in bins] and max(fills) <= budget
-    for i in range(len(bins) - 1):
-        later = lengths[np.concatenate(bins[i + 1:])]
-        assert later.min() > budget - fills[i]  # first-fit-decreasing's guarantee, bin by bin
 
 
 @pytest.mark.parametrize("strategy", ["padded", "by-modality"])
