@@ -297,3 +297,41 @@ def test_batch_size_needs_exactly_one():
     for bad in (dict(), dict(tokens=10, samples=2), dict(tokens=0), dict(samples=-1)):
         with pytest.raises(MMToolError, match="--batch-"):
             BatchSize(**bad)
+
+
+# -- packed follows the mixture order; warnings when batches do not -----------------------------
+def test_packed_bins_take_the_next_draws_of_the_order(mix):
+    from mmtool.data.batching import PACK_LOOKAHEAD
+
+    index, _ = mix
+    order = Mixture(index.folder_sizes(), seed=4).epoch(0)  # a permutation: positions are unique
+    plan = STRATEGIES.get("packed").plan(index, order, BatchSize(tokens=BUDGET))
+    where = np.empty(len(index), np.int64)
+    where[order] = np.arange(len(order))  # position of each sample in the mixture order
+    placed = where[np.concatenate(plan)]  # [L] order positions, in plan order
+    shift = np.arange(len(placed)) - placed  # how far packing moved each sample
+    longest_bin = max(len(p) for p in plan)
+    assert shift.max() <= PACK_LOOKAHEAD + longest_bin and -shift.min() <= PACK_LOOKAHEAD + longest_bin
+    fills = np.array([index.lengths[p].sum() for p in plan])
+    assert fills.max() <= BUDGET
+
+
+def test_plan_warnings_name_single_source_batches_and_whole_epoch_windows(mix):
+    from mmtool.data.batching import plan_warnings
+
+    index, _ = mix
+    size = BatchSize(tokens=BUDGET)
+    mixed = Mixture(index.folder_sizes(), seed=0).epoch(0)
+    plan = STRATEGIES.get("packed").plan(index, mixed, size)
+    assert plan_warnings(index, mixed, plan, size, "packed") == []
+    by_folder = np.sort(mixed)  # folder after folder: every batch holds one folder
+    plan = STRATEGIES.get("packed").plan(index, by_folder, size)
+    (line,) = plan_warnings(index, by_folder, plan, size, "packed")
+    assert "of one data folder only" in line
+    single = sum(len(np.unique(index.sample_folder[p])) == 1 for p in plan)
+    assert line.startswith(f"{single} of {len(plan)} batches") and single > 0.1 * len(plan)
+    small = mixed[:40]
+    lines = plan_warnings(index, small, STRATEGIES.get("packed").plan(index, small, size), size, "packed")
+    assert any("cover the whole epoch (40 samples)" in w for w in lines)
+    one = np.flatnonzero(index.sample_folder == 0)
+    assert plan_warnings(index, one, STRATEGIES.get("packed").plan(index, one, size), size, "packed") == []
