@@ -208,7 +208,7 @@ def main() -> None:
         folders = build(root, args.cartpole_episodes)
         data = [f"{f}=1" for f in folders]  # equal weights
         probe = Loader(LoaderConfig(data, samples_per_epoch=args.samples, batch_samples=1))
-        order = probe.mixture.epoch(0)
+        order = probe.order(0)
         lengths = probe.index.lengths[order]
         print(f"mixture: {args.samples:,} draws/epoch over {len(probe.index):,} samples, equal weights; "
               f"tokens/sample mean {lengths.mean():.0f}, max {lengths.max()}\n")

@@ -15,7 +15,10 @@ measures `steps` batches of each (after `warmup` batches that fill caches and wo
 * memory: peak RSS of the process so far (`ru_maxrss`, so it never falls between strategies) and
   current RSS (`/proc/self/statm`) before and after each strategy;
 * with a `step_fn` (the model's forward + backward on a batch), the step throughput in real tokens/s
-  and the fraction of the loop's time spent blocked in `next(iterator)` waiting for data.
+  and the fraction of the loop's time spent blocked in `next(iterator)` waiting for data;
+* the mixture: each folder's requested share (of tokens or samples, per `--mix-by`) against the
+  realised shares of tokens and samples over a whole epoch, and per strategy the token shares of
+  the measured batches, the share of them that hold one folder only, and the loader's warnings.
 
 The result is a JSON-ready dict; `plot_profile` draws it as bar charts. Nothing here prints.
 """
@@ -71,6 +74,10 @@ class ProfileConfig:
     """Mixture seed, the same for every strategy."""
     samples_per_epoch: int | None = None
     """Draws per epoch (default: every sample once); see `LoaderConfig`."""
+    mix_by: str | None = None
+    """What a weight is a share of: tokens or samples (`--mix-by`; see `LoaderConfig.mix_by`)."""
+    splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
+    """Rows profiled, by split column (`--splits`); all of them by default."""
     step_fn: Callable[[Batch], None] | None = None
     """Optional model step (forward + backward) called on each measured batch, on `device`."""
 
@@ -139,7 +146,8 @@ def _loader_config(cfg: ProfileConfig, strategy: str, verify: bool) -> LoaderCon
     return LoaderConfig(data=list(cfg.data), strategy=strategy, batch_tokens=cfg.batch_tokens,
                         batch_samples=cfg.batch_samples, seed=cfg.seed,
                         samples_per_epoch=cfg.samples_per_epoch, num_workers=cfg.num_workers,
-                        worker_type=cfg.worker_type, pin_memory=cfg.device == "cuda", verify=verify)
+                        worker_type=cfg.worker_type, pin_memory=cfg.device == "cuda", verify=verify,
+                        mix_by=cfg.mix_by, splits=list(cfg.splits))
 
 
 class _H2D:
@@ -191,6 +199,10 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
     loader = Loader(_loader_config(cfg, strategy, verify))
     stream = loader.forever()
     h2d = _H2D(cfg.device)
+    names = [f.name for f in loader.index.folders]
+    folder_tokens = np.zeros(len(names))  # [F] real tokens of the measured batches per folder
+    single = 0  # measured batches that hold one folder only
+    warnings = loader.warnings()
     try:
         for _ in range(cfg.warmup):
             next(stream)
@@ -207,6 +219,9 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
             real += batch.real_tokens
             slots += batch.num_slots
             pads.append(padding_fraction(batch, size))
+            folders = batch.numpy("sample_folder")
+            folder_tokens += np.bincount(folders, batch.numpy("seqlens"), len(names))
+            single += int(folders.min() == folders.max())
             per_field_before = h2d.seconds["per_field"]
             moved = h2d.move(batch)
             compare += h2d.seconds["per_field"] - per_field_before  # not part of the pipeline
@@ -241,6 +256,9 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
                    # Linux updates ru_maxrss lazily: it can trail the current RSS by a few pages
                    "peak_so_far": max(_peak_rss_mb(), now)},
         "step": None,
+        "token_share": {n: float(t / folder_tokens.sum()) for n, t in zip(names, folder_tokens)},
+        "single_source_fraction": single / cfg.steps,
+        "warnings": warnings,
     }
     if cfg.step_fn is not None:
         result["step"] = {"real_tokens_per_s": real / seconds, "step_seconds": step,
@@ -308,6 +326,7 @@ def profile_strategies(cfg: ProfileConfig) -> dict[str, Any]:
     data = {"folders": [{"path": str(f.path), "samples": f.n} for f in probe.index.folders],
             "samples": len(probe.index), "samples_per_epoch": probe.mixture.samples_per_epoch,
             "longest_sample_tokens": int(probe.index.lengths.max())}
+    mixture = mixture_shares(probe)
     for name in cfg.strategies[1:]:  # a too-small budget or bad worker flag fails here, not later
         Loader(_loader_config(cfg, name, verify=False))
     del probe
@@ -315,7 +334,27 @@ def profile_strategies(cfg: ProfileConfig) -> dict[str, Any]:
     config["step_fn"] = getattr(cfg.step_fn, "__qualname__", repr(cfg.step_fn)) if cfg.step_fn else None
     results = {name: profile_strategy(cfg, name, size, verify=False) for name in cfg.strategies}
     return {"config": config, "machine": machine_info(cfg.device), "data": data,
-            "strategies": results}
+            "mixture": mixture, "strategies": results}
+
+
+def mixture_shares(loader: Loader) -> dict[str, Any]:
+    """Requested shares against those one epoch of the loader's mixture realises; JSON-ready.
+
+    Keys: `mix_by` (what `requested` is a share of), `splits`, `samples_per_epoch`, and per folder
+    (`folders`, in order): `requested`, `tokens` and `samples` (realised shares of the epoch's
+    tokens and draws).
+    """
+    order = loader.order(0)  # [L]
+    n = len(loader.index.folders)
+    folders = loader.index.sample_folder[order]  # [L]
+    tokens = np.bincount(folders, loader.index.lengths[order], n)  # [F]
+    samples = np.bincount(folders, minlength=n)  # [F]
+    return {"mix_by": loader.mixture.mix_by, "splits": list(loader.cfg.splits),
+            "samples_per_epoch": loader.mixture.samples_per_epoch,
+            "folders": {f.name: {"requested": float(p), "tokens": float(t / tokens.sum()),
+                                 "samples": float(c / samples.sum())}
+                        for f, p, t, c in zip(loader.index.folders, loader.mixture.probabilities,
+                                              tokens, samples)}}
 
 
 def check_plot_path(path: str | Path) -> None:

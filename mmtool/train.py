@@ -11,7 +11,8 @@ Run folder::
     RUN/config.json      everything needed to rebuild the run
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source;
                          an objective with no targets in the step is left out, not logged as 0),
-                         real tokens/s, data-wait fraction, lr, grad norm
+                         real tokens/s, data-wait fraction, lr, grad norm, and `token_share`:
+                         each source folder's share of the step's real tokens (this rank's)
     RUN/checkpoints/     see `mmtool.checkpoint`
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
@@ -20,6 +21,7 @@ gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from mmtool import checkpoint
 from mmtool.config import from_dict, to_dict
 from mmtool.data.loader import Loader, LoaderConfig
+from mmtool.data.mixture import resolve_mix_by
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, build_model
@@ -58,6 +61,12 @@ class TrainConfig:
     """Mixture temperature: p ∝ weight · n^(1/T)."""
     samples_per_epoch: int | None = None
     """Draws per epoch (default: every sample once)."""
+    mix_by: str | None = None
+    """What a mixture weight is a share of: tokens or samples (`--mix-by`; None: the mixture YAML's
+    `mix_by`, else tokens). config.json records the value used."""
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    """Rows read for pretraining, by their `split` column (`--splits train[,validation,test]`):
+    validation and test rows stay out by default so that evaluation sees unseen data."""
     num_workers: int = 1
     """Loader worker threads that assemble batches ahead of the model (0: on demand)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -96,6 +105,7 @@ class TrainConfig:
                             batch_tokens=None if samples else self.batch_tokens,
                             batch_samples=samples, temperature=self.temperature, seed=self.seed,
                             samples_per_epoch=self.samples_per_epoch, num_workers=self.num_workers,
+                            mix_by=self.mix_by, splits=list(self.splits),
                             rank=rank, world_size=world, pin_memory=pin)
 
 
@@ -161,7 +171,8 @@ def _prepare_run(cfg: TrainConfig, resume: bool) -> Path | None:
         raise MMToolError(f"--resume: {out} holds no run (no config.json)")
     old = json.loads(saved.read_text())
     mine = to_dict(cfg)
-    for key in ("model", "data", "strategy", "batch_tokens", "batch_samples", "seed", "grad_accum"):
+    for key in ("model", "data", "strategy", "batch_tokens", "batch_samples", "seed", "grad_accum",
+                "mix_by", "splits"):
         if old.get(key) != mine.get(key):
             raise MMToolError(f"--resume: {out} was trained with {key}={old.get(key)!r}, this command "
                               f"gives {mine.get(key)!r}; use the same settings or a new --out")
@@ -195,6 +206,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             loss (after saving what is safe: metrics up to the failing step; checkpoints untouched).
     """
     _validate(cfg)
+    cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     ddp = _init_distributed(kind)
     device = _device(cfg.device, ddp.local_rank)
@@ -236,7 +248,9 @@ def train(cfg: TrainConfig, resume: bool = False,
         if on_start:
             on_start({"parameters": model.num_parameters(), "start_step": step,
                       "resumed_from": str(start_ckpt) if start_ckpt else None,
-                      "streams": [s.key for s in loader.index.streams], "world_size": ddp.world})
+                      "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
+                      "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
+                      "warnings": loader.warnings()})
 
     def save() -> Path | None:
         states = [None] * ddp.world
@@ -264,6 +278,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                 group["lr"] = lr
             t0 = time.perf_counter()
             wait, tokens, losses, by_stream, by_source, total = 0.0, 0, {}, {}, {}, 0.0
+            source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
             probing = probes is not None and probes.due(step)
             if probing:
                 probes.start()
@@ -293,6 +308,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     losses.setdefault(k, []).append(float(output.losses[k].detach()))
                 for k, v in output.by_stream.items():
                     by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
+                source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(),
+                                             batch["seqlens"].cpu().numpy(), len(names)).astype(np.int64)
                 for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
                     by_source[k] = by_source.get(k, 0.0) + v / cfg.grad_accum
             if probing:
@@ -309,6 +326,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             losses = {k: sum(v) / len(v) for k, v in losses.items()}  # mean over micro-batches with it
             line = {"step": step, "loss": total, "losses": losses, "by_stream": by_stream,
                     "by_source": by_source, "tokens": tokens,
+                    "token_share": {names[f]: float(source_tokens[f] / max(source_tokens.sum(), 1))
+                                    for f in np.flatnonzero(source_tokens)},
                     "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,
                     "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds}
             if probing:

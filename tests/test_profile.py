@@ -17,6 +17,7 @@ from mmtool.profile import (DEFAULT_STRATEGIES, NO_ACCELERATOR, ProfileConfig, c
                             plot_profile, profile_strategies, step_objectives)
 
 STEPS = 5
+ALL_SPLITS = ["train", "validation", "test"]  # profile's default
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def folders(tmp_path_factory):
 
 def reference(folders, strategy, warmup=2, steps=STEPS, **size):
     """The batches the profile should have measured, drawn independently from a fresh loader."""
-    stream = Loader(LoaderConfig(folders, strategy=strategy, **size)).forever()
+    stream = Loader(LoaderConfig(folders, strategy=strategy, splits=ALL_SPLITS, **size)).forever()
     for _ in range(warmup):
         next(stream)
     return [next(stream) for _ in range(steps)]
@@ -41,7 +42,7 @@ def reference(folders, strategy, warmup=2, steps=STEPS, **size):
 def test_counts_padding_and_h2d_match_the_batches(folders):
     result = profile_strategies(ProfileConfig(folders, batch_samples=8, steps=STEPS))
     assert list(result["strategies"]) == DEFAULT_STRATEGIES
-    assert set(result) == {"config", "machine", "data", "strategies"}
+    assert set(result) == {"config", "machine", "data", "mixture", "strategies"}
     assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cpu_count"] >= 1
     assert result["config"]["batch_samples"] == 8 and result["config"]["step_fn"] is None
     assert [f["samples"] for f in result["data"]["folders"]] == [120, 4, 120]
@@ -90,6 +91,28 @@ def test_packed_pads_less_than_padded_under_a_token_budget(folders, tmp_path):
     assert packed["padding_fraction"] < padded["padding_fraction"] / 2
     assert packed["real_tokens"] > padded["real_tokens"]  # the same batches carry more real tokens
     assert result["data"]["longest_sample_tokens"] == 1400
+
+
+@pytest.mark.parametrize("mix_by", ["tokens", "samples"])
+def test_mixture_reports_requested_against_realised_shares(folders, mix_by):
+    weighted = [f"{folders[0]}=1", f"{folders[1]}=1", f"{folders[2]}=2"]
+    result = profile_strategies(ProfileConfig(weighted, strategies=["packed"], batch_tokens=4200,
+                                              steps=6, mix_by=mix_by))
+    mix = result["mixture"]
+    assert mix["mix_by"] == mix_by and mix["splits"] == ALL_SPLITS
+    shares = mix["folders"]
+    assert list(shares) == ["digits", "cartpole", "pydocs"]
+    requested = np.array([f["requested"] for f in shares.values()])
+    np.testing.assert_allclose(requested, [0.25, 0.25, 0.5])
+    realised = np.array([f[mix_by] for f in shares.values()])
+    # over the epoch, in its own unit; draws are whole samples, and an epoch here holds ~9 episodes
+    # of 1,400 tokens, so a token share moves in steps of several points
+    np.testing.assert_allclose(realised, requested, atol=0.05)
+    packed = result["strategies"]["packed"]
+    assert sum(packed["token_share"].values()) == pytest.approx(1.0)
+    batches = reference(weighted, "packed", steps=6, batch_tokens=4200, mix_by=mix_by)
+    assert packed["single_source_fraction"] == pytest.approx(
+        np.mean([len(set(b.numpy("sample_folder").tolist())) == 1 for b in batches]))
 
 
 def test_step_fn_measures_the_time_waiting_for_data(folders):

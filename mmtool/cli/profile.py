@@ -79,11 +79,25 @@ def profile_table(result: dict[str, Any]) -> Group:
     speed.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
                      f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · torch {machine['torch']}, "
                      f"{machine['cpu_count']} CPUs" + (f", {machine['accelerator']}" if machine["accelerator"] else ""))
+    mix = result["mixture"]
+    shares = Table(title=f"mixture: requested share of {mix['mix_by']} vs realised (epoch 0; "
+                         f"measured batches per strategy), splits {','.join(mix['splits'])}",
+                   title_justify="left", show_edge=False)
+    for col in ["folder", "requested", "epoch tokens", "epoch samples", *rows]:
+        shares.add_column(col, justify="left" if col == "folder" else "right", no_wrap=col == "folder")
+    for folder, f in mix["folders"].items():
+        shares.add_row(folder, f"{f['requested']:.1%}", f"{f['tokens']:.1%}", f"{f['samples']:.1%}",
+                       *(f"{r['token_share'].get(folder, 0.0):.1%}" for r in rows.values()))
+    shares.add_row("[dim]one-folder batches[/]", "", "", "",
+                   *(f"{r['single_source_fraction']:.0%}" for r in rows.values()))
+    shares.caption = "strategy columns: each folder's share of the real tokens of the measured batches"
     traffic.caption = (f"H2D time: {timed} · slot fields: the per-slot index fields computed from the "
                        "batch's segment table where it is read, not counted in samples/s")
-    for t in (speed, traffic):
+    for t in (speed, traffic, shares):
         t.caption_justify = "left"
-    return Group(speed, Text(""), traffic)
+    warnings = [Text(f"warning ({name}): {w}", style="yellow") for name, r in rows.items()
+                for w in r["warnings"]]
+    return Group(speed, Text(""), traffic, Text(""), shares, *warnings)
 
 
 def run_profile(cfg: "ProfileConfig", console: Console, json_path: Path | None = None,
@@ -118,6 +132,8 @@ def profile_cmd(
     worker_type: str = typer.Option("thread", help="thread or process."),
     device: str = typer.Option("cpu", help="cpu or cuda (cuda also times the host-to-device copies)."),
     samples_per_epoch: Optional[int] = typer.Option(None, help="Mixture draws per epoch (default: every sample once)."),
+    mix_by: Optional[str] = typer.Option(None, help="What a --data weight is a share of: tokens (default) or samples."),
+    splits: str = typer.Option("train,validation,test", help="Rows to profile, by their split column."),
     seed: int = typer.Option(0, help="Mixture seed, the same for every strategy."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every measurement to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a bar chart comparing the strategies (.png, .svg, .pdf)."),
@@ -129,7 +145,8 @@ def profile_cmd(
     cfg = ProfileConfig(data=list(data), strategies=parse_strategies(strategies),
                         batch_tokens=batch_tokens, batch_samples=batch_samples, steps=steps,
                         num_workers=num_workers, worker_type=worker_type, device=device, seed=seed,
-                        samples_per_epoch=samples_per_epoch)
+                        samples_per_epoch=samples_per_epoch, mix_by=mix_by,
+                        splits=[p.strip() for p in splits.split(",") if p.strip()])
     if model is not None:
         cfg.step_fn = model_step(cfg, model)
     run_profile(cfg, Console(highlight=False), json_out, plot)

@@ -25,6 +25,8 @@ def train_cmd(
     attention: Optional[str] = typer.Option(None, help="Attention backend (`mmtool ls attention`); default: fastest correct for the device."),
     objectives: Optional[str] = typer.Option(None, help="Weighted objectives, e.g. next-token=1,masked-patch=0.5."),
     strategy: Optional[str] = typer.Option(None, help="Batching strategy (`mmtool ls strategies`)."),
+    mix_by: Optional[str] = typer.Option(None, help="What a --data weight is a share of: tokens (default; the norm for LLM mixtures) or samples (draws)."),
+    splits: Optional[str] = typer.Option(None, help="Rows to pretrain on by their split column, e.g. train (default) or train,validation; held-out rows stay free for evaluation."),
     batch_tokens: Optional[int] = typer.Option(None, help="Token budget per micro-batch."),
     batch_samples: Optional[int] = typer.Option(None, help="Fixed samples per micro-batch (instead of --batch-tokens)."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
@@ -46,7 +48,9 @@ def train_cmd(
     flags = {"data": data, "out": out, "model.size": model, "model.fusion": fusion,
              "model.fusion_layer": fusion_layer, "model.attention": attention,
              "model.objectives": parse_weights(objectives, "--objectives") if objectives else None,
-             "strategy": strategy, "batch_tokens": batch_tokens, "batch_samples": batch_samples,
+             "strategy": strategy, "mix_by": mix_by,
+             "splits": [p.strip() for p in splits.split(",") if p.strip()] if splits else None,
+             "batch_tokens": batch_tokens, "batch_samples": batch_samples,
              "max_steps": max_steps, "lr": lr, "warmup": warmup, "grad_accum": grad_accum,
              "seed": seed, "num_workers": num_workers, "device": device,
              "save_every": save_every, "keep_last": keep_last, "probe_every": probe_every}
@@ -80,6 +84,9 @@ def run_training(cfg, resume: bool, console: Console) -> dict:
             console.print(f"model {cfg.model.size}/{cfg.model.fusion}: {info['parameters']:,} parameters; "
                           f"streams {', '.join(info['streams'])}"
                           + (f"; resuming {info['resumed_from']}" if info["resumed_from"] else ""))
+            console.print(f"mixture: weights are shares of {info['mix_by']}; splits {','.join(info['splits'])}")
+            for line in info["warnings"]:
+                console.print(f"[yellow]warning:[/] {line}")
 
         def on_step(line: dict) -> None:
             bar.update(task, completed=line["step"],

@@ -16,7 +16,6 @@ capacity is B·L for padded layouts and the token budget for `packed` with `--ba
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +48,10 @@ class Strategy:
     layout: str  # "packed" or "padded"
     plan: Callable[[TokenIndex, np.ndarray, BatchSize], list[np.ndarray]]
     __doc__: str = ""
+    mixes: bool = True
+    """Whether batches are meant to hold several sources (False: by-modality, per-sample)."""
+    window: Callable[[TokenIndex, np.ndarray, BatchSize], int] | None = None
+    """Samples of the order the planner reorders among (None: it keeps the order)."""
 
 
 STRATEGIES: Registry[Strategy] = Registry(
@@ -104,75 +107,70 @@ def _window_samples(lengths: np.ndarray, order: np.ndarray, size: BatchSize, win
     return max(int(window * (size.samples or size.tokens / mean_len)), 1)
 
 
-def _fill_bins(lengths: np.ndarray, budget: int) -> tuple[list[np.ndarray], list[int]]:
-    """Packs samples into bins of `budget` tokens, one bin at a time, largest fitting first.
-
-    Samples of equal length are interchangeable for packing, so the samples are grouped by length
-    and a bin is filled by repeatedly taking as many samples as fit of the longest length that still
-    fits (a binary search over the distinct lengths left). That is first-fit-decreasing applied
-    bin by bin; its cost is one Python step per *distinct length* placed in a bin, not per sample.
-
-    Args:
-        lengths: int64 [N] sample lengths.
-        budget: tokens per bin (a sample longer than it gets a bin of its own).
-
-    Returns:
-        Per bin, int64 positions into `lengths`; and per bin, its tokens.
-    """
-    by_len = np.argsort(lengths, kind="stable")  # [N] shortest first
-    values, first, count = np.unique(lengths[by_len], return_index=True, return_counts=True)
-    left = values.tolist()  # distinct lengths with samples left, ascending
-    nxt = dict(zip(left, first.tolist()))  # next unused sorted position of each length
-    end = dict(zip(left, (first + count).tolist()))
-    bins, fills = [], []
-    while left:
-        room, parts = budget, []
-        i = bisect.bisect_right(left, room) - 1
-        if i < 0:  # only samples longer than the budget are left: one alone
-            i, room = len(left) - 1, left[-1]
-        size = room
-        while i >= 0:
-            n = left[i]
-            k = min(end[n] - nxt[n], room // n if n else end[n])  # [k] samples of length n
-            parts.append(by_len[nxt[n]:nxt[n] + k])
-            nxt[n] += k
-            room -= k * n
-            if nxt[n] == end[n]:
-                del left[i]
-            i = bisect.bisect_right(left, room, 0, i) - 1
-        bins.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        fills.append(size - room)
-    return bins, fills
+PACK_LOOKAHEAD = 64
+"""Most samples `packed` carries over to later bins (how far it may move a sample in the order)."""
 
 
 def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
-                       window: int = 64) -> list[np.ndarray]:
-    """Packs samples into bins of `budget` tokens over a sliding window of the sample order.
+                       lookahead: int = 64) -> list[np.ndarray]:
+    """Packs samples into bins of `budget` tokens, each bin filled from the next draws of the order.
 
-    The order is read `window` budgets' worth of samples at a time; those samples are sorted by
-    length and packed by `_fill_bins` (bin by bin, largest fitting first), every bin but
-    the emptiest is emitted, and the emptiest goes back to the window's start. The window's bins are
-    emitted in a pseudo-random order, so that bins of different make-up alternate. Near-zero
-    padding, no sample lost or repeated, deterministic, and the mixture's order is kept at window
-    scale.
+    The mixture order already interleaves the folders in their requested shares, so a bin that
+    takes the next samples of the order holds about the mixture. A bin first takes the samples
+    carried over from earlier bins (oldest first) that fit, then the next samples of the order;
+    a sample that does not fit in the room left is carried to the next bin, and the bin closes when
+    `lookahead` samples are carried, when the room is below the shortest sample, or at the order's
+    end. So every sample is placed at most ~`lookahead` positions from where the order put it, no
+    sample is lost or repeated, and the plan is a pure function of (lengths, order, budget).
+
+    (Packing longest-first over a large window, which this replaced, pads less on paper but puts
+    every long sample in the window's first bins and the short ones after: with 1,400-token
+    episodes and 20-token captions most batches held one source.)
+
+    Runs of consecutive samples that fit are taken with one `searchsorted` on the cumulative
+    lengths, so the Python cost is one step per carried sample and per bin, not per sample.
+
+    Args:
+        index: the token index (for `lengths`).
+        order: int64 [L] global sample numbers in mixture order.
+        budget: tokens per bin (a sample longer than it gets a bin of its own).
+        lookahead: the most samples carried over at once.
     """
-    lengths = index.lengths
+    lengths = index.lengths[order]  # [L]
+    n = len(order)
+    if n == 0:
+        return []
+    cum = np.concatenate([[0], np.cumsum(lengths)])  # [L+1]
+    shortest = int(lengths.min())
+    lens = lengths.tolist()
     batches: list[np.ndarray] = []
-    carry = np.zeros(0, np.int64)
+    carried: list[int] = []  # positions into `order`, oldest first
     pos = 0
-    take = _window_samples(lengths, order, BatchSize(tokens=budget), window)
-    while pos < len(order) or len(carry):
-        chunk = np.concatenate([carry, order[pos:pos + take]])
-        pos += take
-        positions, fills = _fill_bins(lengths[chunk], budget)
-        bins = [chunk[b] for b in positions]
-        carry = np.zeros(0, np.int64)
-        if pos < len(order) and len(bins) > 1:
-            carry = bins.pop(int(np.argmin(fills)))
-        # Emit the window's bins in a pseudo-random order (seeded by the window's content, so
-        # still deterministic).
-        rng = np.random.default_rng(chunk[:8].tolist() + [len(batches)])
-        batches.extend(bins[i] for i in rng.permutation(len(bins)))
+    while pos < n or carried:
+        room, parts, kept = budget, [], []
+        for p in carried:
+            if lens[p] <= room:
+                parts.append(np.array([p]))
+                room -= lens[p]
+            else:
+                kept.append(p)
+        while pos < n and room >= shortest and len(kept) < lookahead:
+            k = int(np.searchsorted(cum, cum[pos] + room, side="right")) - 1 - pos  # fit in a row
+            if k > 0:
+                parts.append(np.arange(pos, pos + k))
+                room -= int(cum[pos + k] - cum[pos])
+                pos += k
+            elif lens[pos] > budget and room == budget:  # over budget: alone (the loader refuses it)
+                parts.append(np.array([pos]))
+                pos += 1
+                break
+            else:
+                kept.append(pos)
+                pos += 1
+        if not parts:  # only carried samples over budget are left: one alone
+            parts, kept = [np.array([kept[0]])], kept[1:]
+        carried = kept
+        batches.append(order[np.concatenate(parts)])
     return batches
 
 
@@ -189,7 +187,7 @@ def _plan_padded(index, order, size):
 def _plan_packed(index, order, size):
     if size.samples is not None:
         return _fixed_count(order, size.samples)
-    return plan_packed_tokens(index, order, size.tokens)
+    return plan_packed_tokens(index, order, size.tokens, PACK_LOOKAHEAD)
 
 
 def _plan_by_modality(index, order, size):
@@ -227,15 +225,22 @@ def _plan_by_modality_sorted(index, order, size, window: int = 64):
 
 # per-sample uses the padded layout: a [1, L] row has no padding, whereas the packed layout would
 # measure the lone sample against the whole --batch-tokens budget (e.g. 90% "padding").
-STRATEGIES.add("per-sample", Strategy("padded", _plan_per_sample),
+STRATEGIES.add("per-sample", Strategy("padded", _plan_per_sample, mixes=False),
                "one sample per batch: no padding, no batching benefit")
-STRATEGIES.add("by-modality", Strategy("padded", _plan_by_modality),
+STRATEGIES.add("by-modality", Strategy("padded", _plan_by_modality, mixes=False),
                "batches of samples that share a modality signature, padded to the longest")
-STRATEGIES.add("by-modality-sorted", Strategy("padded", _plan_by_modality_sorted),
+STRATEGIES.add("by-modality-sorted", Strategy(
+    "padded", _plan_by_modality_sorted, mixes=False,
+    window=lambda index, order, size: _window_samples(index.lengths, order, size, 64)),
                "by-modality with length bucketing: each signature's samples sorted by length within windows")
 STRATEGIES.add("padded", Strategy("padded", _plan_padded),
                "mixed batches, every sample padded to the longest, with masks")
-STRATEGIES.add("packed", Strategy("packed", _plan_packed),
+def _packed_window(index, order, size):
+    """Samples a packed bin may come from: one budget's worth plus the carried ones."""
+    return 0 if size.tokens is None else _window_samples(index.lengths, order, size, 1) + PACK_LOOKAHEAD
+
+
+STRATEGIES.add("packed", Strategy("packed", _plan_packed, window=_packed_window),
                "mixed samples back to back up to a token budget, cu_seqlens for attention (default)")
 
 
@@ -256,8 +261,46 @@ def _plan_embeddings(index, order, size):
     return _plan_packed(index, order, size)
 
 
-STRATEGIES.add("embeddings", Strategy("packed", _plan_embeddings),
+STRATEGIES.add("embeddings", Strategy("packed", _plan_embeddings, window=_packed_window),
                "packed batches of embedding folders (`mmtool embed`): one vector token per pooled segment")
+
+
+# -- warnings ----------------------------------------------------------------------------------
+SINGLE_SOURCE_WARN = 0.10
+"""Warn when more than this share of a mixing strategy's batches hold one folder only."""
+
+
+def plan_warnings(index: TokenIndex, order: np.ndarray, plan: list[np.ndarray], size: BatchSize,
+                  strategy: str) -> list[str]:
+    """Warnings about a planned epoch whose batches do not follow the mixture (one line each).
+
+    Warns when more than `SINGLE_SOURCE_WARN` of a mixing strategy's batches hold samples of one
+    folder only, and when the planner's reordering window covers the whole epoch (then the
+    mixture's order no longer decides which samples meet in a batch). Silent for one folder.
+
+    Args:
+        index: the token index. order: int64 [L] the epoch's mixture order.
+        plan: the epoch's batches. size: the batch size. strategy: the strategy's name.
+    """
+    folders = index.sample_folder[order]  # [L]
+    if len(plan) == 0 or folders.min() == folders.max():
+        return []
+    found = STRATEGIES.get(strategy)
+    out = []
+    if found.mixes:
+        flat = index.sample_folder[np.concatenate(plan)]  # [L]
+        starts = _excl_cumsum(np.array([len(p) for p in plan]))  # [B]
+        single = int((np.minimum.reduceat(flat, starts) == np.maximum.reduceat(flat, starts)).sum())
+        if single > SINGLE_SOURCE_WARN * len(plan):
+            out.append(f"{single} of {len(plan)} batches ({single / len(plan):.0%}) of an epoch hold "
+                       f"samples of one data folder only (strategy {strategy}): those steps train on "
+                       "one source; check the weights, --mix-by and the batch size")
+    window = found.window(index, order, size) if found.window else 0
+    if window >= len(order):
+        out.append(f"strategy {strategy} reorders samples within windows of ~{window:,} samples, which "
+                   f"cover the whole epoch ({len(order):,} samples): which samples meet in a batch no "
+                   "longer follows the mixture; use more data or --samples-per-epoch")
+    return out
 
 
 # -- assembly ----------------------------------------------------------------------------------

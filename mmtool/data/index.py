@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtool.data import shards as store
+from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 
 SEPARATOR = "separator"
@@ -77,6 +78,7 @@ class Shard:
     sample_sep: np.ndarray  # int64 [n]: position of the first separator
     sample_step_len: np.ndarray  # int64 [n]: tokens per timestep, separator included
     labels: np.ndarray  # int64 [n], -1 when missing
+    split: np.ndarray  # int8 [n]: position in `SPLITS` (train, validation, test), -1 for any other
 
 
 @dataclass
@@ -104,6 +106,15 @@ def _excl_cumsum_in_groups(x: np.ndarray, group_start: np.ndarray, counts: np.nd
     """Exclusive cumulative sum of `x` restarting at each group (groups are consecutive runs)."""
     cs = np.cumsum(x) - x  # [G] exclusive over everything
     return cs - np.repeat(cs[group_start], counts) if len(x) else cs
+
+
+def _split_codes(column: pa.ChunkedArray) -> np.ndarray:
+    """int8 [n] codes of a shard's `split` column into `SPLITS` (-1: null or any other name)."""
+    enc = pc.dictionary_encode(column).combine_chunks()
+    lookup = np.array([SPLITS.index(v) if v in SPLITS else -1
+                       for v in enc.dictionary.to_pylist()] or [-1], np.int8)  # once per distinct name
+    codes = enc.indices.fill_null(0).to_numpy(zero_copy_only=False)
+    return np.where(pc.is_valid(enc.indices).to_numpy(zero_copy_only=False), lookup[codes], -1).astype(np.int8)
 
 
 class TokenIndex:
@@ -148,6 +159,7 @@ class TokenIndex:
         self.sep = cat("sample_sep")  # [N]
         self.step_len = cat("sample_step_len")  # [N]
         self.labels = cat("labels")  # [N]
+        self.split = cat("split")  # [N] int8 code into SPLITS (-1: other)
         seg_counts = np.concatenate([np.diff(s.seg_offsets) for s in self.shards])  # [N]
         self.seg_offsets = np.zeros(len(seg_counts) + 1, np.int64)  # [N+1]
         np.cumsum(seg_counts, out=self.seg_offsets[1:])
@@ -259,6 +271,7 @@ class TokenIndex:
         labels = table.column("label").to_numpy(zero_copy_only=False)
         labels = np.where(pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False),
                           np.nan_to_num(labels.astype(np.float64), nan=-1), -1).astype(np.int64)
+        split = _split_codes(table.column("split"))
         return Shard(path=path, table=table, n=n, seg_offsets=seg_offsets.astype(np.int64),
                      ids=np.asarray(ids, np.int32), values=np.asarray(values, np.float32),
                      seg_start=seg_start.astype(np.int64), seg_ntok=seg_ntok.astype(np.int64),
@@ -266,7 +279,7 @@ class TokenIndex:
                      seg_step=np.maximum(per_step, 1).astype(np.int64),
                      seg_stride=seg_stride.astype(np.int64), sample_len=sample_len,
                      sample_steps=steps, sample_sep=prefix + obs_tok,
-                     sample_step_len=step_len, labels=labels)
+                     sample_step_len=step_len, labels=labels, split=split)
 
     def _check_dims(self, path: Path, seg_stream: np.ndarray, has_ids: np.ndarray,
                     last_dim: np.ndarray) -> None:
@@ -294,6 +307,13 @@ class TokenIndex:
     def folder_sizes(self) -> list[int]:
         """Samples per folder, in the order given."""
         return [f.n for f in self.folders]
+
+    def split_mask(self, splits: list[str] | tuple[str, ...]) -> np.ndarray:
+        """bool [N]: samples whose `split` column is one of `splits` (names from `SPLITS`)."""
+        unknown = sorted(set(splits) - set(SPLITS))
+        if unknown:
+            raise MMToolError(f"--splits {','.join(unknown)}: expected some of {', '.join(SPLITS)}")
+        return np.isin(self.split, [SPLITS.index(s) for s in splits])
 
     def global_index(self, folder: np.ndarray, local: np.ndarray) -> np.ndarray:
         """Global sample numbers of (folder, index-within-folder) pairs."""

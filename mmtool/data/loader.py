@@ -21,9 +21,10 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtool.data.batch import Batch
-from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget
+from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget, plan_warnings
 from mmtool.data.index import TokenIndex
-from mmtool.data.mixture import Mixture, parse_data_specs
+from mmtool.data.mixture import Mixture, parse_data_specs, resolve_mix_by
+from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 
 
@@ -41,6 +42,12 @@ class LoaderConfig:
     """Fixed samples per batch (`--batch-samples`), to compare strategies on identical content."""
     temperature: float | None = None
     """Size-based mixture temperature: p ∝ weight · n^(1/T)."""
+    mix_by: str | None = None
+    """What a weight is a share of: "tokens" or "samples" (`--mix-by`); None: the mixture YAML's
+    `mix_by`, else "tokens". See `mmtool.data.mixture`."""
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    """Read only rows whose `split` column is one of these (`--splits`): train, validation, test.
+    The default keeps validation and test rows out of pretraining, for evaluation."""
     seed: int = 0
     samples_per_epoch: int | None = None
     """Draws per epoch (default: every sample once)."""
@@ -127,12 +134,18 @@ class Loader:
         if not specs:
             raise MMToolError("no data folders given (--data DIR[=WEIGHT])")
         self.index = TokenIndex([s.path for s in specs], verify=cfg.verify)
+        self.members = self._members(cfg.splits)  # [M] global numbers of the rows in `splits`
+        folder = self.index.sample_folder[self.members]  # [M]
+        n = len(self.index.folders)
+        sizes = np.bincount(folder, minlength=n)  # [F] rows in `splits` per folder
+        tokens = np.bincount(folder, self.index.lengths[self.members], minlength=n).astype(np.int64)
         weights = None if all(s.weight is None for s in specs) else [s.weight for s in specs]
-        self.mixture = Mixture(self.index.folder_sizes(), weights, cfg.temperature, cfg.seed,
-                               cfg.samples_per_epoch)
+        self.mixture = Mixture(sizes.tolist(), weights, cfg.temperature, cfg.seed,
+                               cfg.samples_per_epoch, resolve_mix_by(cfg.mix_by, cfg.data),
+                               tokens.tolist())
         self.strategy = STRATEGIES.get(cfg.strategy)
         self.size = BatchSize(cfg.batch_tokens, cfg.batch_samples)
-        check_budget(self.index, np.arange(len(self.index)), self.size)
+        check_budget(self.index, self.members, self.size)
         if cfg.worker_type not in ("thread", "process"):
             raise MMToolError(f"--worker-type {cfg.worker_type!r}: expected thread or process")
         if cfg.num_workers < 0:
@@ -146,13 +159,34 @@ class Loader:
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         self._stream: Iterator[Batch] | None = None  # open worker stream at (epoch, batch)
 
+    def _members(self, splits: list[str]) -> np.ndarray:
+        """Global numbers of the rows whose split is in `splits`; refuses a folder with none."""
+        mask = self.index.split_mask(list(splits))  # [N]
+        for f, folder in enumerate(self.index.folders):
+            if not mask[self.index.folder_start[f]:self.index.folder_start[f + 1]].any():
+                have = sorted({SPLITS[c] if c >= 0 else "other" for c in np.unique(
+                    self.index.split[self.index.sample_folder == f]).tolist()})
+                raise MMToolError(f"{folder.path} has no row in splits {','.join(splits)} (it has "
+                                  f"{', '.join(have)}); choose others with --splits, e.g. "
+                                  f"--splits {','.join(have)}")
+        return np.flatnonzero(mask).astype(np.int64)
+
     # -- planning --------------------------------------------------------------------------------
+    def order(self, epoch: int) -> np.ndarray:
+        """Global sample numbers of `epoch` in mixture order (only rows of `splits`)."""
+        return self.members[self.mixture.epoch(epoch)]
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches (arrays of global sample numbers) for `epoch`, in order."""
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            everything = self.strategy.plan(self.index, self.mixture.epoch(epoch), self.size)
+            everything = self.strategy.plan(self.index, self.order(epoch), self.size)
             self._plan_cache = (epoch, everything[self.cfg.rank::self.cfg.world_size])
         return self._plan_cache[1]
+
+    def warnings(self) -> list[str]:
+        """Lines saying where the current epoch's batches stray from the mixture (`plan_warnings`)."""
+        return plan_warnings(self.index, self.order(self.epoch), self.plan(self.epoch), self.size,
+                             self.cfg.strategy)
 
     def __len__(self) -> int:
         """Batches of this rank in the current epoch."""
@@ -210,14 +244,15 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """The loader's position and counters (JSON-ready)."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed,
-                "strategy": self.cfg.strategy, "rank": self.cfg.rank,
+                "strategy": self.cfg.strategy, "mix_by": self.mixture.mix_by,
+                "splits": list(self.cfg.splits), "rank": self.cfg.rank,
                 "world_size": self.cfg.world_size, "drawn_samples": list(self.drawn.samples),
                 "drawn_tokens": list(self.drawn.tokens)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a `state_dict()`; refuses one from another seed, strategy or world size."""
-        for key in ("seed", "strategy", "world_size"):
-            if state[key] != self.state_dict()[key]:
+        for key in ("seed", "strategy", "world_size", "mix_by", "splits"):
+            if key in state and state[key] != self.state_dict()[key]:
                 raise MMToolError(f"loader state was saved with {key}={state[key]!r}, "
                                   f"but this run has {key}={self.state_dict()[key]!r}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

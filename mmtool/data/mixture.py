@@ -1,15 +1,25 @@
 """The mixture: which samples of which folders an epoch visits, in what order.
 
-`--data DIR[=WEIGHT]` gives each folder a sampling weight. An epoch has `samples_per_epoch` draws
-(default: every sample once). Folder i gets exactly `round(p_i · L)` of them (largest remainder),
-where p ∝ weight (static) or p ∝ weight · n_i^(1/T) with `temperature` T (T=1: proportional to
-size; large T: uniform). Within a folder, draws walk through a fresh random permutation, starting a
+`--data DIR[=WEIGHT]` gives each folder a weight, and `--mix-by` says what the weight is a share of:
+
+* `tokens` (the default, as for LLM data mixtures): folder i's weight is its share of the *tokens*
+  an epoch draws. Draws per folder are ∝ p_i / m_i (m_i: the folder's mean sample length), so a
+  folder of 1,400-token episodes and one of 20-token captions with equal weights each get half of
+  the tokens (not 98.6% and 1.4%). Without `samples_per_epoch`, an epoch draws about as many tokens
+  as the folders hold.
+* `samples`: folder i's weight is its share of the *draws* (samples); an epoch has
+  `samples_per_epoch` draws (default: every sample once).
+
+p ∝ weight (static) or p ∝ weight · n_i^(1/T) with `temperature` T, n_i the folder's samples
+(`samples`) or tokens (`tokens`). Folder i gets exactly the largest-remainder rounding of its
+expected draws. Within a folder, draws walk through a fresh random permutation, starting a
 new one when it runs out, so no sample repeats before all have been seen. The folders' draws are
 then interleaved at random positions, each folder's kept in walk order (so that also holds in
 visiting order). Everything derives from `(seed, epoch)` alone: any rank or worker can compute any
 epoch's order without talking to the others.
 
-With no weights and no temperature the epoch is a plain permutation of all samples.
+With no weights and no temperature the epoch is a plain permutation of all samples (the natural
+shares, whichever `mix_by`).
 """
 
 from __future__ import annotations
@@ -21,6 +31,10 @@ import numpy as np
 import yaml
 
 from mmtool.errors import MMToolError
+
+
+MIX_BY = ("tokens", "samples")
+"""What a mixture weight is a share of (`--mix-by`); the first is the default."""
 
 
 @dataclass
@@ -63,11 +77,40 @@ def _weight(text: str | float, spec: str) -> float:
     return w
 
 
-def _read_mixture_file(path: Path) -> list[DataSpec]:
+def mixture_mix_by(specs: list[str]) -> str | None:
+    """The `mix_by:` key of a mixture YAML among `specs` (None when none sets it)."""
+    for spec in specs:
+        if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+            doc = _load_yaml(Path(spec))
+            value = doc.get("mix_by") if isinstance(doc, dict) else None
+            if value is not None:
+                return check_mix_by(str(value), f"{spec}: mix_by")
+    return None
+
+
+def resolve_mix_by(mix_by: str | None, specs: list[str]) -> str:
+    """`--mix-by` if given, else the mixture YAML's `mix_by:`, else the default (`MIX_BY[0]`)."""
+    if mix_by is not None:
+        return check_mix_by(mix_by)
+    return mixture_mix_by(specs) or MIX_BY[0]
+
+
+def check_mix_by(value: str, where: str = "--mix-by") -> str:
+    """Returns `value` if it is one of `MIX_BY`, else raises naming `where`."""
+    if value not in MIX_BY:
+        raise MMToolError(f"{where} {value!r}: expected {' or '.join(MIX_BY)}")
+    return value
+
+
+def _load_yaml(path: Path):
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise MMToolError(f"{path}: not valid YAML ({exc})") from None
+
+
+def _read_mixture_file(path: Path) -> list[DataSpec]:
+    doc = _load_yaml(path)
     entries = doc.get("datasets") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries:
         raise MMToolError(f"{path}: expected a 'datasets:' list of {{path, weight}} entries")
@@ -88,41 +131,61 @@ class Mixture:
 
     Args:
         sizes: samples per folder.
-        weights: sampling weight per folder (None: proportional to size).
+        weights: weight per folder (None: proportional to size).
         temperature: if set, p ∝ weight · size^(1/temperature).
         seed: the random seed.
-        samples_per_epoch: draws per epoch (default: the total number of samples).
+        samples_per_epoch: draws per epoch (default: every sample once; with `mix_by="tokens"`
+            and weights, as many draws as carry about the folders' total tokens).
+        mix_by: "samples" (p is a share of draws) or "tokens" (p is a share of tokens).
+        tokens: total tokens per folder (needed for `mix_by="tokens"`).
+
+    Attributes:
+        probabilities: float [F] requested shares (of samples or of tokens, per `mix_by`).
+        draw_probabilities: float [F] the share of draws each folder gets.
     """
 
     def __init__(self, sizes: list[int], weights: list[float] | None = None,
                  temperature: float | None = None, seed: int = 0,
-                 samples_per_epoch: int | None = None):
+                 samples_per_epoch: int | None = None, mix_by: str = "samples",
+                 tokens: list[int] | None = None):
         self.sizes = np.asarray(sizes, np.int64)
         if (self.sizes <= 0).any():
             raise MMToolError(f"every data folder needs samples; sizes are {self.sizes.tolist()}")
         if temperature is not None and not temperature > 0:
             raise MMToolError(f"--temperature must be > 0, got {temperature}")
+        self.mix_by = check_mix_by(mix_by)
+        if mix_by == "tokens" and tokens is None:
+            raise MMToolError("mix_by='tokens' needs the folders' token counts")
+        amount = self.sizes.astype(np.float64) if mix_by == "samples" \
+            else np.asarray(tokens, np.float64)  # [F] what the shares are shares of
+        mean_len = amount / self.sizes  # [F] 1 for samples, mean sample length for tokens
         w = np.ones(len(sizes)) if weights is None else np.asarray(weights, np.float64)
         if (w <= 0).any():
             raise MMToolError(f"mixture weights must be > 0, got {w.tolist()}")
         self.uniform_epoch = weights is None and temperature is None
         if temperature is not None:
-            w = w * self.sizes ** (1.0 / temperature)
+            w = w * amount ** (1.0 / temperature)
         elif weights is None:
-            w = self.sizes.astype(np.float64)
+            w = amount
         self.probabilities = w / w.sum()
+        draws = self.probabilities / mean_len  # [F] expected draws per unit of "amount"
+        self.draw_probabilities = draws / draws.sum()
         self.seed = seed
-        self.samples_per_epoch = int(samples_per_epoch or self.sizes.sum())
+        if samples_per_epoch:
+            self.samples_per_epoch = int(samples_per_epoch)
+        elif mix_by == "tokens" and not self.uniform_epoch:  # about the data's tokens per epoch
+            self.samples_per_epoch = max(int(round(amount.sum() * draws.sum())), 1)
+        else:
+            self.samples_per_epoch = int(self.sizes.sum())
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])  # [F+1] global numbering
 
     def counts(self) -> np.ndarray:
-        """Draws per folder in one epoch (largest-remainder rounding of p · L)."""
-        exact = self.probabilities * self.samples_per_epoch
+        """Draws per folder in one epoch (largest-remainder rounding of q · L, q the draw shares)."""
+        exact = self.draw_probabilities * self.samples_per_epoch
         counts = np.floor(exact).astype(np.int64)
         short = self.samples_per_epoch - counts.sum()
         counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
         return counts
-
     def epoch(self, epoch: int) -> np.ndarray:
         """Global sample numbers of epoch `epoch`, in visiting order (int64 [samples_per_epoch])."""
         rng = np.random.default_rng([self.seed, epoch])

@@ -30,6 +30,10 @@ def test_profile_writes_table_json_and_png(data, tmp_path, cli):
     assert list(result["strategies"]) == ["per-sample", "by-modality", "by-modality-sorted", "padded", "packed"]
     assert result["config"]["batch_tokens"] == 2048 and result["config"]["steps"] == 3
     assert all(r["batches"] == 3 and r["samples_per_s"] > 0 for r in result["strategies"].values())
+    assert "mixture: requested share of tokens vs realised" in proc.stdout  # the default --mix-by
+    assert result["mixture"]["mix_by"] == "tokens"
+    assert set(result["mixture"]["folders"]) == {"digits", "cartpole"}
+    assert result["mixture"]["folders"]["cartpole"]["requested"] == pytest.approx(2 / 3)
     png = out_png.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert not list(out_json.parent.glob(".*.tmp"))  # atomic writes leave nothing behind

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmtool.data.batching import (STRATEGIES, BatchSize, _fill_bins, _gather_rows, assemble,
+from mmtool.data.batching import (STRATEGIES, BatchSize, _gather_rows, assemble,
                                   check_budget, padding_fraction)
 from mmtool.data.index import SEPARATOR, TokenIndex
 from mmtool.data.mixture import Mixture
@@ -225,27 +225,6 @@ def test_gather_rows_copies_each_segments_token_rows(aligned):
     np.testing.assert_array_equal(out, expected)
 
 
-def test_fill_bins_on_a_known_instance():
-    # Largest fitting first, bin by bin: [7, 3], [5, 4, 1], [2, 2]; the 12 over budget, alone, last.
-    lengths = np.array([5, 7, 1, 4, 3, 12, 2, 2])
-    bins, fills = _fill_bins(lengths, 10)
-    assert [sorted(lengths[b].tolist()) for b in bins] == [[3, 7], [1, 4, 5], [2, 2], [12]]
-    assert fills == [10, 10, 4, 12]
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_fill_bins_closes_a_bin_only_when_nothing_left_fits(seed):
-    rng = np.random.default_rng(seed)
-    lengths = np.concatenate([rng.integers(1, 60, 300), np.full(200, 10), rng.integers(200, 500, 40)])
-    budget = 512
-    bins, fills = _fill_bins(lengths, budget)
-    np.testing.assert_array_equal(np.sort(np.concatenate(bins)), np.arange(len(lengths)))
-    assert fills == [int(lengths[b].sum()) for b in bins] and max(fills) <= budget
-    for i in range(len(bins) - 1):
-        later = lengths[np.concatenate(bins[i + 1:])]
-        assert later.min() > budget - fills[i]  # first-fit-decreasing's guarantee, bin by bin
-
-
 @pytest.mark.parametrize("strategy", ["padded", "by-modality"])
 def test_padded_layouts_pad_much_more(mix, strategy):
     index, _ = mix
@@ -318,3 +297,41 @@ def test_batch_size_needs_exactly_one():
     for bad in (dict(), dict(tokens=10, samples=2), dict(tokens=0), dict(samples=-1)):
         with pytest.raises(MMToolError, match="--batch-"):
             BatchSize(**bad)
+
+
+# -- packed follows the mixture order; warnings when batches do not -----------------------------
+def test_packed_bins_take_the_next_draws_of_the_order(mix):
+    from mmtool.data.batching import PACK_LOOKAHEAD
+
+    index, _ = mix
+    order = Mixture(index.folder_sizes(), seed=4).epoch(0)  # a permutation: positions are unique
+    plan = STRATEGIES.get("packed").plan(index, order, BatchSize(tokens=BUDGET))
+    where = np.empty(len(index), np.int64)
+    where[order] = np.arange(len(order))  # position of each sample in the mixture order
+    placed = where[np.concatenate(plan)]  # [L] order positions, in plan order
+    shift = np.arange(len(placed)) - placed  # how far packing moved each sample
+    longest_bin = max(len(p) for p in plan)
+    assert shift.max() <= PACK_LOOKAHEAD + longest_bin and -shift.min() <= PACK_LOOKAHEAD + longest_bin
+    fills = np.array([index.lengths[p].sum() for p in plan])
+    assert fills.max() <= BUDGET
+
+
+def test_plan_warnings_name_single_source_batches_and_whole_epoch_windows(mix):
+    from mmtool.data.batching import plan_warnings
+
+    index, _ = mix
+    size = BatchSize(tokens=BUDGET)
+    mixed = Mixture(index.folder_sizes(), seed=0).epoch(0)
+    plan = STRATEGIES.get("packed").plan(index, mixed, size)
+    assert plan_warnings(index, mixed, plan, size, "packed") == []
+    by_folder = np.sort(mixed)  # folder after folder: every batch holds one folder
+    plan = STRATEGIES.get("packed").plan(index, by_folder, size)
+    (line,) = plan_warnings(index, by_folder, plan, size, "packed")
+    assert "of one data folder only" in line
+    single = sum(len(np.unique(index.sample_folder[p])) == 1 for p in plan)
+    assert line.startswith(f"{single} of {len(plan)} batches") and single > 0.1 * len(plan)
+    small = mixed[:40]
+    lines = plan_warnings(index, small, STRATEGIES.get("packed").plan(index, small, size), size, "packed")
+    assert any("cover the whole epoch (40 samples)" in w for w in lines)
+    one = np.flatnonzero(index.sample_folder == 0)
+    assert plan_warnings(index, one, STRATEGIES.get("packed").plan(index, one, size), size, "packed") == []

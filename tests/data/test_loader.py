@@ -12,10 +12,11 @@ from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.errors import MMToolError
 
 SMALL = ("digits", "cartpole", "pendulum", "jsonl", "prompted")  # 353 samples, every layout case
+ALL_SPLITS = ["train", "validation", "test"]  # `prompted`'s one row is a validation row
 
 
 def make(folders, names=SMALL, **kw) -> Loader:
-    cfg = dict(data=folders.paths(*names), batch_tokens=2048, seed=3)
+    cfg = dict(data=folders.paths(*names), batch_tokens=2048, seed=3, splits=ALL_SPLITS)
     cfg.update(kw)
     return Loader(LoaderConfig(**cfg))
 
@@ -233,3 +234,40 @@ def test_bad_folders_surface_through_the_loader(data, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1] + b"?")
     with pytest.raises(MMToolError, match="shard is corrupt"):
         Loader(LoaderConfig(data=[str(folder)], batch_tokens=2048))
+
+
+# -- splits: pretraining reads only the rows of the chosen splits --------------------------------
+TRAIN_ONLY = ("digits", "cartpole", "pendulum", "jsonl")  # every folder has train rows
+
+
+def test_default_splits_read_exactly_the_train_rows(data):
+    loader = make(data, TRAIN_ONLY, splits=["train"])
+    seen = epoch_samples(loader)
+    index = loader.index
+    column = [v for shard in index.shards for v in shard.table.column("split").to_pylist()]  # [N]
+    want = np.flatnonzero(np.array(column) == "train")
+    assert 0 < len(want) < len(index)  # the folders hold validation/test rows that stay out
+    np.testing.assert_array_equal(np.sort(seen), want)  # each train row once, nothing else
+    both = epoch_samples(make(data, TRAIN_ONLY, splits=["train", "validation"]))
+    assert len(want) < len(both) < len(index)
+
+
+def test_splits_resume_exactly_and_must_match(data):
+    kw = dict(splits=["train"], batch_tokens=1500)
+    reference = take(make(data, TRAIN_ONLY, **kw), 20)
+    first = make(data, TRAIN_ONLY, **kw)
+    assert take(first, 7) == reference[:7]
+    resumed = make(data, TRAIN_ONLY, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert take(resumed, 13) == reference[7:]
+    other = make(data, TRAIN_ONLY, batch_tokens=1500, splits=["train", "test"])
+    with pytest.raises(MMToolError, match="splits"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_a_folder_without_rows_in_the_splits_is_named(data):
+    with pytest.raises(MMToolError, match=r"prompted has no row in splits train \(it has validation\)"
+                                          r".*--splits validation"):
+        make(data, ("digits", "prompted"), splits=["train"])
+    with pytest.raises(MMToolError, match="--splits dev"):
+        make(data, ("digits",), splits=["dev"])

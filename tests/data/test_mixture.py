@@ -139,3 +139,35 @@ def test_parse_mixture_yaml(tmp_path):
 def test_bad_weights_name_the_flag(weight, reason):
     with pytest.raises(MMToolError, match=rf"^--data data/digits={weight}: .*{reason}"):
         parse_data_specs([f"data/digits={weight}"])
+
+
+# -- --mix-by: what a weight is a share of -------------------------------------------------------
+def test_mix_by_tokens_draws_in_proportion_to_weight_over_mean_length():
+    sizes, tokens = [100, 50, 200], [2_000, 70_000, 10_000]  # mean lengths 20, 1400, 50
+    m = Mixture(sizes, [1, 1, 2], seed=0, mix_by="tokens", tokens=tokens)
+    np.testing.assert_allclose(m.probabilities, [0.25, 0.25, 0.5])
+    q = np.array([0.25 / 20, 0.25 / 1400, 0.5 / 50])
+    np.testing.assert_allclose(m.draw_probabilities, q / q.sum())
+    counts = m.counts()
+    drawn_tokens = counts * np.array(tokens) / np.array(sizes)  # [F] expected tokens per folder
+    np.testing.assert_allclose(drawn_tokens / drawn_tokens.sum(), [0.25, 0.25, 0.5], atol=0.01)
+    assert abs(drawn_tokens.sum() - sum(tokens)) < 0.02 * sum(tokens)  # an epoch ≈ the data's tokens
+    s = Mixture(sizes, [1, 1, 2], seed=0, mix_by="samples", tokens=tokens)
+    np.testing.assert_array_equal(s.counts(), [88, 87, 175])  # shares of draws: 350 · (¼, ¼, ½)
+    unweighted = Mixture(sizes, seed=0, mix_by="tokens", tokens=tokens)  # natural: each sample once
+    np.testing.assert_array_equal(np.sort(unweighted.epoch(0)), np.arange(350))
+
+
+def test_mix_by_is_checked_and_read_from_the_mixture_file(tmp_path):
+    from mmtool.data.mixture import resolve_mix_by
+
+    with pytest.raises(MMToolError, match="--mix-by 'words': expected tokens or samples"):
+        Mixture([3], mix_by="words")
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("mix_by: samples\ndatasets:\n  - path: a\n")
+    assert resolve_mix_by(None, [str(mix)]) == "samples"
+    assert resolve_mix_by("tokens", [str(mix)]) == "tokens"  # the flag wins
+    assert resolve_mix_by(None, ["a=1"]) == "tokens"  # the default
+    mix.write_text("mix_by: bytes\ndatasets:\n  - path: a\n")
+    with pytest.raises(MMToolError, match="mix.yaml: mix_by 'bytes'"):
+        resolve_mix_by(None, [str(mix)])

@@ -9,6 +9,16 @@ Each record is a Gato-style trajectory (see `mmtool.data.schema`): `observation 
 saw, the action it took, and the reward that action earned; the observation after the last step is
 dropped. Observations are the environment's raw values (the mu-law tokenizer compands them itself).
 
+Long episodes can be cut into windows of whole timesteps (`--opt window=T`, Gato's way): record
+k of an episode is its timesteps `[k·T, (k+1)·T)` (the last may be shorter), with id
+`...-epI-wKK`. Windows are made here, in the source, rather than in the tokenizer or the loader:
+the schema, the token index and every batching strategy keep "one record = one sample", a window
+is an ordinary trajectory record (whole timesteps by construction), and the split is the
+*episode's* (a hash of the episode id), so the windows of one episode never straddle
+train/validation/test. The cost: re-preprocessing to change T. Finding how many windows an
+episode has means running it, so `window` runs every episode once when the source is built
+(milliseconds each).
+
 Reproducibility: episode i resets the environment with seed `seed + i` and draws the controller's
 noise from `numpy.random.default_rng(seed + i)`, and each `read` makes a fresh environment, so
 `read(i)` is the same in any process, whatever was read before. (Consequently `seed=0` episode 1 is
@@ -24,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mmtool.data.schema import Field, Record
+from mmtool.data.schema import Field, Record, assign_split
 from mmtool.data.sources.base import SOURCES, Source
 from mmtool.errors import MMToolError
 
@@ -40,6 +50,8 @@ class EpisodeOptions:
     episodes: int = _opt(100, "number of episodes (records)")
     seed: int = _opt(0, "episode i uses seed seed+i for the environment reset and the controller noise")
     max_steps: int = _opt(200, "cap on the episode length T (steps; the episode may end earlier)")
+    window: int = _opt(0, "cut each episode into records of this many whole timesteps (ids ...-wKK; "
+                          "the last window may be shorter); 0: one record per episode")
 
 
 @dataclasses.dataclass
@@ -71,6 +83,10 @@ class ControlSource(Source):
             raise MMToolError(f"--opt episodes={o.episodes}: {self.name} needs at least 1 episode")
         if o.max_steps < 1:
             raise MMToolError(f"--opt max_steps={o.max_steps}: {self.name} needs at least 1 step")
+        if o.window < 0:
+            raise MMToolError(f"--opt window={o.window}: expected timesteps per record ≥ 1 (0: whole episodes)")
+        self._windows: list[tuple[int, int]] | None = None  # (episode, first step) per record
+        self._last: tuple[int, Record] | None = None  # the last episode run (windows reuse it)
 
     @abstractmethod
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> Any:
@@ -80,18 +96,56 @@ class ControlSource(Source):
     def action_field(self, actions: list) -> Field:
         """The record's action field built from the episode's actions."""
 
+    def windows(self) -> list[tuple[int, int]]:
+        """(episode, first timestep) of every record when `window` is set (runs each episode once)."""
+        if self._windows is None:
+            w = self.options.window
+            self._windows = [(e, t) for e in range(self.options.episodes)
+                             for t in range(0, self._episode(e).meta["length"], w)]
+        return self._windows
+
     def __len__(self) -> int:
-        return self.options.episodes
+        return len(self.windows()) if self.options.window else self.options.episodes
+
+    def episode_id(self, episode: int) -> str:
+        return f"{self.name}-s{self.options.seed}-ep{episode}"
 
     def record_id(self, index: int) -> str:
-        return f"{self.name}-s{self.options.seed}-ep{index}"
+        if not self.options.window:
+            return self.episode_id(index)
+        episode, start = self.windows()[index]
+        return f"{self.episode_id(episode)}-w{start // self.options.window:02d}"
+
+    def split_of(self, index: int) -> str:
+        """The episode's split (a hash of the episode id), shared by all its windows."""
+        episode = self.windows()[index][0] if self.options.window else index
+        return assign_split(self.name, self.episode_id(episode))
 
     def location(self, index: int) -> str:
-        return f"{self.name} episode {index} ({self.env_id}, seed {self.options.seed + index})"
+        episode = self.windows()[index][0] if self.options.window else index
+        where = f" window {self.record_id(index).rsplit('-w', 1)[1]}" if self.options.window else ""
+        return f"{self.name} episode {episode}{where} ({self.env_id}, seed {self.options.seed + episode})"
 
     def read(self, index: int) -> Record:
         if not 0 <= index < len(self):
-            raise IndexError(f"{self.name}: episode {index} out of range 0..{len(self) - 1}")
+            raise IndexError(f"{self.name}: record {index} out of range 0..{len(self) - 1}")
+        if not self.options.window:
+            return self._episode(index)
+        episode, start = self.windows()[index]
+        whole = self._episode(episode)
+        end = start + self.options.window
+        fields = [dataclasses.replace(f, data=f.data[start:end]) for f in whole.fields]  # [≤ window, ...]
+        return Record(id=self.record_id(index), task=whole.task, fields=fields,
+                      meta={**whole.meta, "episode": whole.id, "window_start": start,
+                            "window_steps": len(fields[0].data)})
+
+    def _episode(self, index: int) -> Record:
+        """Runs episode `index` (the last one is cached: consecutive windows share it)."""
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self._run(index))
+        return self._last[1]
+
+    def _run(self, index: int) -> Record:
         import gymnasium as gym  # imported on first read only: listing sources stays cheap
 
         seed = self.options.seed + index
@@ -109,7 +163,7 @@ class ControlSource(Source):
         env.close()
         rewards_arr = np.asarray(rewards, np.float32)  # [T]
         return Record(
-            id=self.record_id(index),
+            id=self.episode_id(index),
             task=f"control/{self.name}",
             fields=[
                 Field("observation", "observation", np.asarray(observations, np.float32)),  # [T, obs_dim]
