@@ -141,3 +141,96 @@ def _transfer(cfg: ExperimentConfig, run: Path, protocols: list[str], say: Say) 
                                             protocol=ProtocolConfig(ks=(1, 5, 10), episodes=cfg.episodes,
                                                                     seed=cfg.seed)),
                              on_progress=say)["tasks"]["digits"]
+
+
+def _interval(row: dict[str, Any], key: str) -> str:
+    lo, hi = row[f"{key}_ci95"]
+    return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+# -- the positive controls -----------------------------------------------------------------------
+@EXPERIMENTS.register("control-transfer")
+def control_transfer(cfg: ExperimentConfig, say: Say) -> list[ExperimentResult]:
+    """k-shot on held-out digits: contrastive pretraining beats scratch at k = 1, 5, 10 (intervals > 0)."""
+    run = contrastive_digits_run(cfg, say)
+    entry = _transfer(cfg, run, ["kshot"], say)
+    rows = {r["setting"]: r for r in entry["results"]["kshot"]["rows"]}
+    res = ExperimentResult("control-transfer", settings={"run": str(run), "task": "digits",
+                                                         "pretraining_saw": entry["pretraining_saw"]})
+    res.numbers = {"chance": entry["chance"], "kshot": {}}
+    for k in (1, 5, 10):
+        row = rows.get(f"k={k}")
+        if row is None:
+            res.checks.append(Check(f"k={k}: pretrained beats scratch", False, "k-shot row missing"))
+            continue
+        res.numbers["kshot"][str(k)] = {key: row[key] for key in (
+            "pretrained", "pretrained_ci95", "scratch", "scratch_ci95", "gain", "gain_ci95")}
+        res.numbers["kshot"][str(k)]["difference_ci95"] = row["gain_ci95"]
+        res.checks.append(Check(
+            f"k={k}: pretrained beats scratch (gain interval above 0)", row["gain_ci95"][0] > 0,
+            f"gain {_interval(row, 'gain')}; pretrained {_interval(row, 'pretrained')} vs scratch "
+            f"{_interval(row, 'scratch')}"))
+    return [res]
+
+
+@EXPERIMENTS.register("control-zeroshot")
+def control_zeroshot(cfg: ExperimentConfig, say: Say) -> list[ExperimentResult]:
+    """Digits zero-shot by caption similarity after contrastive pretraining: far above chance."""
+    run = contrastive_digits_run(cfg, say)
+    entry = _transfer(cfg, run, ["zeroshot"], say)
+    result = entry["results"]["zeroshot"]
+    rows = {r["setting"]: r for r in result["rows"]}
+    chance = entry["chance"]
+    res = ExperimentResult("control-zeroshot", settings={"run": str(run), "task": "digits",
+                                                         "pretraining_saw": entry["pretraining_saw"]})
+    row = rows.get("similarity")
+    if row is None:
+        res.checks.append(Check("similarity zero-shot applies", False,
+                                result.get("reason") or "no similarity row"))
+        return [res]
+    res.numbers = {"chance": chance,
+                   "pretrained": {"accuracy": row["pretrained"], "ci95": row["pretrained_ci95"]},
+                   "scratch": {"accuracy": row["scratch"], "ci95": row["scratch_ci95"]},
+                   "gain": {"value": row["gain"], "ci95": row["gain_ci95"]}}
+    res.checks = [
+        Check("pretrained: far above chance (interval above 2 × chance)", row["pretrained_ci95"][0] > 2 * chance,
+              f"{_interval(row, 'pretrained')}, chance {chance:.3f}"),
+        Check("scratch: no better than chance would allow (interval reaches below 2 × chance)",
+              row["scratch_ci95"][0] < 2 * chance, f"{_interval(row, 'scratch')}"),
+        Check("pretrained beats scratch (gain interval above 0)", row["gain_ci95"][0] > 0,
+              f"gain {_interval(row, 'gain')}"),
+    ]
+    return [res]
+
+
+IMPORTANCE_STEPS = 40
+"""Training steps of the known-answer run (as `mmtool sanity`)."""
+
+
+@EXPERIMENTS.register("control-importance")
+def control_importance(cfg: ExperimentConfig, say: Say) -> list[ExperimentResult]:
+    """known-answer (only the image carries the label): trained passes `sanity`, untrained fails."""
+    from mmtool.sanity import SanityConfig, known_answer_check
+
+    steps = cfg.steps or IMPORTANCE_STEPS
+    out = {}
+    for name, n in (("trained", steps), ("untrained", 0)):
+        say(f"known-answer check, {name} ({n} steps)")
+        out[name] = known_answer_check(SanityConfig(workdir=cfg.workdir / f"sanity-{name}-s{cfg.seed}",
+                                                    informative="image", steps=n, seed=cfg.seed),
+                                       say=say)
+    res = ExperimentResult("control-importance", settings={"informative": "image", "steps": steps})
+    res.numbers = {w: {"passed": o["passed"], "checks": o["checks"]} for w, o in out.items()}
+    failed_untrained = [c["check"] for c in out["untrained"]["checks"] if not c["passed"]]
+    res.checks = [Check(f"trained: {c['check']}", c["passed"], c["detail"]) for c in out["trained"]["checks"]]
+    res.checks.append(Check("untrained model fails the same check (it cannot pass without training)",
+                            not out["untrained"]["passed"],
+                            f"untrained fails: {'; '.join(failed_untrained) or 'nothing'}"))
+    return [res]
+
+
+@EXPERIMENTS.register("controls")
+def controls(cfg: ExperimentConfig, say: Say) -> list[ExperimentResult]:
+    """All positive controls: transfer, zero-shot and importance (one contrastive run shared)."""
+    return [r for name in ("control-transfer", "control-zeroshot", "control-importance")
+            for r in EXPERIMENTS.get(name)(cfg, say)]
