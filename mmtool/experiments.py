@@ -24,8 +24,6 @@ finished work in WORKDIR (a finished training run is resumed as finished, i.e. n
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +89,7 @@ def run_experiment(name: str, cfg: ExperimentConfig, say: Say | None = None) -> 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     results = fn(cfg, say)
     for r in results:
+        (cfg.workdir / r.name).mkdir(exist_ok=True)
         atomic_write_json(cfg.workdir / r.name / "result.json", r.to_dict())
     return results
 
