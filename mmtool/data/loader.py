@@ -6,6 +6,9 @@ and within a rank, worker w takes every `num_workers`-th of the rank's remaining
 PyTorch DataLoader returns worker results round-robin, so the rank sees its batches in plan order
 whatever the number of workers. Resuming is a position: (epoch, batches done in it).
 
+Only rows whose `split` is in `LoaderConfig.splits` are drawn (default: train); the index still
+numbers every row, so sample numbers mean the same whatever the splits.
+
 Ranks can differ by one batch at an epoch's end (no sample is dropped or repeated to even them
 out); a distributed trainer stops each epoch at the smallest count or uses `Join`.
 """
