@@ -27,7 +27,7 @@ def test_eval_transfer_prints_the_table_and_writes_report_and_plot(cli, run, tmp
     proc = cli("eval-transfer", run, "--task", "digits", "--protocol", "linear-probe,kshot",
                    "--k", "1,2", "--episodes", "5", "--fractions", "0.5,1", "--out", tmp_path)
     out = proc.stdout
-    for text in ("digits", "image", "linear-probe", "kshot k=2", "ratio", "chance"):
+    for text in ("digits", "image", "linear-probe", "kshot k=2", "gain", "verdict", "cc ratio", "chance"):
         assert text in out, text
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tasks"]["digits"]["split"]["sizes"]["test"] == 40
