@@ -152,7 +152,7 @@ def comparison(pair: dict[str, Any], chance: float) -> dict[str, Any]:
             "ratio": ratio(pre, scratch), "chance_corrected_ratio": chance_corrected_ratio(pre, scratch, chance)}
 
 
-def paired_row(ev: "Evaluation", setting: str, correct: dict[str, np.ndarray], tag: str,
+def paired_row(ev: Evaluation, setting: str, correct: dict[str, np.ndarray], tag: str,
                **extra: Any) -> dict[str, Any]:
     """A report row from each model's per-test-example correctness [n_test] (paired bootstrap)."""
     pair = paired_bootstrap(correct["pretrained"], correct["scratch"], rng_for(ev.cfg, tag, setting),
