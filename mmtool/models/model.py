@@ -241,6 +241,12 @@ class UnifiedModel(nn.Module):
         view = PackedView.of(batch, self.keep_padding)
         return self._trunk(batch, view, None)[0], view
 
+    def modality_pools(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(mean final hidden state of each modality of each sample [B, M, d], present bool [B, M]),
+        uncorrupted: what the contrastive objective pools (modality m is `self.modalities[m]`)."""
+        hidden, view = self.hidden_states(batch)  # [N, d]
+        return self._modality_pools(view, hidden)
+
     def pooled(self, batch: Batch) -> Tensor:
         """[B, d] one vector per sample: the mean of its tokens' final hidden states (early, mid),
         or the late-fusion head's combination of its per-modality means (late)."""

@@ -10,6 +10,7 @@ The report holds no timings, so two runs with the same seed give identical files
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,9 @@ class TransferConfig:
     """Modalities the model sees (default: each task's own, which avoid label leaks)."""
     out: Path | None = None
     """Report folder (default RUN/transfer)."""
+    held_out: bool = True
+    """On a folder the run pretrained on, evaluate only the rows pretraining did not read (the
+    rows whose split is not in the run's `splits`); False: every row, as before held-out splits."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Budgets: fractions, ks, episodes, fine-tune steps, seed, device."""
 
@@ -60,15 +64,25 @@ def _validate(cfg: TransferConfig) -> None:
         raise MMToolError(f"--k must be positive integers, got {list(p.ks)}")
     if not p.lrs or not p.cs or min(p.lrs) <= 0 or min(p.cs) <= 0:
         raise MMToolError("the fine-tuning lr grid and the probe's C grid must be positive numbers")
-    for name in ("episodes", "steps", "batch_size"):
+    for name in ("episodes", "steps", "batch_size", "bootstrap"):
         if getattr(p, name) < 1:
             raise MMToolError(f"--{name.replace('_', '-')} must be at least 1")
     p.fractions = tuple(sorted(set(p.fractions)))
     p.ks = tuple(sorted(set(p.ks)))
 
 
+def pretraining_splits(run: Path) -> list[str] | None:
+    """The `split` values of the rows the run pretrained on, read raw from its config.json
+    (`splits`); None when the key is missing: such runs read every row."""
+    try:
+        splits = json.loads((Path(run) / "config.json").read_text()).get("splits")
+    except (OSError, ValueError):
+        return None
+    return [str(s) for s in splits] if isinstance(splits, list) else None
+
+
 def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[str, Any]]:
-    """({"pretrained", "scratch"}, the run's streams and folders, what was loaded)."""
+    """({"pretrained", "scratch"}, the run's streams, folders and splits, what was loaded)."""
     from mmtool import checkpoint
     from mmtool.models.model import build_model
     from mmtool.train import load_run
@@ -87,12 +101,14 @@ def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[s
                 "source": (f.manifest.get("source") or {}).get("name", f.name),
                 "modalities": sorted(f.manifest.get("modalities", {}))} for f in loader.index.folders]
     ckpt = checkpoint.list_checkpoints(run)[-1]
+    splits = pretraining_splits(run)
     loaded = {"run": str(run), "checkpoint": str(ckpt), "step": int(ckpt.name.split("-")[1]),
               "model": asdict(cfg.model), "parameters": model.num_parameters(),
               "streams": [s.key for s in loader.index.streams],
               "pretraining_folders": [{k: f[k] for k in ("name", "source", "modalities")} for f in folders],
+              "pretraining_splits": splits if splits is not None else "all rows (config.json has no splits)",
               "scratch_init": f"the run's own initial weights (build_model under torch seed {cfg.seed})"}
-    return {"pretrained": model, "scratch": scratch}, RunData(loader.index.streams, folders), loaded
+    return {"pretrained": model, "scratch": scratch}, RunData(loader.index.streams, folders, splits), loaded
 
 
 def evaluate_transfer(cfg: TransferConfig,
@@ -117,11 +133,13 @@ def evaluate_transfer(cfg: TransferConfig,
         "settings": {"protocols": list(cfg.protocols), "modalities": cfg.modalities,
                      "fractions": list(p.fractions), "k": list(p.ks), "episodes": p.episodes,
                      "finetune_steps": p.steps, "finetune_batch_size": p.batch_size,
-                     "C_grid": list(p.cs), "lr_grid": list(p.lrs)},
+                     "C_grid": list(p.cs), "lr_grid": list(p.lrs), "bootstrap": p.bootstrap,
+                     "held_out": cfg.held_out},
         "tasks": {}, "plots": {}}
     for name in cfg.tasks:
         say(f"{name}: preparing data")
-        task = prepare_task(name, run, out, p.seed, cfg.modalities, "zeroshot" in cfg.protocols)
+        task = prepare_task(name, run, out, p.seed, cfg.modalities, "zeroshot" in cfg.protocols,
+                            cfg.held_out)
         ev = Evaluation(task, models, p)
         entry = {**task.info, "chance": task.chance, "notes": list(task.notes), "results": {}}
         for proto in cfg.protocols:

@@ -1,4 +1,5 @@
-"""One PNG per task: data-efficiency curves, pretrained vs scratch, with the chance level."""
+"""One PNG per task: data-efficiency curves, pretrained vs scratch (95% bootstrap intervals), with
+the chance level."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def plot_task(name: str, entry: dict[str, Any], path: Path) -> bool:
         xs = [pt[xkey] for pt in res["curve"]]
         for which, (color, marker) in style.items():
             ys = [pt[which] for pt in res["curve"]]
-            err = [pt.get(f"{which}_ci95") for pt in res["curve"]]
-            if all(e is not None for e in err):
+            ci = [pt.get(f"{which}_ci95") for pt in res["curve"]]  # [low, high] per point
+            if all(c is not None and c[0] == c[0] for c in ci):
+                err = [[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]]
                 ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, capsize=3, label=which)
             else:
                 ax.plot(xs, ys, color=color, marker=marker, label=which)
@@ -41,7 +43,7 @@ def plot_task(name: str, entry: dict[str, Any], path: Path) -> bool:
                       else "fraction of the labelled train/validation data")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1.02)
-        ax.set_title(CURVES.get(proto, "k-shot (mean ± 95% CI)"))
+        ax.set_title(CURVES.get(proto, "k-shot") + " (95% bootstrap interval)")
         ax.spines[["top", "right"]].set_visible(False)
         ax.legend(fontsize=8, frameon=False)
     split = entry["split"]["sizes"]

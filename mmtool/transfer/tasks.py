@@ -20,7 +20,13 @@ Decisions (the "why"):
 * **Task token.** The model adds a learned vector per pretraining data folder. A task reuses the
   vector of the run's folder of the same source; a new source takes the run folder that shares the
   most modalities with it (recorded as `task_token` in the report).
-* **Splits.** A seeded, stratified 60/20/20 split of the task's own samples (every class in every
+* **Held out from pretraining.** A task that reuses a folder the run pretrained on (`digits`,
+  `spoken-digits`, `label:DIR` of a run folder) keeps only the rows pretraining never read: those
+  whose `split` column is not in the run's `splits` (`config.json`; a run without that key read every
+  row). Pretraining saw these inputs' siblings, never these inputs. When no row is held out (an old
+  run, or `splits` covering every split) the task uses every row, says so in `pretraining_saw`, and
+  adds a note; `held_out=False` forces that.
+* **Splits.** A seeded, stratified 60/20/20 split of the task's samples (every class in every
   split), independent of the preprocessing hash split, recorded with its sizes and a digest of the
   test ids. Binned regression targets split unstratified and take their bin edges from the
   training part only.
@@ -93,6 +99,8 @@ class RunData:
 
     streams: list[Stream]
     folders: list[dict[str, Any]]  # {"path", "name", "source", "modalities"} per run data folder
+    splits: list[str] | None = None
+    """The `split` values of the rows pretraining read (config.json `splits`); None: every row."""
 
 
 @dataclass
@@ -107,6 +115,7 @@ class TaskData:
     modalities: list[str]
     info: dict[str, Any]  # JSON-ready: folders, split record, task token, notes
     zeroshot_index: TokenIndex | None = None  # (validation, then test samples) × classes' prompts
+    prompt_index: TokenIndex | None = None  # one text-only sample per class: its prompt
     zeroshot_reason: str = ""  # why zero-shot does not apply ("" when it does)
     notes: list[str] = field(default_factory=list)
 
@@ -148,11 +157,12 @@ class ModelStreamIndex(TokenIndex):
 
 # -- resolving the data ------------------------------------------------------------------------
 def _source_folder(name: str, task: Task, run: RunData, out: Path) -> tuple[Path, str]:
-    """(a preprocessed folder of the task's source, how it relates to pretraining)."""
+    """(a preprocessed folder of the task's source, how it relates to pretraining: "run" (a folder
+    the run pretrained on), "other records" (same source, other records) or "no")."""
     if task.reuse_run:
         for f in run.folders:
             if f["source"] == task.source:
-                return Path(f["path"]), "these samples (the run's own folder; labels were never used)"
+                return Path(f["path"]), "run"
     from mmtool.data.preprocess import PreprocessConfig, preprocess
 
     tag = hashlib.sha1(json.dumps(task.options).encode()).hexdigest()[:8] if task.options else "default"
@@ -166,7 +176,25 @@ def _label_dir_folder(spec: str, run: RunData) -> tuple[Path, str]:
     folder = Path(spec.split(":", 1)[1])
     store.load_manifest(folder)  # clear error when it is not a preprocessed folder
     seen = any(Path(f["path"]).resolve() == folder.resolve() for f in run.folders)
-    return folder, ("these samples (a folder of the run; labels were never used)" if seen else "no")
+    return folder, ("run" if seen else "no")
+
+
+def held_out_rows(samples: list[Sample], run: RunData, folder: Path,
+                  held_out: bool) -> tuple[list[Sample], str, list[str]]:
+    """The rows of a folder the run pretrained on that a task may use: (samples, what pretraining
+    saw of them, notes). Only rows whose split pretraining did not read, when there are any."""
+    if held_out and run.splits is not None:
+        kept = [s for s in samples if s.split not in run.splits]
+        if kept:
+            names = "+".join(sorted({s.split for s in kept}))
+            return kept, (f"no: held-out rows (split {names} of the run's folder, never read in "
+                          "pretraining)"), []
+    why = ("held-out rows not requested (--all-rows)" if not held_out else
+           "the run's config.json has no `splits` (a run before held-out splits read every row)"
+           if run.splits is None else f"pretraining read splits {'+'.join(run.splits)}, i.e. every row")
+    return samples, "yes: these samples (the run's own folder, read in full by pretraining; labels were " \
+        "never used)", [f"pretraining saw every input of {folder} ({why}): the transfer test is not " \
+                        "held out; pretrain with fewer --splits for a held-out one"]
 
 
 def resolve_task(spec: str) -> Task | None:
@@ -226,7 +254,7 @@ def _bin(values: np.ndarray, train: np.ndarray, n: int) -> tuple[np.ndarray, lis
 
 
 def prepare_task(spec: str, run: RunData, out: Path, seed: int, modalities: list[str] | None,
-                 zeroshot: bool) -> TaskData:
+                 zeroshot: bool, held_out: bool = True) -> TaskData:
     """Reads, labels, splits and restricts task `spec`, and indexes it in the checkpoint's streams.
 
     Args:
@@ -235,7 +263,10 @@ def prepare_task(spec: str, run: RunData, out: Path, seed: int, modalities: list
         out: eval-transfer output folder (task data goes to `out/data/`).
         seed: split seed.
         modalities: the `--modalities` restriction (None: the task's default).
-        zeroshot: also build the zero-shot candidates (test samples × class prompts).
+        zeroshot: also build the zero-shot candidates (test samples × class prompts, and each
+            class prompt alone).
+        held_out: on a folder the run pretrained on, use only the rows pretraining did not read
+            (when there are any; see `held_out_rows`).
     """
     task = resolve_task(spec)
     if task is None:
@@ -246,6 +277,10 @@ def prepare_task(spec: str, run: RunData, out: Path, seed: int, modalities: list
     source = (manifest.get("source") or {}).get("name", folder.name)
     samples = rows_to_samples(store.read_folder(folder))
     notes: list[str] = []
+    n_folder = len(samples)
+    if seen == "run":
+        samples, seen, more = held_out_rows(samples, run, folder, held_out)
+        notes += more
     have = sorted({g.modality for s in samples for g in s.segments})
 
     target = task.target if task else "label"
@@ -308,6 +343,7 @@ def prepare_task(spec: str, run: RunData, out: Path, seed: int, modalities: list
     info = {
         "task": spec, "source": source, "source_folder": str(folder), "task_folder": str(derived),
         "modalities": used, "classes": names, "pretraining_saw": seen,
+        "rows": {"folder": n_folder, "used": len(samples)},
         "task_token": run.folders[token]["name"] if run.folders else None,
         "split": {"seed": seed, "fractions": list(SPLIT_FRACTIONS), "stratified": target == "label",
                   "sizes": {k: int(len(v)) for k, v in splits.items()},
@@ -338,13 +374,15 @@ def _text_tokenizer(manifest: dict[str, Any]):
 
 def _zeroshot(data: TaskData, task: Task | None, samples: list[Sample], manifest: dict[str, Any],
               run: RunData, path: Path, keep: set[str], token: int) -> None:
-    """Builds the candidates: each validation and test sample once per class, its text replaced by
-    the class prompt (in split order, then sample order, then class order)."""
+    """Builds the zero-shot candidates: each validation and test sample once per class, its text
+    replaced by the class prompt (in split order, then sample order, then class order) for the
+    likelihood rule; and each class prompt alone, as a text-only sample, for the similarity rule."""
     if task is None or task.prompt is None:
         data.zeroshot_reason = task.no_prompt if task else "label:DIR tasks have no class prompts"
         return
     tokenizer = _text_tokenizer(manifest)
-    if tokenizer is None or not any(s.modality == "text" for s in run.streams):
+    has_text = any(g.modality == "text" for s in samples for g in s.segments)
+    if tokenizer is None or not has_text or not any(s.modality == "text" for s in run.streams):
         data.zeroshot_reason = "needs a text stream in both the task data and the checkpoint"
         return
     prompts = [tokenizer.encode(task.prompt.format(c), "prompt") for c in data.classes]
@@ -364,5 +402,14 @@ def _zeroshot(data: TaskData, task: Task | None, samples: list[Sample], manifest
     folder = _write_folder(path, rows, manifest.get("tokenizers", {}), data.info["source_folder"])
     data.zeroshot_index = ModelStreamIndex([folder], run.streams, data.name)
     data.zeroshot_index.sample_folder[:] = token
+    # Each prompt alone, as a text-only sample (what similarity zero-shot embeds).
+    text = next(g for s in samples for g in s.segments if g.modality == "text")  # a caption's role
+    alone = [Sample(f"prompt/{c}", samples[0].source, "prompt", "test",
+                    [Segment("text", text.role, text.tokenizer, p.shape, ids=p.ids)], c, {})
+             for c, p in enumerate(prompts)]
+    folder = _write_folder(path.with_name(path.name + "-prompts"), alone, manifest.get("tokenizers", {}),
+                           data.info["source_folder"])
+    data.prompt_index = ModelStreamIndex([folder], run.streams, data.name)
+    data.prompt_index.sample_folder[:] = token
     data.info["zeroshot_prompt"] = task.prompt
     data.info["zeroshot_shared_prefix_tokens"] = shared

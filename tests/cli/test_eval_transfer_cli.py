@@ -27,10 +27,16 @@ def test_eval_transfer_prints_the_table_and_writes_report_and_plot(cli, run, tmp
     proc = cli("eval-transfer", run, "--task", "digits", "--protocol", "linear-probe,kshot",
                    "--k", "1,2", "--episodes", "5", "--fractions", "0.5,1", "--out", tmp_path)
     out = proc.stdout
-    for text in ("digits", "image", "linear-probe", "kshot k=2", "ratio", "chance"):
+    for text in ("digits", "image", "linear-probe", "kshot k=2", "gain", "verdict", "cc ratio", "chance"):
         assert text in out, text
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tasks"]["digits"]["split"]["sizes"]["test"] == 40
+    rows = [r for res in report["tasks"]["digits"]["results"].values() for r in res["rows"]]
+    for row in rows:  # the table's intervals come from these
+        lo, hi = row["gain_ci95"]
+        assert f"{row['gain']:+.3f} [{lo:+.2f}, {hi:+.2f}]" in out and row["verdict"] in out
+    # A run without `splits` in config.json read every row: the caption says the test is not held out.
+    assert "pretraining saw the test inputs? yes" in out and "not held out" in out
     assert (tmp_path / "transfer-digits.png").is_file()
 
 
