@@ -374,7 +374,8 @@ def rank(importance: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[st
     Only modalities whose interval lies above 0 are ranked, by value; one whose interval overlaps
     the interval of its group's first (highest) member is tied with it. The others get a status:
     "structural zero" (cannot change the measured quantity by construction), "not measured",
-    "negative" (interval below 0: the ablation helps), "indistinguishable from 0".
+    "no interval (one batch)", "negative" (interval below 0: the ablation helps),
+    "indistinguishable from 0".
     """
     status: dict[str, str] = {}
     cand = []
@@ -384,6 +385,8 @@ def rank(importance: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[st
             status[name] = "structural zero"
         elif v is None or v != v:
             status[name] = "not measured"
+        elif lo != lo or hi != hi:
+            status[name] = "no interval (one batch)"
         elif lo == lo and lo > 0:
             cand.append(name)
         elif hi == hi and hi < 0:

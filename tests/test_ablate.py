@@ -116,7 +116,8 @@ def test_rank_lists_only_intervals_above_zero_and_groups_ties():
     assert status == {"image": "rank 1 (tied)", "audio": "rank 1 (tied)", "text": "rank 2",
                       "reward": "indistinguishable from 0", "action": "negative",
                       "caption": "structural zero", "observation": "not measured"}
-    assert rank({"a": {"value": 0.3, "ci95": [float("nan")] * 2}})[0] == []  # one batch: no interval, no rank
+    # one batch: no interval, no rank
+    assert rank({"a": {"value": 0.3, "ci95": [float("nan")] * 2}})[1:] == ([], {"a": "no interval (one batch)"})
 
 
 def test_structural_zero_needs_the_modality_after_every_other_under_causal_attention():

@@ -133,7 +133,8 @@ def sanity_cmd(
     seed: int = typer.Option(0, help="Seed of the data, training and ablation."),
     text_tokenizer: str = typer.Option("bytes", help="Caption tokenizer: bytes (fast) or wordpiece."),
 ) -> None:
-    """Known-answer check: only one modality carries the label; ablation and probes must find it."""
+    """Known-answer check: only one modality carries the label; ablation (over the untrained twin) and
+    probes must find it. --steps 0 checks the untrained model, which must fail (exit 2)."""
     from mmtool.sanity import SanityConfig, known_answer_check
 
     console = Console(highlight=False)
@@ -151,6 +152,9 @@ def sanity_cmd(
         table.add_row(c["check"], "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"])
     console.print(table)
     console.print(f"details: {workdir / 'sanity.json'}; ablation: {out['ablation']}")
+    if not out["passed"] and steps == 0:
+        raise MMToolError("the known-answer check failed on the untrained model, as it must: its importance "
+                          "over its own untrained twin is 0 (train with --steps > 0 to pass)")
     if not out["passed"]:
         raise MMToolError("the known-answer check failed: the tools did not single out the informative "
                           "modality (see the table); try more --steps before suspecting a bug")
