@@ -136,10 +136,14 @@ def _dict_tail(lines: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def final_by_source(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per source (`by_source` in metrics.jsonl): its mean loss over the last 20% of steps that
-    held it, with a 95% interval over those steps (`mean_ci`)."""
+    held it, with a 95% interval over those steps (`mean_ci`; mean None when no tail step held it),
+    and the last step that held it."""
     tail = _tail(lines)
-    names = sorted({k for x in tail for k in x.get("by_source", {})})
-    return {n: mean_ci([x["by_source"][n] for x in tail if n in x.get("by_source", {})]) for n in names}
+    out = {}
+    for n in sorted({k for x in lines for k in x.get("by_source", {})}):
+        out[n] = mean_ci([x["by_source"][n] for x in tail if n in x.get("by_source", {})])
+        out[n]["last_step"] = max(x["step"] for x in lines if n in x.get("by_source", {}))
+    return out
 
 
 def source_curves(lines: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
@@ -324,6 +328,10 @@ def plot_loss_curves(report: dict[str, Any], path: str | Path) -> bool:
             ax.plot(c["step"], c["loss"], color=color, alpha=0.15, lw=0.6, ls=ls)
             ax.plot(c["step"], c["smooth"], color=color, lw=1.6, ls=ls,
                     label=f"{e['name']}: {src}" if len(runs) > 1 else src)
+    lows = [min(c["smooth"]) for e in runs for c in (e["curve"].get("by_source") or {}).values() if c["smooth"]]
+    highs = [max(c["smooth"]) for e in runs for c in (e["curve"].get("by_source") or {}).values() if c["smooth"]]
+    if lows and min(lows) > 0 and max(highs) / min(lows) > 20:  # sources on very different scales
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss per source (EMA)")
     ax.set_title("loss curves, one per source (steps without the source skipped)", fontsize=10)

@@ -20,7 +20,7 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 def _iv(m: dict[str, Any]) -> str:
     lo, hi = m.get("ci95") or [None, None]
     if m.get("mean") is None:
-        return "–"
+        return f"not in the last 20% of steps (last at step {m['last_step']})" if m.get("last_step") else "–"
     return f"{m['mean']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
 
 
