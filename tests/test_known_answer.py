@@ -32,7 +32,7 @@ def test_an_untrained_model_fails_the_check(tmp_path):
     """`mmtool sanity --steps 0`: the model checked is its own untrained twin, so its importance over
     the twin is 0 and the check fails — although the raw ablation of an untrained model does move
     the label loss (what the check used to compare)."""
-    out = known_answer_check(SanityConfig(workdir=tmp_path / "s", steps=0, samples=160, batches=3))
+    out = known_answer_check(SanityConfig(workdir=tmp_path / "s", steps=0, samples=128, batches=2))
     assert not out["passed"]
     assert all(not c["passed"] for c in out["checks"])
     image = out["importance"]["image"]
@@ -42,14 +42,14 @@ def test_an_untrained_model_fails_the_check(tmp_path):
 @pytest.mark.slow
 def test_known_answer_image(tmp_path):
     """`mmtool sanity`: fails untrained, passes after 40 steps of a tiny model (positive control 7c:
-    the planted modality ranks first over the untrained twin, alone, by ≥ 0.3 nats of label loss)."""
+    the planted modality ranks first over the untrained twin, alone, by ≥ 0.15 nats of label loss)."""
     untrained = known_answer_check(SanityConfig(workdir=tmp_path / "u", informative="image", steps=0))
     assert not untrained["passed"]
     out = known_answer_check(SanityConfig(workdir=tmp_path / "s", informative="image", steps=40))
     failed = [c for c in out["checks"] if not c["passed"]]
     assert not failed, failed
     image = out["importance"]["image"]
-    assert image["value"] >= 0.3 and image["ci95"][0] > 0 and image["trained"] > image["twin"]
+    assert image["value"] >= 0.15 and image["ci95"][0] > 0 and image["trained"] > image["twin"]
 
 
 @pytest.mark.slow

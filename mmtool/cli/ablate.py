@@ -129,7 +129,7 @@ def sanity_cmd(
     informative: str = typer.Option("image", help="The label-carrying modality: image or text."),
     steps: int = typer.Option(40, help="Training steps of the tiny model; 0 checks the untrained model (must fail)."),
     metric: str = typer.Option("loss", help="Importance metric: loss (label-token loss increase), accuracy, auto."),
-    margin: float = typer.Option(0.3, help="Smallest importance over the untrained twin (units of --metric)."),
+    margin: float = typer.Option(0.15, help="Smallest importance over the untrained twin (units of --metric)."),
     seed: int = typer.Option(0, help="Seed of the data, training and ablation."),
     text_tokenizer: str = typer.Option("bytes", help="Caption tokenizer: bytes (fast) or wordpiece."),
 ) -> None:
