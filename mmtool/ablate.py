@@ -30,9 +30,20 @@ Two effects are measured on exactly the affected samples, ablated against intact
 
 **Importance** = how much worse the ablated input is: the accuracy drop (intact − ablated) when
 every ablation could be scored by the probe (labelled data), else the loss increase (ablated −
-intact) for all — one metric per result, so the ranking compares like with like. Each is given with a 95% bootstrap interval
-over batches (resampling whole batches; ratio of sums for accuracy). The modality ranking uses the
-importance of the first mode.
+intact) for all — one metric per result, so the ranking compares like with like (`metric` forces
+one). It is measured on the trained model **and on its untrained twin** (`untrained_twin`: the
+same architecture with the run's initial weights) on the same batches, permutations, corruption
+masks and held-out probe samples, and reported as trained − twin: an untrained model already
+"depends" on its inputs (a probe reads digits off random features). 95% intervals are paired
+bootstraps: whole batches resampled (loss), batches and then held-out samples within them
+(accuracy, `hierarchical_ci`). Raw trained and twin values and intervals stay in the result.
+
+**Ranking** (`rank`, by the first mode): only modalities whose importance interval lies above 0,
+in order, ties (intervals overlapping the group leader's) grouped. The rest get a status:
+structural zero (with the loss metric, when the modality cannot change the others' loss by
+construction — `cannot_change_others`, read from the batch and the model's attention: no
+cross-modal layer, or causal attention with the modality after every other in every sample),
+negative, indistinguishable from 0, no interval (one batch), not measured.
 
 Output: a JSON-ready dict (`ablate`); `mmtool.report.plot_ablation` draws the bar chart with error bars.
 """
