@@ -85,8 +85,11 @@ def ablate_cmd(
     split: str = typer.Option("all", help="all, train, validation or test."),
     seed: int = typer.Option(0, help="Sample order, permutations, masks, probe split, bootstrap."),
     probe_c: float = typer.Option(1.0, help="Inverse L2 strength of the linear probe (fixed)."),
-    twin: bool = typer.Option(True, "--twin/--no-twin", help="Also measure the untrained twin (the run's initial weights) on the same batches; importance = trained − twin."),
-    metric: str = typer.Option("auto", help="Importance metric: accuracy (probe), loss (remaining modalities), auto (accuracy when every ablation has it)."),
+    twin: bool = typer.Option(True, "--twin/--no-twin",
+                              help="Also measure the untrained twin (the run's initial weights) on the same "
+                                   "batches; importance = trained − twin."),
+    metric: str = typer.Option("auto", help="Importance metric: accuracy (probe), loss (remaining modalities), "
+                                            "auto (accuracy when every ablation has it)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Result JSON (default RUN/ablation.json)."),
     plot: Optional[Path] = typer.Option(None, help="Bar chart with error bars (default RUN/ablation.png)."),

@@ -54,14 +54,16 @@ def test_report_puts_runs_side_by_side(runs, cli, tmp_path):
     for src in ("ka", "kt"):
         held = [x["by_source"][src] for x in lines[-2:] if src in x["by_source"]]
         fin = early["final"]["by_source"][src]
-        assert fin["steps"] == len(held) and fin["last_step"] == max(x["step"] for x in lines if src in x["by_source"])
+        assert fin["steps"] == len(held)
+        assert fin["last_step"] == max(x["step"] for x in lines if src in x["by_source"])
         assert fin["mean"] == (pytest.approx(np.mean(held)) if held else None)
         if len(held) == 2:
             assert min(held) <= fin["ci95"][0] <= fin["mean"] <= fin["ci95"][1] <= max(held)
         curve = early["curve"]["by_source"][src]  # one curve per source, only where the source was
         assert curve["step"] == [x["step"] for x in lines if src in x["by_source"]]
         assert curve["loss"] == [x["by_source"][src] for x in lines if src in x["by_source"]]
-        assert curve["smooth"][0] == curve["loss"][0] and min(curve["loss"]) <= curve["smooth"][-1] <= max(curve["loss"])
+        assert curve["smooth"][0] == curve["loss"][0]
+        assert min(curve["loss"]) <= curve["smooth"][-1] <= max(curve["loss"])
     assert "ka " in proc.stdout and "kt " in proc.stdout  # the per-source final losses are printed
     assert "packed, 8 samples" in proc.stdout
     assert early["probes"]["steps"] == [1, 2, 4, 6, 8, 10]
