@@ -30,9 +30,20 @@ Two effects are measured on exactly the affected samples, ablated against intact
 
 **Importance** = how much worse the ablated input is: the accuracy drop (intact − ablated) when
 every ablation could be scored by the probe (labelled data), else the loss increase (ablated −
-intact) for all — one metric per result, so the ranking compares like with like. Each is given with a 95% bootstrap interval
-over batches (resampling whole batches; ratio of sums for accuracy). The modality ranking uses the
-importance of the first mode.
+intact) for all — one metric per result, so the ranking compares like with like (`metric` forces
+one). It is measured on the trained model **and on its untrained twin** (`untrained_twin`: the
+same architecture with the run's initial weights) on the same batches, permutations, corruption
+masks and held-out probe samples, and reported as trained − twin: an untrained model already
+"depends" on its inputs (a probe reads digits off random features). 95% intervals are paired
+bootstraps: whole batches resampled (loss), batches and then held-out samples within them
+(accuracy, `hierarchical_ci`). Raw trained and twin values and intervals stay in the result.
+
+**Ranking** (`rank`, by the first mode): only modalities whose importance interval lies above 0,
+in order, ties (intervals overlapping the group leader's) grouped. The rest get a status:
+structural zero (with the loss metric, when the modality cannot change the others' loss by
+construction — `cannot_change_others`, read from the batch and the model's attention: no
+cross-modal layer, or causal attention with the modality after every other in every sample),
+negative, indistinguishable from 0, no interval (one batch), not measured.
 
 Output: a JSON-ready dict (`ablate`); `mmtool.report.plot_ablation` draws the bar chart with error bars.
 """
@@ -91,6 +102,12 @@ class AblateConfig:
     """Share of the labelled samples the probe is scored on (the rest trains it)."""
     bootstrap: int = 1000
     """Bootstrap resamples for the intervals."""
+    twin: bool = True
+    """Also measure the untrained twin (the run's initial weights) and report importance as
+    trained − twin."""
+    metric: str = "auto"
+    """Importance metric: accuracy (probe accuracy drop), loss (remaining-modality loss increase),
+    or auto (accuracy when every ablation could be scored by the probe, else loss)."""
     device: str = "cpu"
 
 
@@ -310,12 +327,104 @@ def _split_mask(index: TokenIndex, split: str) -> np.ndarray:
     return col == split
 
 
+def untrained_twin(run_cfg: Any, streams: list[Stream], device: str | torch.device = "cpu") -> Any:
+    """The run's model as `mmtool train` builds it before step 1 (the same architecture and initial
+    weights): `torch.manual_seed(run_cfg.seed); build_model(run_cfg.model, streams)`. The global
+    torch RNG is restored afterwards."""
+    from mmtool.models.model import build_model
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(run_cfg.seed)
+        twin = build_model(run_cfg.model, streams)
+    finally:
+        torch.random.set_rng_state(state)
+    return twin.to(device).eval()
+
+
+def cannot_change_others(slot_mod: np.ndarray, slots: list[np.ndarray], m: int, causal: bool,
+                         cross: bool) -> bool:
+    """True when, by construction, modality `m` cannot change the other modalities' loss in these
+    samples: no layer lets tokens of different modalities attend to each other (`cross` False: late
+    fusion), or attention is causal and in every sample every token of `m` comes after every token
+    of the other (non-separator) modalities. `slot_mod` is -1 for separators."""
+    if not cross:
+        return True
+    if not causal:
+        return False
+    for s in slots:
+        mods = slot_mod[s]
+        is_m, other = mods == m, (mods >= 0) & (mods != m)
+        if is_m.any() and other.any() and np.flatnonzero(other).max() > np.flatnonzero(is_m).min():
+            return False
+    return True
+
+
+def hierarchical_ci(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator,
+                    n: int) -> tuple[float, float, float]:
+    """(mean of `values`, 95% interval): a two-level bootstrap that resamples the groups (batches)
+    and, within each drawn group, its rows (held-out samples)."""
+    values, groups = np.asarray(values, np.float64), np.asarray(groups)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    est = float(values.mean())
+    ug = np.unique(groups)
+    if len(ug) < 2:
+        return est, float("nan"), float("nan")
+    parts = [values[groups == g] for g in ug]
+    sizes = np.array([len(p) for p in parts], np.float64)
+    sums = np.stack([p[rng.integers(0, len(p), (n, len(p)))].sum(1) for p in parts])  # [G, n]
+    pick = rng.integers(0, len(ug), (n, len(ug)))  # [n, G] drawn batches per resample
+    stats = sums[pick, np.arange(n)[:, None]].sum(1) / sizes[pick].sum(1)  # [n]
+    return est, float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def rank(importance: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], dict[str, str]]:
+    """(ranking, tie groups, status per modality) from {modality: {"value", "ci95", "structural_zero"}}.
+
+    Only modalities whose interval lies above 0 are ranked, by value; one whose interval overlaps
+    the interval of its group's first (highest) member is tied with it. The others get a status:
+    "structural zero" (cannot change the measured quantity by construction), "not measured",
+    "no interval (one batch)", "negative" (interval below 0: the ablation helps),
+    "indistinguishable from 0".
+    """
+    status: dict[str, str] = {}
+    cand = []
+    for name, imp in importance.items():
+        v, (lo, hi) = imp["value"], imp["ci95"]
+        if imp.get("structural_zero"):
+            status[name] = "structural zero"
+        elif v is None or v != v:
+            status[name] = "not measured"
+        elif lo != lo or hi != hi:
+            status[name] = "no interval (one batch)"
+        elif lo == lo and lo > 0:
+            cand.append(name)
+        elif hi == hi and hi < 0:
+            status[name] = "negative"
+        else:
+            status[name] = "indistinguishable from 0"
+    cand.sort(key=lambda n: -importance[n]["value"])
+    groups: list[list[str]] = []
+    for name in cand:
+        if groups and importance[name]["ci95"][1] >= importance[groups[-1][0]]["ci95"][0]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    for g, members in enumerate(groups, 1):
+        for name in members:
+            status[name] = f"rank {g}" + (" (tied)" if len(members) > 1 else "")
+    return cand, groups, status
+
+
 def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
            on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Runs every (modality, mode) ablation on `cfg.batches` batches; returns the JSON-ready result.
+    """Runs every (modality, mode) ablation on `cfg.batches` batches, on the trained model and (with
+    `cfg.twin`) its untrained twin; returns the JSON-ready result.
 
     Args:
-        cfg: the job. model, run_cfg: an already loaded run (tests); default: `load_run(cfg.run)`.
+        cfg: the job. model, run_cfg: an already loaded run (tests, `mmtool sanity --steps 0`);
+            default: `load_run(cfg.run)`. The twin is always built from `run_cfg` (`untrained_twin`).
         on_progress: called with (batches done, batches) after each batch.
 
     Raises:
@@ -330,10 +439,15 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
         raise MMToolError("--modes: give at least one of drop, permute")
     if cfg.batches < 1 or cfg.batch_samples < 2:
         raise MMToolError("--batches must be ≥ 1 and --batch-samples ≥ 2")
+    if cfg.metric not in ("auto", "loss", "accuracy"):
+        raise MMToolError(f"--metric {cfg.metric}: expected auto, loss or accuracy")
     if model is None:
         model, run_cfg, _ = load_run(cfg.run, cfg.device)
     model.eval()
     device = next(model.parameters()).device
+    models = {"trained": model}
+    if cfg.twin:
+        models["twin"] = untrained_twin(run_cfg, list(model.streams), device)
     data = list(cfg.data) or list(run_cfg.data)
     index = _RunStreamIndex([s.path for s in parse_data_specs(data)], model.streams)
     fmap = _folder_map(index, list(run_cfg.data))
@@ -341,6 +455,7 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
     mod_of_stream = model.modality_of_stream.cpu().numpy()
     sep = names.index(SEPARATOR) if SEPARATOR in names else -1
     stream_modality = {s.key: s.modality for s in model.streams}
+    cross = any(kind == "sample" for _, kind in model.fusion.phases())
 
     rng = np.random.default_rng(cfg.seed)
     pool = np.flatnonzero(_split_mask(index, cfg.split))
@@ -357,33 +472,32 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
     if unknown:
         raise MMToolError(f"--modalities {','.join(unknown)}: the run has no such modality "
                           f"(it has {', '.join(n for n in names if n != SEPARATOR)})")
-    records: dict[tuple[str, str], dict[str, list]] = {}
-    feats_intact: dict[int, np.ndarray] = {}
-    ablated_feats: dict[tuple[str, str], list[tuple[int, int, np.ndarray]]] = {}
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    feats_intact: dict[str, dict[int, np.ndarray]] = {w: {} for w in models}
+    ablated_feats: dict[str, dict[tuple[str, str], list[tuple[int, int, np.ndarray]]]] = {w: {} for w in models}
     present_mods: set[str] = set()
-
-    def forward(batch: Batch, seed: int) -> dict[str, float]:
-        gen = torch.Generator().manual_seed(seed)
-        return model(batch.to(device), generator=gen).by_stream
-
     answer = [i for i, n in enumerate(names) if n in NOT_INPUTS]
 
-    def features(batch: Batch) -> np.ndarray:
+    def forward(net: Any, batch: Batch, seed: int) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(seed)
+        return net(batch.to(device), generator=gen).by_stream
+
+    def features(net: Any, batch: Batch) -> np.ndarray:
         """[B, d] pooled features without label tokens (they would give the probe the answer)."""
         stream = batch.numpy("slot_stream")
         hide = np.isin(mod_of_stream[np.maximum(stream, 0)], answer) & (stream >= 0)
         if hide.any():
             slots = sample_slots(batch)
             batch = rebuild(batch, [s[~hide[s]] for s in slots], list(range(len(slots))))
-        return model.pooled(batch.to(device)).float().cpu().numpy()
+        return net.pooled(batch.to(device)).float().cpu().numpy()
 
     with torch.no_grad():
         for bi, samples in enumerate(plans):
             batch = assemble(index, samples, "packed")
             batch["sample_folder"][:] = torch.from_numpy(fmap[batch.numpy("sample_folder")].astype(np.int32))
-            pooled = features(batch)  # [B, d]
-            for s, f in zip(samples.tolist(), pooled):
-                feats_intact[s] = f
+            for which, net in models.items():
+                for s, f in zip(samples.tolist(), features(net, batch)):  # [B, d]
+                    feats_intact[which][s] = f
             slot_mod = np.where(batch.numpy("slot_stream") >= 0,
                                 mod_of_stream[np.maximum(batch.numpy("slot_stream"), 0)], -1)
             slot_mod = np.where(slot_mod == sep, -1, slot_mod)
@@ -397,85 +511,139 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
                     chosen, intact, abl = ablated_orders(batch, slot_mod, m, mode, sig, rng)
                     if not chosen:
                         continue
-                    seed = cfg.seed * 1_000_003 + bi
+                    seed = cfg.seed * 1_000_003 + bi  # the same corruption masks intact/ablated, trained/twin
                     a = rebuild(batch, intact, chosen)
                     z = rebuild(batch, abl, chosen, keep_positions=mode == "drop")
-                    out_a, out_z = forward(a, seed), forward(z, seed)
-                    keys = remaining_keys(out_a, stream_modality, name) & set(out_z)  # same groups
-                    rec = records.setdefault((name, mode), {"intact": [], "ablated": [], "samples": []})
-                    if not keys:  # nothing left to score the loss on (e.g. a modality with no objective)
-                        rec.setdefault("no_loss", 0)
-                        rec["no_loss"] += 1
-                    rec["intact"].append(weighted_loss(out_a, model.weights, keys) if keys else np.nan)
-                    rec["ablated"].append(weighted_loss(out_z, model.weights, keys) if keys else np.nan)
+                    rec = records.setdefault((name, mode), {"samples": [], "no_loss": 0, "structural": True,
+                                                            **{w: {"intact": [], "ablated": []} for w in models}})
                     rec["samples"].append(len(chosen))
-                    pz = features(z)
+                    rec["structural"] &= cannot_change_others(slot_mod, intact, m, model.causal, cross)
                     ids = samples[np.asarray(chosen)]
-                    ablated_feats.setdefault((name, mode), []).extend(
-                        (bi, int(s), f) for s, f in zip(ids.tolist(), pz))
+                    for which, net in models.items():
+                        out_a, out_z = forward(net, a, seed), forward(net, z, seed)
+                        keys = remaining_keys(out_a, stream_modality, name) & set(out_z)  # same groups
+                        if not keys and which == "trained":  # nothing left to score (no objective)
+                            rec["no_loss"] += 1
+                        rec[which]["intact"].append(weighted_loss(out_a, net.weights, keys) if keys else np.nan)
+                        rec[which]["ablated"].append(weighted_loss(out_z, net.weights, keys) if keys else np.nan)
+                        ablated_feats[which].setdefault((name, mode), []).extend(
+                            (bi, int(s), f) for s, f in zip(ids.tolist(), features(net, z)))
             if on_progress:
                 on_progress(bi + 1, len(plans))
 
-    # The linear probe: fit once on intact features of the labelled, not held-out samples.
-    labels = index.labels
-    folder = index.sample_folder
-    seen = np.array(sorted(feats_intact), np.int64)
-    joint = np.where(labels[seen] >= 0, folder[seen] * 1_000_000 + labels[seen], -1)
-    train = seen[(joint >= 0) & ~held[seen]]
-    probe, acc_note = None, None
-    if len(train) >= 10 and len(np.unique(joint[(joint >= 0) & ~held[seen]])) >= 2:
-        code = dict(zip(seen.tolist(), joint.tolist()))
-        probe = _probe(cfg.probe_c)
-        probe.fit(np.stack([feats_intact[s] for s in train]), [code[s] for s in train])
-    else:
-        acc_note = "no accuracy: fewer than 10 labelled training samples or 2 classes"
+    labels, folder = index.labels, index.sample_folder
+    probes = {w: _fit_probe(feats_intact[w], held, labels, folder, cfg.probe_c) for w in models}
+    notes = [] if probes["trained"] is not None else \
+        ["no accuracy: fewer than 10 labelled training samples or 2 classes"]
 
     boot = np.random.default_rng(cfg.seed + 2)
     results: dict[str, dict[str, Any]] = {}
+    diffs: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # per-unit values, groups
     for (name, mode), rec in sorted(records.items()):
-        intact, abl = np.array(rec["intact"]), np.array(rec["ablated"])
-        ok = np.isfinite(intact) & np.isfinite(abl)  # batches with remaining groups to score
-        entry: dict[str, Any] = {"batches": len(intact), "samples": int(sum(rec["samples"])), "loss": None}
-        if ok.any():
-            d_est, d_lo, d_hi = bootstrap_ci(abl[ok] - intact[ok], None, boot, cfg.bootstrap)
-            entry["loss"] = {"intact": float(intact[ok].mean()), "ablated": float(abl[ok].mean()),
-                             "delta": d_est, "ci95": [d_lo, d_hi]}
-        if probe is not None:
-            rows = [(bi, s, f) for bi, s, f in ablated_feats.get((name, mode), [])
-                    if held[s] and labels[s] >= 0]
-            if rows:
-                y = np.array([folder[s] * 1_000_000 + labels[s] for _, s, _ in rows])
-                base = probe.predict(np.stack([feats_intact[s] for _, s, _ in rows])) == y
-                hit = probe.predict(np.stack([f for *_, f in rows])) == y
-                if mode == "drop":  # what the rest still tells: a probe refit without the modality
-                    hit = _refit_drop(ablated_feats[(name, mode)], held, labels, folder, cfg.probe_c, rows, y)
-                bis = np.array([bi for bi, *_ in rows])
-                ub = np.unique(bis)
-                n_b = np.array([(bis == u).sum() for u in ub], np.float64)
-                c_base = np.array([base[bis == u].sum() for u in ub], np.float64)
-                c_hit = np.array([hit[bis == u].sum() for u in ub], np.float64)
-                a_est, a_lo, a_hi = bootstrap_ci(c_base - c_hit, n_b, boot, cfg.bootstrap)
-                entry["accuracy"] = {"intact": float(base.mean()), "ablated": float(hit.mean()),
-                                     "drop": a_est, "ci95": [a_lo, a_hi], "test_samples": len(rows)}
+        entry: dict[str, Any] = {"batches": len(rec["samples"]), "samples": int(sum(rec["samples"])),
+                                 "structural_zero_loss": bool(rec["structural"]), "loss": None}
+        units: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        for which in models:
+            intact, abl = np.array(rec[which]["intact"]), np.array(rec[which]["ablated"])
+            ok = np.isfinite(intact) & np.isfinite(abl)  # batches with remaining groups to score
+            part: dict[str, Any] = {"loss": None}
+            if ok.any():
+                d_est, d_lo, d_hi = bootstrap_ci(abl[ok] - intact[ok], None, boot, cfg.bootstrap)
+                part["loss"] = {"intact": float(intact[ok].mean()), "ablated": float(abl[ok].mean()),
+                                "delta": d_est, "ci95": [d_lo, d_hi]}
+                units.setdefault(which, {})["loss"] = (np.where(ok, abl - intact, np.nan), np.arange(len(ok)))
+            rows = _accuracy_rows(probes[which], feats_intact[which], ablated_feats[which].get((name, mode), []),
+                                  mode, held, labels, folder, cfg.probe_c)
+            if rows is not None:
+                bis, base, hit = rows
+                a_est, a_lo, a_hi = hierarchical_ci(base - hit, bis, boot, cfg.bootstrap)
+                part["accuracy"] = {"intact": float(base.mean()), "ablated": float(hit.mean()),
+                                    "drop": a_est, "ci95": [a_lo, a_hi], "test_samples": len(bis)}
+                units.setdefault(which, {})["accuracy"] = (base - hit, bis)
+            if which == "trained":
+                entry.update(part)
+            else:
+                entry["twin"] = part
+        diffs[(name, mode)] = units
         results.setdefault(name, {})[mode] = entry
 
     # One metric for every modality, so that the ranking compares like with like: the accuracy
     # drop when every ablation could be scored by the probe, else the loss increase.
-    entries = [e for modes in results.values() for e in modes.values()]
-    metric = "accuracy drop" if entries and all("accuracy" in e for e in entries) else "loss increase"
-    for e in entries:
-        src = e.get("accuracy") if metric == "accuracy drop" else e.get("loss")
-        value = (src["drop"] if metric == "accuracy drop" else src["delta"]) if src else float("nan")
-        e["importance"] = {"metric": metric, "value": value,
-                           "ci95": src["ci95"] if src else [float("nan")] * 2}
+    entries = [(k, e) for k, e in ((k, results[k[0]][k[1]]) for k in diffs)]
+    metric = cfg.metric
+    if metric == "auto":
+        metric = "accuracy" if entries and all("accuracy" in e for _, e in entries) else "loss"
+    label = {"accuracy": "accuracy drop", "loss": "loss increase"}[metric]
+    for key, e in entries:
+        units = diffs[key]
+        raw = {w: (e if w == "trained" else e.get("twin", {})).get(metric) for w in models}
+        value_of = lambda r: (r["drop"] if metric == "accuracy" else r["delta"]) if r else float("nan")  # noqa: E731
+        imp: dict[str, Any] = {"metric": label, "baseline": "untrained twin" if cfg.twin else "none",
+                               "trained": value_of(raw["trained"]),
+                               "trained_ci95": raw["trained"]["ci95"] if raw["trained"] else [float("nan")] * 2,
+                               "structural_zero": metric == "loss" and e["structural_zero_loss"]}
+        if cfg.twin:
+            imp["twin"] = value_of(raw["twin"])
+            imp["twin_ci95"] = raw["twin"]["ci95"] if raw["twin"] else [float("nan")] * 2
+        if raw["trained"] is None or (cfg.twin and raw["twin"] is None):
+            imp["value"], imp["ci95"] = float("nan"), [float("nan")] * 2
+        elif not cfg.twin:
+            imp["value"], imp["ci95"] = imp["trained"], imp["trained_ci95"]
+        else:  # paired: the same batches (and held-out samples) for both models
+            (vt, g), (vw, _) = units["trained"][metric], units["twin"][metric]
+            d = vt - vw
+            fin = np.isfinite(d)
+            est, lo, hi = (bootstrap_ci(d[fin], None, boot, cfg.bootstrap) if metric == "loss"
+                           else hierarchical_ci(d, g, boot, cfg.bootstrap))
+            imp["value"], imp["ci95"] = est, [lo, hi]
+        e["importance"] = imp
 
     first = cfg.modes[0]
-    ranked = sorted((n for n in results if first in results[n]),
-                    key=lambda n: -np.nan_to_num(results[n][first]["importance"]["value"], nan=-np.inf))
-    return {"run": str(cfg.run), "data": data, "settings": json_ready(asdict(cfg)),
-            "modalities": sorted(present_mods), "results": results, "ranking": ranked,
-            "ranking_mode": first, "importance_metric": metric, "notes": [acc_note] if acc_note else [],
-            "batches": len(plans), "samples": int(sum(len(p) for p in plans))}
+    view = {n: results[n][first]["importance"] for n in results if first in results[n]}
+    ranked, groups, status = rank(view)
+    for n, s in status.items():
+        view[n]["status"] = s
+    out = {"run": str(cfg.run), "data": data, "settings": json_ready(asdict(cfg)),
+           "modalities": sorted(present_mods), "results": results, "ranking": ranked,
+           "ranking_groups": groups, "ranking_mode": first, "importance_metric": label,
+           "baseline": "untrained twin" if cfg.twin else "none", "notes": notes,
+           "batches": len(plans), "samples": int(sum(len(p) for p in plans))}
+    if cfg.twin:  # what each model alone would rank (the twin's is what training must beat)
+        for which in models:
+            alone = {n: {"value": v[which], "ci95": v[f"{which}_ci95"], "structural_zero": v["structural_zero"]}
+                     for n, v in view.items()}
+            out[f"{which}_ranking_groups"] = rank(alone)[1]
+    return out
+
+
+def _fit_probe(feats: dict[int, np.ndarray], held: np.ndarray, labels: np.ndarray, folder: np.ndarray,
+               c: float) -> Any:
+    """The linear probe on the intact features of the labelled, not held-out samples (None: too few)."""
+    seen = np.array(sorted(feats), np.int64)
+    joint = np.where(labels[seen] >= 0, folder[seen] * 1_000_000 + labels[seen], -1)
+    train = seen[(joint >= 0) & ~held[seen]]
+    if len(train) < 10 or len(np.unique(joint[(joint >= 0) & ~held[seen]])) < 2:
+        return None
+    code = dict(zip(seen.tolist(), joint.tolist()))
+    return _probe(c).fit(np.stack([feats[s] for s in train]), [code[s] for s in train])
+
+
+def _accuracy_rows(probe: Any, feats_intact: dict[int, np.ndarray], ablated: list[tuple[int, int, np.ndarray]],
+                   mode: str, held: np.ndarray, labels: np.ndarray, folder: np.ndarray, c: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(batch of each held-out row, intact hit, ablated hit) of one (modality, mode); None: no probe."""
+    if probe is None:
+        return None
+    rows = [(bi, s, f) for bi, s, f in ablated if held[s] and labels[s] >= 0]
+    if not rows:
+        return None
+    y = np.array([folder[s] * 1_000_000 + labels[s] for _, s, _ in rows])
+    base = probe.predict(np.stack([feats_intact[s] for _, s, _ in rows])) == y
+    if mode == "drop":  # what the rest still tells: a probe refit without the modality
+        hit = _refit_drop(ablated, held, labels, folder, c, rows, y)
+    else:
+        hit = probe.predict(np.stack([f for *_, f in rows])) == y
+    return np.array([bi for bi, *_ in rows]), base.astype(np.float64), hit.astype(np.float64)
 
 
 def _probe(c: float):

@@ -9,15 +9,16 @@ them, so a report reads any folder that has them:
     RUN/**/ablation.json                   `mmtool ablate` results (default RUN/ablation.json)
     RUN/**/report.json                     `mmtool eval-transfer` results (default RUN/transfer/)
 
-Per entry: the run's settings (fusion, size, objectives, data and weights, batching), final metrics
-(the last step, and the mean of the last 10% of steps — one step is noisy), throughput, the gradient
+Per entry: the run's settings (fusion, size, objectives, data and weights, batching), the final
+loss — per source, the mean over the last 20% of steps that held the source, with a 95% interval
+over those steps (never one batch's loss: a batch holds whatever sources it drew) — throughput, the gradient
 norm's mean and coefficient of variation after warm-up (how steady the updates are), the probe summary of
 the last quarter of probe steps (one batch need not hold every modality) (attention each modality sends to *other* modalities averaged over layers, gradient per
-token at each modality's encoder, loss per modality), modality importance with 95% intervals and
-the ranking, and the transfer ratios (pretrained / scratch) per task and protocol.
+token at each modality's encoder, loss per modality), modality importance (over the untrained twin when `ablate`
+measured it) with 95% intervals, statuses (rank, tied, structural zero) and the ranking, and the transfer ratios (pretrained / scratch) per task and protocol.
 
 `write_report` writes `report.json` (tagged `"kind": "mmtool-report"`, so that a later report
-does not mistake it for an eval-transfer one), `loss_curves.png` (every run on one axes) and
+does not mistake it for an eval-transfer one), `loss_curves.png` (one smoothed curve per run and source) and
 `importance.png` (grouped bars with error bars), all atomically.
 """
 
@@ -101,16 +102,66 @@ def discover(paths: list[str | Path]) -> list[Path]:
 
 
 # -- summaries ---------------------------------------------------------------------------------
+TAIL_SHARE = 0.2
+"""The "final" loss is a mean over the last 20% of steps (at least one), never one batch's loss."""
+SMOOTH_HALF_LIFE = 0.05
+"""The loss curves' EMA half-life, as a share of the run's steps (at least one step)."""
+
+
+def _tail(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return lines[-max(1, int(round(len(lines) * TAIL_SHARE))):]
+
+
+def mean_ci(values: list[float], seed: int = 0, n: int = 1000) -> dict[str, Any]:
+    """{"mean", "ci95", "steps"}: the mean of per-step values and its 95% bootstrap interval over
+    the steps (resampled independently: neighbouring steps are correlated, so it is optimistic)."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return {"mean": float(v.mean()) if len(v) else None, "ci95": [None, None], "steps": len(v)}
+    stats = v[np.random.default_rng(seed).integers(0, len(v), (n, len(v)))].mean(1)
+    return {"mean": float(v.mean()), "ci95": [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))],
+            "steps": len(v)}
+
+
 def _tail_mean(lines: list[dict[str, Any]], get) -> float | None:
-    vals = [get(x) for x in lines[-max(1, len(lines) // 10):]]
-    vals = [v for v in vals if v is not None]
+    vals = [v for v in (get(x) for x in _tail(lines)) if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
 def _dict_tail(lines: list[dict[str, Any]], key: str) -> dict[str, float]:
-    tail = lines[-max(1, len(lines) // 10):]
+    tail = _tail(lines)
     names = sorted({k for x in tail for k in x.get(key, {})})
     return {n: float(np.mean([x[key][n] for x in tail if n in x.get(key, {})])) for n in names}
+
+
+def final_by_source(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per source (`by_source` in metrics.jsonl): its mean loss over the last 20% of steps that
+    held it, with a 95% interval over those steps (`mean_ci`; mean None when no tail step held it),
+    and the last step that held it."""
+    tail = _tail(lines)
+    out = {}
+    for n in sorted({k for x in lines for k in x.get("by_source", {})}):
+        out[n] = mean_ci([x["by_source"][n] for x in tail if n in x.get("by_source", {})])
+        out[n]["last_step"] = max(x["step"] for x in lines if n in x.get("by_source", {}))
+    return out
+
+
+def source_curves(lines: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per source: the steps that held it and an EMA of its loss over them (absent steps skipped;
+    half-life `SMOOTH_HALF_LIFE` of the run's steps), thinned to `MAX_CURVE_POINTS`."""
+    half = max(1.0, SMOOTH_HALF_LIFE * len(lines))
+    alpha = 1 - 0.5 ** (1 / half)
+    out: dict[str, dict[str, list[float]]] = {}
+    for n in sorted({k for x in lines for k in x.get("by_source", {})}):
+        steps = [x["step"] for x in lines if n in x.get("by_source", {})]
+        raw = [x["by_source"][n] for x in lines if n in x.get("by_source", {})]
+        ema, smooth = raw[0], []
+        for v in raw:
+            ema = alpha * v + (1 - alpha) * ema
+            smooth.append(float(ema))
+        stride = max(1, len(steps) // MAX_CURVE_POINTS)
+        out[n] = {"step": steps[::stride], "loss": [float(v) for v in raw[::stride]], "smooth": smooth[::stride]}
+    return out
 
 
 def grad_norm_summary(lines: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -170,14 +221,18 @@ def _average(docs: list[Any]) -> Any:
 
 
 def ablation_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Per modality and mode: importance (trained − twin when measured) with its interval, the raw
+    trained and twin values, and the status (rank, tied, structural zero, indistinguishable)."""
     imp = {}
     for mod, modes in doc.get("results", {}).items():
-        imp[mod] = {mode: {"metric": e["importance"]["metric"], "value": e["importance"]["value"],
-                           "ci95": e["importance"]["ci95"], "loss_delta": (e.get("loss") or {}).get("delta"),
-                           "accuracy_drop": e.get("accuracy", {}).get("drop")}
+        imp[mod] = {mode: {k: e["importance"].get(k) for k in ("metric", "value", "ci95", "trained",
+                                                                "trained_ci95", "twin", "twin_ci95",
+                                                                "baseline", "status", "structural_zero")}
+                    | {"loss_delta": (e.get("loss") or {}).get("delta"),
+                       "accuracy_drop": (e.get("accuracy") or {}).get("drop")}
                     for mode, e in modes.items()}
-    return {"path": str(path), "ranking": doc.get("ranking", []), "ranking_mode": doc.get("ranking_mode"),
-            "importance": imp}
+    return {"path": str(path), "ranking": doc.get("ranking", []), "ranking_groups": doc.get("ranking_groups"),
+            "ranking_mode": doc.get("ranking_mode"), "baseline": doc.get("baseline", "none"), "importance": imp}
 
 
 def transfer_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -212,15 +267,18 @@ def summarize(folder: Path) -> dict[str, Any]:
                            "batch_tokens": None if cfg.get("batch_samples") else cfg.get("batch_tokens")}
         if lines:
             stride = max(1, len(lines) // MAX_CURVE_POINTS)
+            tail = _tail(lines)
             entry["final"] = {
-                "step": lines[-1]["step"], "loss": lines[-1]["loss"],
-                "loss_tail": _tail_mean(lines, lambda x: x.get("loss")),
-                "losses_tail": _dict_tail(lines, "losses"), "by_source_tail": _dict_tail(lines, "by_source"),
+                "step": lines[-1]["step"], "tail_steps": [tail[0]["step"], tail[-1]["step"]],
+                "loss_tail": mean_ci([x["loss"] for x in tail if "loss" in x]),
+                "by_source": final_by_source(lines),
+                "losses_tail": _dict_tail(lines, "losses"),
                 "tokens_per_s": float(np.median([x["tokens_per_s"] for x in lines])),
                 "grad_norm": grad_norm_summary(lines),
                 "seconds": float(sum(x.get("seconds", 0.0) for x in lines))}
             entry["curve"] = {"step": [x["step"] for x in lines[::stride]],
-                              "loss": [x["loss"] for x in lines[::stride]]}
+                              "loss": [x["loss"] for x in lines[::stride]],
+                              "by_source": source_curves(lines)}
             entry["probes"] = probe_summary(lines)
     for path in _find(folder, "ablation.json"):
         doc = _read_json(path)
@@ -248,7 +306,8 @@ def build_report(paths: list[str | Path]) -> dict[str, Any]:
 
 # -- plots ---------------------------------------------------------------------------------------
 def plot_loss_curves(report: dict[str, Any], path: str | Path) -> bool:
-    """Every run's loss curve on one axes (light raw line, bold running mean). False: no curves."""
+    """One smoothed loss curve per (run, source), from `by_source` (EMA over the steps that held the
+    source, raw points faint); runs without `by_source` draw their total. False: no curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,18 +316,26 @@ def plot_loss_curves(report: dict[str, Any], path: str | Path) -> bool:
     runs = [e for e in report["entries"] if e.get("curve")]
     if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    styles = ["-", "--", ":", "-."]
+    sources = sorted({src for e in runs for src in (e["curve"].get("by_source") or {})})
     for i, e in enumerate(runs):
-        color = f"C{i % 10}"
-        x, y = np.array(e["curve"]["step"]), np.array(e["curve"]["loss"], np.float64)
-        ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
-        k = max(1, len(y) // 20)
-        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(x[k - 1:], smooth, color=color, lw=1.8, label=e["name"])
+        curves = e["curve"].get("by_source") or {"total": {"step": e["curve"]["step"], "loss": e["curve"]["loss"],
+                                                           "smooth": e["curve"]["loss"]}}
+        for src, c in curves.items():
+            color = f"C{sources.index(src) % 10}" if src in sources else f"C{i % 10}"
+            ls = styles[i % len(styles)]
+            ax.plot(c["step"], c["loss"], color=color, alpha=0.15, lw=0.6, ls=ls)
+            ax.plot(c["step"], c["smooth"], color=color, lw=1.6, ls=ls,
+                    label=f"{e['name']}: {src}" if len(runs) > 1 else src)
+    lows = [min(c["smooth"]) for e in runs for c in (e["curve"].get("by_source") or {}).values() if c["smooth"]]
+    highs = [max(c["smooth"]) for e in runs for c in (e["curve"].get("by_source") or {}).values() if c["smooth"]]
+    if lows and min(lows) > 0 and max(highs) / min(lows) > 20:  # sources on very different scales
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("loss curves", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("training loss per source (EMA)")
+    ax.set_title("loss curves, one per source (steps without the source skipped)", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
     return True
@@ -306,7 +373,9 @@ def plot_importance(report: dict[str, Any], path: str | Path) -> bool:
     ax.set_xticks(range(len(mods)))
     ax.set_xticklabels(mods)
     ax.set_ylabel("importance")
-    ax.set_title("modality importance (" + "; ".join(sorted(metrics)) + ")", fontsize=9)
+    base = {e["ablation"].get("baseline", "none") for e in runs}
+    ax.set_title("modality importance (" + "; ".join(sorted(metrics)) + ")"
+                 + (", trained − untrained twin" if base == {"untrained twin"} else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

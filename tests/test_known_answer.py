@@ -28,12 +28,28 @@ def test_source_is_deterministic_and_only_one_modality_knows_the_label():
         build_source("known-answer", ["informative=audio"])
 
 
+def test_an_untrained_model_fails_the_check(tmp_path):
+    """`mmtool sanity --steps 0`: the model checked is its own untrained twin, so its importance over
+    the twin is 0 and the check fails — although the raw ablation of an untrained model does move
+    the label loss (what the check used to compare)."""
+    out = known_answer_check(SanityConfig(workdir=tmp_path / "s", steps=0, samples=128, batches=2))
+    assert not out["passed"]
+    assert all(not c["passed"] for c in out["checks"])
+    image = out["importance"]["image"]
+    assert image["value"] == 0.0 and image["ci95"] == [0.0, 0.0] and image["trained"] == image["twin"]
+
+
+@pytest.mark.slow
 def test_known_answer_image(tmp_path):
-    """The default check (`mmtool sanity`): 40 steps of a tiny model, then the ablation."""
-    out = known_answer_check(SanityConfig(workdir=tmp_path / "s", informative="image", steps=40, batches=4))
+    """`mmtool sanity`: fails untrained, passes after 40 steps of a tiny model (positive control 7c:
+    the planted modality ranks first over the untrained twin, alone, by ≥ 0.15 nats of label loss)."""
+    untrained = known_answer_check(SanityConfig(workdir=tmp_path / "u", informative="image", steps=0))
+    assert not untrained["passed"]
+    out = known_answer_check(SanityConfig(workdir=tmp_path / "s", informative="image", steps=40))
     failed = [c for c in out["checks"] if not c["passed"]]
     assert not failed, failed
-    assert out["gap"] >= 0.3 and out["importance"]["image"]["value"] > 0.3
+    image = out["importance"]["image"]
+    assert image["value"] >= 0.15 and image["ci95"][0] > 0 and image["trained"] > image["twin"]
 
 
 @pytest.mark.slow

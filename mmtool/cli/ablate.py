@@ -28,26 +28,46 @@ def _ci(v: float, ci: list[float], pct: bool = False) -> str:
 
 
 def ablation_table(result: dict[str, Any]) -> Table:
-    """One row per (modality, mode): samples, loss intact → ablated, Δ loss, accuracy, importance."""
+    """One row per (modality, mode): samples, loss intact → ablated, Δ loss, accuracy, importance
+    of the trained model, of its untrained twin, and the difference (the importance), status."""
+    twin = result.get("baseline") == "untrained twin"
     table = Table(title=f"modality ablations: {result['run']} ({result['batches']} batches, "
-                        f"{result['samples']} samples; 95% bootstrap intervals over batches)",
-                  title_justify="left", show_edge=False)
-    for col in ("modality", "mode", "samples", "loss intact → ablated", "Δ loss (remaining)",
-                "accuracy intact → ablated", "Δ accuracy (pp)", "importance"):
-        table.add_column(col, justify="left" if col in ("modality", "mode") else "right")
+                        f"{result['samples']} samples; 95% bootstrap intervals over batches and, for "
+                        "accuracy, held-out samples)", title_justify="left", show_edge=False)
+    cols = ["modality", "mode", "samples", "loss intact → ablated", "Δ loss (remaining)",
+            "accuracy intact → ablated", "Δ accuracy (pp)", "trained"]
+    cols += ["untrained twin", "importance (trained − twin)"] if twin else ["importance"]
+    for col in cols + ["status"]:
+        table.add_column(col, justify="left" if col in ("modality", "mode", "status") else "right")
     for name in result["ranking"] + [m for m in result["results"] if m not in result["ranking"]]:
         for mode, e in result["results"][name].items():
             loss, acc = e.get("loss"), e.get("accuracy")
             imp = e["importance"]
-            table.add_row(f"[bold]{name}[/]", mode, f"{e['samples']:,}",
-                          f"{loss['intact']:.3f} → {loss['ablated']:.3f}" if loss else "–",
-                          _ci(loss["delta"], loss["ci95"]) if loss else "–",
-                          f"{acc['intact']:.1%} → {acc['ablated']:.1%}" if acc else "–",
-                          _ci(-acc["drop"], [-acc["ci95"][1], -acc["ci95"][0]], pct=True) if acc else "–",
-                          f"{imp['value']:+.3f}" if imp["value"] == imp["value"] else "–")
-    table.caption = (f"importance = {result['importance_metric']}" if result["results"]
-                     else "no modality could be ablated")
-    table.caption += f" · ranking by {result['ranking_mode']}: {' > '.join(result['ranking'])}"
+            row = [f"[bold]{name}[/]", mode, f"{e['samples']:,}",
+                   f"{loss['intact']:.3f} → {loss['ablated']:.3f}" if loss else "–",
+                   _ci(loss["delta"], loss["ci95"]) if loss else "–",
+                   f"{acc['intact']:.1%} → {acc['ablated']:.1%}" if acc else "–",
+                   _ci(-acc["drop"], [-acc["ci95"][1], -acc["ci95"][0]], pct=True) if acc else "–",
+                   _ci(imp["trained"], imp["trained_ci95"])]
+            if twin:
+                row += [_ci(imp["twin"], imp["twin_ci95"]), _ci(imp["value"], imp["ci95"])]
+            else:
+                row += [_ci(imp["value"], imp["ci95"])]
+            status = imp.get("status", "") if mode == result["ranking_mode"] else ""
+            if imp.get("structural_zero"):
+                status = "structural zero"
+            table.add_row(*row, status)
+    groups = result.get("ranking_groups") or []
+    table.caption = (f"importance = {result['importance_metric']}"
+                     + (" of the trained model minus that of its untrained twin (same batches and masks)"
+                        if twin else "") if result["results"] else "no modality could be ablated")
+    table.caption += (f" · ranking by {result['ranking_mode']} (only intervals above 0; = tied): "
+                      f"{' > '.join(' = '.join(g) for g in groups) or 'nothing ranked'}")
+    if twin:
+        table.caption += (" · the twin alone would rank: "
+                          f"{' > '.join(' = '.join(g) for g in result.get('twin_ranking_groups', [])) or 'nothing'}")
+    table.caption += (" · structural zero: under this model's attention the modality cannot change the "
+                      "others' loss (e.g. causal, and it always comes last)")
     for note in result.get("notes", []):
         table.caption += f" · {note}"
     table.caption_justify = "left"
@@ -65,17 +85,24 @@ def ablate_cmd(
     split: str = typer.Option("all", help="all, train, validation or test."),
     seed: int = typer.Option(0, help="Sample order, permutations, masks, probe split, bootstrap."),
     probe_c: float = typer.Option(1.0, help="Inverse L2 strength of the linear probe (fixed)."),
+    twin: bool = typer.Option(True, "--twin/--no-twin",
+                              help="Also measure the untrained twin (the run's initial weights) on the same "
+                                   "batches; importance = trained − twin."),
+    metric: str = typer.Option("auto", help="Importance metric: accuracy (probe), loss (remaining modalities), "
+                                            "auto (accuracy when every ablation has it)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Result JSON (default RUN/ablation.json)."),
     plot: Optional[Path] = typer.Option(None, help="Bar chart with error bars (default RUN/ablation.png)."),
 ) -> None:
-    """Drop and permute each modality: change in remaining-modality loss and probe accuracy, 95% CIs."""
+    """Drop and permute each modality: change in remaining-modality loss and probe accuracy, 95% CIs,
+    against the untrained twin; ties and structural zeros flagged, not ranked."""
     from mmtool.ablate import AblateConfig
 
     split_list = lambda t: [s.strip() for s in t.split(",") if s.strip()]  # noqa: E731
     cfg = AblateConfig(run=run, data=list(data), modes=split_list(modes),
                        modalities=split_list(modalities) if modalities else None, batches=batches,
-                       batch_samples=batch_samples, split=split, seed=seed, probe_c=probe_c, device=device)
+                       batch_samples=batch_samples, split=split, seed=seed, probe_c=probe_c, device=device,
+                       twin=twin, metric=metric)
     run_ablate(cfg, Console(highlight=False), json_out, plot)
 
 
@@ -103,17 +130,21 @@ def run_ablate(cfg: "AblateConfig", console: Console, json_out: Path | None = No
 def sanity_cmd(
     workdir: Path = typer.Option(Path("mmtool-sanity"), help="Folder for the data, run and ablation."),
     informative: str = typer.Option("image", help="The label-carrying modality: image or text."),
-    steps: int = typer.Option(40, help="Training steps of the tiny model."),
+    steps: int = typer.Option(40, help="Training steps of the tiny model; 0 checks the untrained model (must fail)."),
+    metric: str = typer.Option("loss", help="Importance metric: loss (label-token loss increase), accuracy, auto."),
+    margin: float = typer.Option(0.15, help="Smallest importance over the untrained twin (units of --metric)."),
     seed: int = typer.Option(0, help="Seed of the data, training and ablation."),
     text_tokenizer: str = typer.Option("bytes", help="Caption tokenizer: bytes (fast) or wordpiece."),
 ) -> None:
-    """Known-answer check: only one modality carries the label; ablation and probes must find it."""
+    """Known-answer check: only one modality carries the label; ablation (over the untrained twin) and
+    probes must find it. --steps 0 checks the untrained model, which must fail (exit 2)."""
     from mmtool.sanity import SanityConfig, known_answer_check
 
     console = Console(highlight=False)
     with console.status("known-answer check") as status:
         out = known_answer_check(SanityConfig(workdir=workdir, informative=informative, steps=steps,
-                                              seed=seed, text_tokenizer=text_tokenizer),
+                                              seed=seed, text_tokenizer=text_tokenizer, metric=metric,
+                                              margin=margin),
                                  say=lambda m: status.update(m))
     table = Table(title=f"known-answer check: {out['informative']} carries the label, {out['noise']} is noise "
                         f"({out['steps']} steps)", title_justify="left", show_edge=False)
@@ -124,6 +155,9 @@ def sanity_cmd(
         table.add_row(c["check"], "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"])
     console.print(table)
     console.print(f"details: {workdir / 'sanity.json'}; ablation: {out['ablation']}")
+    if not out["passed"] and steps == 0:
+        raise MMToolError("the known-answer check failed on the untrained model, as it must: its importance "
+                          "over its own untrained twin is 0 (train with --steps > 0 to pass)")
     if not out["passed"]:
         raise MMToolError("the known-answer check failed: the tools did not single out the informative "
                           "modality (see the table); try more --steps before suspecting a bug")

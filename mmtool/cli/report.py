@@ -17,11 +17,49 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _iv(m: dict[str, Any]) -> str:
+    lo, hi = m.get("ci95") or [None, None]
+    if m.get("mean") is None:
+        return f"not in the last 20% of steps (last at step {m['last_step']})" if m.get("last_step") else "–"
+    return f"{m['mean']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+
+def final_cell(fin: dict[str, Any]) -> str:
+    """Per source: tail mean [interval over steps]; the total when no source was logged."""
+    if not fin:
+        return "–"
+    by = fin.get("by_source") or {}
+    if by:
+        return "\n".join(f"{k} {_iv(v)}" for k, v in by.items())
+    return f"total {_iv(fin['loss_tail'])}" if fin.get("loss_tail") else "–"
+
+
+def importance_cell(abl: dict[str, Any]) -> str:
+    """Ranked groups (ties joined by =) with intervals, then each unranked modality's status."""
+    mode = abl["ranking_mode"]
+    imp = {m: v[mode] for m, v in abl["importance"].items() if mode in v}
+
+    def one(m: str) -> str:
+        v = imp[m]
+        lo, hi = v.get("ci95") or [None, None]
+        ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and lo == lo else ""
+        twin = f" (twin {v['twin']:+.2f})" if v.get("twin") is not None and v["twin"] == v["twin"] else ""
+        return f"{m} {v['value']:+.2f}{ci}{twin}" if v.get("value") == v.get("value") else m
+
+    groups = abl.get("ranking_groups")
+    if groups is None:  # an ablation.json from before the twin: its ranking, unflagged
+        groups = [[m] for m in abl.get("ranking", [])]
+    ranked = [m for g in groups for m in g]
+    parts = [" = ".join(one(m) for m in g) for g in groups]
+    rest = [f"{one(m)}: {imp[m].get('status') or 'unranked'}" for m in imp if m not in ranked]
+    return "\n".join([" > ".join(parts) or "nothing ranked"] + rest)
+
+
 def report_table(report: dict[str, Any]) -> Group:
     """Two tables, one row per entry each: the runs (settings, final metrics, steadiness), and what
     they learned (probe summary, importance ranking, transfer)."""
     runs = Table(title="runs side by side", title_justify="left", show_edge=False)
-    for col in ("run", "fusion", "data", "batching", "steps", "final loss (last 10%)", "per objective",
+    for col in ("run", "fusion", "data", "batching", "steps", "final loss per source", "per objective",
                 "tok/s", "grad norm (cv)"):
         runs.add_column(col, justify="right" if col in ("steps", "tok/s", "grad norm (cv)") else "left",
                         no_wrap=col == "run")
@@ -34,9 +72,7 @@ def report_table(report: dict[str, Any]) -> Group:
         abl = e.get("ablation")
         imp = "–"
         if abl:
-            mode = abl["ranking_mode"]
-            vals = [(m, abl["importance"][m][mode]["value"]) for m in abl["ranking"]]
-            imp = " > ".join(f"{m} {v:+.2f}" for m, v in vals if v == v) or "–"
+            imp = importance_cell(abl)
         fusion = cfg.get("fusion") or "–"
         if fusion == "mid":
             fusion += f"@{cfg.get('fusion_layer')}"
@@ -50,7 +86,7 @@ def report_table(report: dict[str, Any]) -> Group:
         runs.add_row(
             name, fusion, ", ".join(Path(str(d)).name for d in cfg.get("data") or []) or "–", batching,
             str(fin.get("step", "–")),
-            f"{_fmt(fin.get('loss'))} ({_fmt(fin.get('loss_tail'))})" if fin else "–",
+            final_cell(fin),
             " ".join(f"{k} {v:.3f}" for k, v in (fin.get("losses_tail") or {}).items()) or "–",
             _fmt(fin.get("tokens_per_s"), ",.0f"),
             f"{grad['mean']:.2f} ({grad['cv']:.2f})" if grad else "–")
@@ -61,11 +97,13 @@ def report_table(report: dict[str, Any]) -> Group:
             " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
             imp,
             " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
-    runs.caption = ("final loss: last step (mean of the last 10% of steps) · grad norm: mean (std / mean) "
+    runs.caption = ("final loss: per source, mean over the last 20% of steps that held it [95% interval "
+                    "over those steps] (total when the run logged no sources) · grad norm: mean (std / mean) "
                     "after the first 10% of steps")
     learned.caption = ("attention: share each modality's tokens send to other modalities, mean over layers "
                        "and the last quarter of probe steps · grad/token: at each modality's encoder · "
-                       "importance: `mmtool ablate` ranking · transfer: pretrained/scratch, `mmtool eval-transfer`")
+                       "importance: `mmtool ablate`, trained − untrained twin [95% interval], ranked groups (= tied), "
+                       "then the unranked with their status · transfer: pretrained/scratch, `mmtool eval-transfer`")
     for t in (runs, learned):
         t.caption_justify = "left"
     return Group(runs, Text(""), learned)

@@ -17,11 +17,12 @@ from mmtool.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    preprocess(PreprocessConfig("known-answer", root / "ka", tokenizers=["text=bytes"],
-                                options=["samples=64", "classes=3"]))
+    for name, informative in (("ka", "image"), ("kt", "text")):  # two sources: one curve each
+        preprocess(PreprocessConfig("known-answer", root / name, tokenizers=["text=bytes"],
+                                    options=["samples=64", "classes=3", f"informative={informative}"]))
     for fusion in ("early", "late"):
-        train(TrainConfig(data=[str(root / "ka")], out=root / "runs" / fusion, batch_samples=16,
-                          batch_tokens=None, max_steps=4, warmup=1, num_workers=0, save_every=4,
+        train(TrainConfig(data=[str(root / "ka"), str(root / "kt")], out=root / "runs" / fusion, batch_samples=8,
+                          batch_tokens=None, max_steps=10, warmup=1, num_workers=0, save_every=10,
                           probes=["attention", "grad-norm", "loss"], probe_every=2,
                           model=ModelConfig(size="tiny", fusion=fusion)))
     early = root / "runs" / "early"
@@ -42,16 +43,40 @@ def test_report_puts_runs_side_by_side(runs, cli, tmp_path):
     assert rep["kind"] == "mmtool-report" and [e["name"] for e in rep["entries"]] == ["early", "late"]
     early, late = rep["entries"]
     assert early["config"]["fusion"] == "early" and late["config"]["fusion"] == "late"
-    assert early["final"]["step"] == 4 and early["curve"]["step"] == [1, 2, 3, 4]
-    assert early["config"]["strategy"] == "packed" and early["config"]["batch_samples"] == 16
-    norms = [json.loads(x)["grad_norm"] for x in (runs / "runs" / "early" / "metrics.jsonl").read_text().splitlines()]
-    assert early["final"]["grad_norm"]["mean"] == pytest.approx(sum(norms) / 4)  # 4 steps: none skipped
-    assert early["final"]["grad_norm"]["cv"] == pytest.approx(float(np.std(norms) / np.mean(norms)))
-    assert "packed, 16 samples" in proc.stdout
-    assert early["probes"]["steps"] == [1, 2, 4]
+    assert early["final"]["step"] == 10 and early["curve"]["step"] == list(range(1, 11))
+    assert early["config"]["strategy"] == "packed" and early["config"]["batch_samples"] == 8
+    lines = [json.loads(x) for x in (runs / "runs" / "early" / "metrics.jsonl").read_text().splitlines()]
+    norms = [x["grad_norm"] for x in lines]
+    assert early["final"]["grad_norm"]["mean"] == pytest.approx(np.mean(norms[1:]))  # first 10% skipped
+    assert early["final"]["grad_norm"]["cv"] == pytest.approx(float(np.std(norms[1:]) / np.mean(norms[1:])))
+    # the final loss: per source, the mean over the last 20% of steps that held it, with an interval
+    assert early["final"]["tail_steps"] == [9, 10]
+    for src in ("ka", "kt"):
+        held = [x["by_source"][src] for x in lines[-2:] if src in x["by_source"]]
+        fin = early["final"]["by_source"][src]
+        assert fin["steps"] == len(held)
+        assert fin["last_step"] == max(x["step"] for x in lines if src in x["by_source"])
+        assert fin["mean"] == (pytest.approx(np.mean(held)) if held else None)
+        if len(held) == 2:
+            assert min(held) <= fin["ci95"][0] <= fin["mean"] <= fin["ci95"][1] <= max(held)
+        curve = early["curve"]["by_source"][src]  # one curve per source, only where the source was
+        assert curve["step"] == [x["step"] for x in lines if src in x["by_source"]]
+        assert curve["loss"] == [x["by_source"][src] for x in lines if src in x["by_source"]]
+        assert curve["smooth"][0] == curve["loss"][0]
+        assert min(curve["loss"]) <= curve["smooth"][-1] <= max(curve["loss"])
+    assert "ka " in proc.stdout and "kt " in proc.stdout  # the per-source final losses are printed
+    assert "packed, 8 samples" in proc.stdout
+    assert early["probes"]["steps"] == [1, 2, 4, 6, 8, 10]
     assert set(early["probes"]["last"]["attention_to_others"]) >= {"image", "text"}
     assert late["probes"]["last"]["attention_to_others"]["text"] == pytest.approx(0.0, abs=1e-6)  # late: no cross-modal attention
     assert set(early["ablation"]["importance"]) == {"image", "text"} and "ablation" not in late
+    abl = json.loads((runs / "runs" / "early" / "ablation.json").read_text())
+    for mod, modes in early["ablation"]["importance"].items():  # importance rows carry the twin
+        imp, src = modes["drop"], abl["results"][mod]["drop"]["importance"]
+        assert imp["baseline"] == "untrained twin" and imp["twin"] == src["twin"] and imp["ci95"] == src["ci95"]
+        assert imp["status"] == src["status"]
+        assert f"{mod} {imp['value']:+.2f}" in proc.stdout
+    assert early["ablation"]["ranking_groups"] == abl["ranking_groups"]
     assert early["transfer"]["ratios"] == {"digits/linear-probe": 1.6}
     for name in ("loss_curves.png", "importance.png"):
         assert (out / name).stat().st_size > 5000
