@@ -31,14 +31,15 @@ SMALL = ProtocolConfig(fractions=(0.5, 1.0), ks=(1, 3), episodes=8, steps=3, bat
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A tiny early-fusion model pretrained 20 steps on 400 digits and 6 cartpole episodes."""
+    """A tiny early-fusion model pretrained 20 steps on 400 digits and 6 cartpole episodes, every row
+    (`splits` all three: the tasks then use every row and say so; held-out rows are tested below)."""
     root = tmp_path_factory.mktemp("transfer")
     preprocess(PreprocessConfig("digits", root / "data" / "digits", max_samples=400))
     preprocess(PreprocessConfig("cartpole", root / "data" / "cartpole", options=["episodes=6", "max_steps=40"]))
     out = root / "run"
     train(TrainConfig(data=[str(root / "data" / n) for n in ("digits", "cartpole")], out=out,
                       batch_tokens=512, max_steps=20, save_every=20, warmup=4, lr=3e-3, num_workers=0,
-                      model=ModelConfig(size="tiny")))
+                      splits=["train", "validation", "test"], model=ModelConfig(size="tiny")))
     return out
 
 
@@ -77,7 +78,7 @@ def test_every_protocol_runs_and_gives_sane_values(report):
             else:  # no gain over chance to compare with
                 assert row["chance_corrected_ratio"] is None, name
             assert "95%" in row["interval"]
-    # The run's config.json has no `splits`: pretraining read every row, and the report says so.
+    # The run read every split: pretraining saw every row, and the report says so.
     assert t["pretraining_saw"].startswith("yes") and t["rows"] == {"folder": 400, "used": 400}
     assert any("pretraining saw every input" in n for n in t["notes"])
     # The headline, cheap version: the probe on 20-step features is far above chance (0.1).
@@ -85,7 +86,7 @@ def test_every_protocol_runs_and_gives_sane_values(report):
     assert t["results"]["linear-probe"]["rows"][0]["pretrained"] > 0.3
     assert [p["fraction"] for p in t["results"]["linear-probe"]["curve"]] == [0.5, 1.0]
     assert [r["setting"] for r in t["results"]["kshot"]["rows"]] == ["k=1", "k=3"]
-    assert "episodes × 80 test examples, both resampled" in t["results"]["kshot"]["rows"][0]["interval"]
+    assert "episodes × 160 validation+test examples, both resampled" in t["results"]["kshot"]["rows"][0]["interval"]
     assert t["results"]["finetune"]["detail"]["pretrained"]["lr"] == 1e-3
     zs = t["results"]["zeroshot"]
     assert [r["setting"] for r in zs["rows"]] == ["likelihood", "likelihood calibrated"]
@@ -184,7 +185,8 @@ def all_digits(tmp_path_factory) -> Path:
 
 def test_tasks_take_only_the_rows_pretraining_never_read(run, all_digits, tmp_path):
     models, rundata, loaded = load_models(run, "cpu")
-    assert rundata.splits is None and loaded["pretraining_splits"] == "all rows (config.json has no splits)"
+    every = ["train", "validation", "test"]
+    assert rundata.splits == every and loaded["pretraining_splits"] == every
     # What a run trained with `splits: [train]` on the full digits folder hands the tasks.
     folders = [{**f, "path": str(all_digits)} if f["source"] == "digits" else f for f in rundata.folders]
     held = RunData(rundata.streams, folders, ["train"])
@@ -197,9 +199,10 @@ def test_tasks_take_only_the_rows_pretraining_never_read(run, all_digits, tmp_pa
     assert task.info["pretraining_saw"] == ("no: held-out rows (split test+validation of the run's "
                                             "folder, never read in pretraining)")
     assert task.info["rows"] == {"folder": 1797, "used": 361} and task.notes == []
-    # ~36 rows per class: k = 10 still fits, drawn from train ∪ validation.
+    # ~36 rows per class, ~21 in the task's train split: k = 10 still fits; queries are validation ∪ test.
     res = PROTOCOLS.get("kshot")(Evaluation(task, models, replace(SMALL, ks=(1, 10), ks_given=True)))
-    assert [r["setting"] for r in res.rows] == ["k=1", "k=10"] and res.detail["support_pool"] == "train+validation"
+    assert [r["setting"] for r in res.rows] == ["k=1", "k=10"] and res.detail["support_pool"] == "train"
+    assert res.detail["queries"] == "validation+test" and "144 validation+test examples" in res.rows[0]["interval"]
     # Nothing held out (splits cover every row), or --all-rows: every row, and the report says so.
     every = RunData(rundata.streams, folders, ["train", "validation", "test"])
     for rd, held_out, why in ((every, True, "pretraining read splits train+validation+test"),
@@ -211,7 +214,10 @@ def test_tasks_take_only_the_rows_pretraining_never_read(run, all_digits, tmp_pa
     (tmp_path / "new-run").mkdir()
     doc = {**json.loads((run / "config.json").read_text()), "splits": ["train"]}
     (tmp_path / "new-run" / "config.json").write_text(json.dumps(doc))
-    assert pretraining_splits(tmp_path / "new-run") == ["train"] and pretraining_splits(run) is None
+    assert pretraining_splits(tmp_path / "new-run") == ["train"] and pretraining_splits(run) == ["train", "validation", "test"]
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "config.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "splits"}))
+    assert pretraining_splits(tmp_path / "old-run") is None
 
 
 # -- zero-shot by embedding similarity --------------------------------------------------------------
@@ -220,7 +226,7 @@ def contrastive_run(run, tmp_path_factory) -> Path:
     """A tiny late-fusion model pretrained 20 steps on the 400 digits with the contrastive objective."""
     out = tmp_path_factory.mktemp("contrastive") / "run"
     train(TrainConfig(data=[str(run.parent / "data" / "digits")], out=out, batch_samples=32, max_steps=20,
-                      save_every=20, warmup=3, num_workers=0,
+                      save_every=20, warmup=3, num_workers=0, splits=["train", "validation", "test"],
                       model=ModelConfig(size="tiny", fusion="late", objectives={"contrastive": 1.0})))
     return out
 
@@ -315,7 +321,7 @@ def test_task_whose_modality_the_checkpoint_never_saw(run, tmp_path):
 
 
 def test_k_larger_than_the_smallest_class(run, tmp_path):
-    with pytest.raises(MMToolError, match=r"--k 500: task digits.s smallest class has only \d+ train\+validation"):
+    with pytest.raises(MMToolError, match=r"--k 500: task digits.s smallest class has only \d+ train examples"):
         evaluate_transfer(job(run, tmp_path, tasks=["digits"], protocols=["kshot"],
                               protocol=replace(SMALL, ks=(1, 500), ks_given=True)))
     # Defaults skip what does not fit, and say so.

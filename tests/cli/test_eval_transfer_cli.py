@@ -16,7 +16,7 @@ from mmtool.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli-transfer")
-    preprocess(PreprocessConfig("digits", root / "digits", max_samples=200))
+    preprocess(PreprocessConfig("digits", root / "digits"))  # all 1,797: ~360 held-out rows
     out = root / "run"
     train(TrainConfig(data=[str(root / "digits")], out=out, batch_tokens=512, max_steps=4,
                       save_every=4, warmup=1, num_workers=0, model=ModelConfig(size="tiny")))
@@ -30,13 +30,14 @@ def test_eval_transfer_prints_the_table_and_writes_report_and_plot(cli, run, tmp
     for text in ("digits", "image", "linear-probe", "kshot k=2", "gain", "verdict", "cc ratio", "chance"):
         assert text in out, text
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["tasks"]["digits"]["split"]["sizes"]["test"] == 40
+    assert report["tasks"]["digits"]["split"]["sizes"]["test"] == 72
     rows = [r for res in report["tasks"]["digits"]["results"].values() for r in res["rows"]]
     for row in rows:  # the table's intervals come from these
         lo, hi = row["gain_ci95"]
         assert f"{row['gain']:+.3f} [{lo:+.2f}, {hi:+.2f}]" in out and row["verdict"] in out
-    # A run without `splits` in config.json read every row: the caption says the test is not held out.
-    assert "pretraining saw the test inputs? yes" in out and "not held out" in out
+    # `mmtool train` read the train split only: the task's rows are the held-out ones, and it says so.
+    assert "pretraining saw the test inputs? no: held-out rows" in " ".join(out.split())
+    assert "not held out" not in out
     assert (tmp_path / "transfer-digits.png").is_file()
 
 
