@@ -192,3 +192,14 @@ def test_options():
         LogMel(hop=0)
     with pytest.raises(MMToolError, match="log must be one of log10, ln"):
         LogMel(log="db")
+
+
+def test_folders_with_different_scalings_refuse_to_mix(tmp_path):
+    from mmtool.data.index import TokenIndex
+    from mmtool.data.preprocess import PreprocessConfig, preprocess
+
+    for name, tok in (("log10", []), ("ln", ["audio=logmel:log=ln"]), ("log10b", [])):
+        preprocess(PreprocessConfig(source="spoken-digits", out=tmp_path / name, max_samples=2, tokenizers=tok))
+    assert TokenIndex([tmp_path / "log10", tmp_path / "log10b"]).streams  # same scaling: they mix
+    with pytest.raises(MMToolError, match="tokenizer"):
+        TokenIndex([tmp_path / "log10", tmp_path / "ln"])
