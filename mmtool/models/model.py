@@ -122,6 +122,7 @@ class UnifiedModel(nn.Module):
         self.causal = any(o.causal for o in objectives.values())
         self.modalities, mod = embedder.modality_of_stream()
         self._stream_modality = {st.key: st.modality for st in self.streams}
+        self._shares_cache: dict[tuple, Tensor] = {}
         self.register_buffer("modality_of_stream", torch.tensor(mod, dtype=torch.long), persistent=False)
         self._backends: dict[str, AttentionBackend] = {}
         self.init_weights()
@@ -233,22 +234,27 @@ class UnifiedModel(nn.Module):
                 stats.append((name, rows.keys, torch.stack([k_sum.detach(), k_cnt])))
             losses[name] = loss
             total = total + self.weights[name] * loss
-        by_stream: dict[str, float] = {}
-        modality_loss: dict[str, float] = {}
-        if stats:  # one device→host read for every metric
-            host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach()]).tolist()
-            at = 0
-            for name, keys, t in stats:
-                k = len(keys)
-                sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
-                at += 2 * k
-                by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
-            scored = {m for key in by_stream for m in self._key_modalities(key.split("/", 1)[1])}
-            modality_loss = {m: v for m, v in zip(self.modalities, host[at:]) if m in scored}
+        by_stream, modality_loss = self._read_metrics(stats, by_modality)
         counted = tuple(name for name, *_ in stats)
         return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
                            modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
                                            if m in modality_loss}, hidden)
+
+    def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]],
+                      by_modality: Tensor) -> tuple[dict[str, float], dict[str, float]]:
+        """(by_stream, by_modality) floats from one device→host read of every metric."""
+        by_stream: dict[str, float] = {}
+        if not stats:
+            return by_stream, {}
+        host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach()]).tolist()
+        at = 0
+        for name, keys, t in stats:
+            k = len(keys)
+            sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
+            at += 2 * k
+            by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
+        scored = {m for key in by_stream for m in self._key_modalities(key.split("/", 1)[1])}
+        return by_stream, {m: v for m, v in zip(self.modalities, host[at:]) if m in scored}
 
     def _key_modalities(self, key: str) -> list[str]:
         """The modalities a row group belongs to: a stream key's modality, or both of "image+text"."""
@@ -258,12 +264,15 @@ class UnifiedModel(nn.Module):
 
     def _key_shares(self, keys: list[str], device: torch.device) -> Tensor:
         """[K, M]: row group k's share of each modality (1 for its stream's modality; ½ each for a pair)."""
-        shares = torch.zeros(len(keys), len(self.modalities))
-        for i, key in enumerate(keys):
-            mods = self._key_modalities(key)
-            for m in mods:
-                shares[i, self.modalities.index(m)] = 1.0 / len(mods)
-        return shares.to(device)
+        cache_key = (tuple(keys), str(device))
+        if cache_key not in self._shares_cache:
+            shares = torch.zeros(len(keys), len(self.modalities))
+            for i, key in enumerate(keys):
+                mods = self._key_modalities(key)
+                for m in mods:
+                    shares[i, self.modalities.index(m)] = 1.0 / len(mods)
+            self._shares_cache[cache_key] = shares.to(device)
+        return self._shares_cache[cache_key]
 
     def hidden_states(self, batch: Batch) -> tuple[Tensor, PackedView]:
         """Final hidden states, uncorrupted: ([N, d], the view that says which sample, position and
