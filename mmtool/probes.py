@@ -20,6 +20,16 @@ that the later ones move away from):
 * `loss` — `{"by_modality": {modality: {objective: loss}}, "by_source": {folder: loss}}`: the
   step's per-stream and per-sample losses regrouped (means over micro-batches).
 
+Whatever `--probes` says, `train` also logs each modality's share of the loss and of the gradient
+entering the trunk (`ModalityShares`): every step `loss_share` {modality: share of the step's
+weighted total loss}; on step 1 and every `--probe-every`-th step `grad_share` {modality: share of
+Σ over modalities of ‖∂(its weighted loss)/∂(final hidden states)‖} and `grad_trunk` (those norms).
+The gradients are taken at the trunk's output, one `autograd.grad` per modality through the heads
+only (the trunk is not re-run), before the step's backward; they touch no parameter's `.grad`.
+Measured cost on the tiny model (digits + spoken-digits + pydocs, 4096-token batches, CPU): +29%
+on the steps that take them (the text head's [tokens, 30522] product is redone per modality), so
+not every step; `loss_share` is free (read with the step's other metrics).
+
 Probes off (the default) register nothing: `train` never builds a `ProbeSet`, so no hook exists.
 On, hooks live only during probe steps (`ProbeSet.start` / `finish`); other steps run unobserved.
 Probes never touch the random generator or the computation, so the losses are identical with and
@@ -245,6 +255,59 @@ class LossProbe(Probe):
             by_modality.setdefault(name, {})[objective] = float(np.mean(values))
         return {"by_modality": by_modality,
                 "by_source": {k: float(np.mean(v)) for k, v in sorted(self.sources.items())}}
+
+
+def trunk_grad_norms(output: Any) -> dict[str, float]:
+    """Per modality, ‖∂(its weighted loss)/∂(final hidden states)‖: the gradient its losses send into
+    the trunk (`ModelOutput.modality_losses`, `ModelOutput.hidden`). Leaves parameters' `.grad` alone.
+
+    Returns:
+        {modality: L2 norm} for every scored modality ({} when the output has no hidden states).
+    """
+    if output.hidden is None or not output.hidden.requires_grad:
+        return {}
+    names, norms = [], []
+    for name, loss in output.modality_losses.items():
+        if not loss.requires_grad:
+            continue
+        (g,) = torch.autograd.grad(loss, output.hidden, retain_graph=True, allow_unused=True)
+        names.append(name)
+        norms.append(g.float().norm() if g is not None else output.hidden.new_zeros((), dtype=torch.float32))
+    return dict(zip(names, torch.stack(norms).tolist())) if norms else {}
+
+
+class ModalityShares:
+    """One step's per-modality shares of the loss and of the trunk gradient, over its micro-batches.
+
+    `add` each micro-batch's `ModelOutput` before its backward; `result` gives the metrics entries
+    `loss_share`, and with gradients `grad_share` and `grad_trunk` (see the module docstring).
+    Micro-batch losses add; gradient norms add in squares (different tokens' gradients are orthogonal
+    parts of one vector).
+    """
+
+    def __init__(self, grads: bool = True):
+        self.grads = grads
+        self.loss: dict[str, float] = {}
+        self.sq: dict[str, float] = {}
+
+    def add(self, output: Any) -> None:
+        for name, value in output.by_modality.items():
+            self.loss[name] = self.loss.get(name, 0.0) + value
+        if self.grads:
+            for name, norm in trunk_grad_norms(output).items():
+                self.sq[name] = self.sq.get(name, 0.0) + norm**2
+
+    def result(self) -> dict[str, dict[str, float]]:
+        out = {"loss_share": _shares(self.loss)}
+        if self.sq:
+            norms = {n: math.sqrt(v) for n, v in self.sq.items()}
+            out.update(grad_share=_shares(norms), grad_trunk=norms)
+        return out
+
+
+def _shares(values: dict[str, float]) -> dict[str, float]:
+    total = sum(values.values())
+    return {n: v / total for n, v in sorted(values.items())} if total > 0 else {}
 
 
 class ProbeSet:

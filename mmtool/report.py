@@ -220,6 +220,40 @@ def _average(docs: list[Any]) -> Any:
     return docs[-1]
 
 
+def modality_shares(lines: list[dict[str, Any]], resamples: int = 2000) -> dict[str, Any] | None:
+    """Each modality's mean share of the loss and of the trunk gradient late in a run, with 95% intervals.
+
+    `loss_share` (every step) over the last quarter of steps, and `grad_share` (step 1 and every
+    `--probe-every` steps) over the last quarter of the steps that logged it. A modality absent
+    from a step's batch counts as share 0 there: the mean is its share of the training signal.
+    Intervals: percentile bootstrap over those steps (seeded). None: the run logged no shares.
+
+    Returns:
+        {"steps": n, "grad_steps": n, "modalities": {name: {"loss": mean, "loss_ci95": [lo, hi],
+        "grad": mean | None, "grad_ci95": [lo, hi] | None}}}.
+    """
+    loss_lines = [x for x in lines if x.get("loss_share")]
+    if not loss_lines:
+        return None
+    grad_lines = [x for x in lines if x.get("grad_share")]
+    tails = {"loss": loss_lines[-max(1, len(loss_lines) // 4):],
+             "grad": grad_lines[-max(1, len(grad_lines) // 4):] if grad_lines else []}
+    names = sorted({m for x in tails["loss"] + tails["grad"] for m in x.get("loss_share", {}) | x.get("grad_share", {})})
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[str, Any]] = {}
+    for m in names:
+        out[m] = {}
+        for kind, tail in tails.items():
+            v = np.array([x[f"{kind}_share"].get(m, 0.0) for x in tail], float)  # [steps]
+            if not len(v):
+                out[m].update({kind: None, f"{kind}_ci95": None})
+                continue
+            boot = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)  # [resamples]
+            out[m].update({kind: float(v.mean()),
+                           f"{kind}_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]})
+    return {"steps": len(tails["loss"]), "grad_steps": len(tails["grad"]), "modalities": out}
+
+
 def ablation_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
     """Per modality and mode: importance (trained − twin when measured) with its interval, the raw
     trained and twin values, and the status (rank, tied, structural zero, indistinguishable)."""
@@ -280,6 +314,7 @@ def summarize(folder: Path) -> dict[str, Any]:
                               "loss": [x["loss"] for x in lines[::stride]],
                               "by_source": source_curves(lines)}
             entry["probes"] = probe_summary(lines)
+            entry["shares"] = modality_shares(lines)
     for path in _find(folder, "ablation.json"):
         doc = _read_json(path)
         if doc and "results" in doc:

@@ -11,8 +11,11 @@ Run folder::
     RUN/config.json      everything needed to rebuild the run
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source;
                          an objective with no targets in the step is left out, not logged as 0),
-                         real tokens/s, data-wait fraction, lr, grad norm, and `token_share`:
-                         each source folder's share of the step's real tokens (this rank's)
+                         real tokens/s, data-wait fraction, lr, grad norm, `token_share`: each
+                         source folder's share of the step's real tokens (this rank's), and each
+                         modality's share of the loss and of the gradient entering the trunk
+                         (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
+                         `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`)
     RUN/checkpoints/     see `mmtool.checkpoint`
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
@@ -41,6 +44,7 @@ from mmtool.data.mixture import resolve_mix_by
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, build_model
+from mmtool.probes import ModalityShares
 
 
 @dataclass
@@ -97,7 +101,7 @@ class TrainConfig:
     """Training probes logged under `probes` in metrics.jsonl (`mmtool ls probes`): attention,
     grad-norm, loss. Empty (default): no probe code runs and no hook is registered."""
     probe_every: int = 10
-    """Probe step 1 and every N-th step."""
+    """Probe step 1 and every N-th step; on these steps (probes or not) `grad_share` is logged too."""
 
     def loader_config(self, rank: int, world: int, pin: bool) -> LoaderConfig:
         samples = self.batch_samples
@@ -280,6 +284,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             wait, tokens, losses, by_stream, by_source, total = 0.0, 0, {}, {}, {}, 0.0
             source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
             probing = probes is not None and probes.due(step)
+            # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
+            shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0)
             if probing:
                 probes.start()
             for micro in range(cfg.grad_accum):
@@ -294,6 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                     loss = loss * float("nan")
                 if probing:
                     probes.after_forward(batch, output)
+                shares.add(output)
                 if not torch.isfinite(loss):
                     bad = _by_source(output.by_sample_loss, batch["sample_folder"], names)
                     worst = [n for n, v in bad.items() if not math.isfinite(v)] or list(bad)
@@ -329,7 +336,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     "token_share": {names[f]: float(source_tokens[f] / max(source_tokens.sum(), 1))
                                     for f in np.flatnonzero(source_tokens)},
                     "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,
-                    "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds}
+                    "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds,
+                    **shares.result()}
             if probing:
                 line["probes"] = probes.finish()
             if ddp.main:

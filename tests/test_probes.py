@@ -12,7 +12,8 @@ from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.models.model import ModelConfig, build_model
-from mmtool.probes import AttentionProbe, GradNormProbe, ProbeSet, hook_count, parse_probes
+from mmtool.probes import (AttentionProbe, GradNormProbe, ModalityShares, ProbeSet, hook_count,
+                           parse_probes, trunk_grad_norms)
 from mmtool.train import TrainConfig, train
 
 
@@ -150,6 +151,49 @@ def test_probes_off_register_no_hook_and_losses_match(data, tmp_path, monkeypatc
     assert set(p) == {"attention", "grad-norm", "loss"}
     assert set(p["loss"]["by_modality"]) == {"image", "text"} and set(p["loss"]["by_source"]) == {"ka"}
     assert p["loss"]["by_modality"]["text"]["next-token"] == pytest.approx(on[1]["by_stream"]["next-token/text:bytes"])
+
+
+def test_trunk_grad_norms_are_each_modality_weighted_gradient(data):
+    """‖∂(modality's weighted loss)/∂hidden‖: the per-modality gradients add up to the loss's
+    gradient at the trunk output, scale with the objective weight, and leave `.grad` alone."""
+    gen = lambda: torch.Generator().manual_seed(0)
+    model, batch, _ = model_and_batch(data)
+    out = model(batch, generator=gen())
+    norms = trunk_grad_norms(out)
+    assert set(norms) == {"image", "text"} and all(p.grad is None for p in model.parameters())
+    g_img, g_txt, g_all = (torch.autograd.grad(x, out.hidden, retain_graph=True)[0] for x in
+                           (out.modality_losses["image"], out.modality_losses["text"], out.loss))
+    assert torch.allclose(g_img + g_txt, g_all, atol=1e-7)  # the parts' gradients add up to the loss's
+    assert norms == {"image": pytest.approx(float(g_img.norm()), rel=1e-5),
+                     "text": pytest.approx(float(g_txt.norm()), rel=1e-5)}
+    heavy, _, _ = model_and_batch(data, objectives={"next-token": 1.0, "masked-patch": 3.0})  # same init
+    doubled = trunk_grad_norms(heavy(batch, generator=gen()))
+    assert doubled == {"image": pytest.approx(3 * norms["image"], rel=1e-5),
+                       "text": pytest.approx(norms["text"], rel=1e-5)}
+    shares = ModalityShares()
+    shares.add(out)
+    shares.add(out)  # two micro-batches: losses add, norms add in squares
+    res = shares.result()
+    total = sum(out.by_modality.values())
+    assert res["loss_share"] == pytest.approx({k: v / total for k, v in out.by_modality.items()})
+    assert res["grad_trunk"] == pytest.approx({k: v * 2**0.5 for k, v in norms.items()}, rel=1e-5)
+    assert res["grad_share"] == pytest.approx({k: v / sum(norms.values()) for k, v in norms.items()}, rel=1e-5)
+    assert "grad_share" not in (lambda s: (s.add(out), s.result())[1])(ModalityShares(grads=False))
+
+
+def test_train_logs_loss_share_every_step_and_grad_share_on_probe_steps(data, tmp_path):
+    train(TrainConfig(out=tmp_path / "run", data=[str(data)], batch_samples=8, batch_tokens=None,
+                      max_steps=4, warmup=1, num_workers=0, save_every=4, probe_every=2,
+                      model=ModelConfig(size="tiny", objectives={"next-token": 1.0, "masked-patch": 2.0})))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["grad_share" in x for x in lines] == [True, True, False, True]  # step 1, then every 2nd
+    for x in lines:  # text is scored by next-token only, image by masked-patch (weight 2) only
+        assert x["loss_share"]["text"] * x["loss"] == pytest.approx(x["losses"]["next-token"], rel=1e-4)
+        assert x["loss_share"]["image"] * x["loss"] == pytest.approx(2 * x["losses"]["masked-patch"], rel=1e-4)
+        if "grad_share" in x:
+            assert sum(x["grad_share"].values()) == pytest.approx(1.0)
+            total = sum(x["grad_trunk"].values())
+            assert x["grad_share"] == pytest.approx({k: v / total for k, v in x["grad_trunk"].items()})
 
 
 def test_unknown_probe_names_fail_with_close_matches():

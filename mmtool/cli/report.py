@@ -55,6 +55,17 @@ def importance_cell(abl: dict[str, Any]) -> str:
     return "\n".join([" > ".join(parts) or "nothing ranked"] + rest)
 
 
+def share_cell(shares: dict[str, Any] | None) -> str:
+    """`audio 0.12 [0.05, 0.20] / 0.30 [0.22, 0.41]`: loss share / trunk-gradient share, 95% intervals."""
+    if not shares:
+        return "–"
+    cells = []
+    for m, v in shares["modalities"].items():
+        grad = "–" if v["grad"] is None else f"{v['grad']:.2f} [{v['grad_ci95'][0]:.2f}, {v['grad_ci95'][1]:.2f}]"
+        cells.append(f"{m} {v['loss']:.2f} [{v['loss_ci95'][0]:.2f}, {v['loss_ci95'][1]:.2f}] / {grad}")
+    return "\n".join(cells)
+
+
 def report_table(report: dict[str, Any]) -> Group:
     """Two tables, one row per entry each: the runs (settings, final metrics, steadiness), and what
     they learned (probe summary, importance ranking, transfer)."""
@@ -64,7 +75,8 @@ def report_table(report: dict[str, Any]) -> Group:
         runs.add_column(col, justify="right" if col in ("steps", "tok/s", "grad norm (cv)") else "left",
                         no_wrap=col == "run")
     learned = Table(title="what they learned", title_justify="left", show_edge=False)
-    for col in ("run", "attention to other modalities", "grad/token", "importance", "transfer ratio"):
+    for col in ("run", "attention to other modalities", "grad/token", "loss / trunk-grad share",
+                "importance", "transfer ratio"):
         learned.add_column(col, no_wrap=col == "run")
     for e in report["entries"]:
         cfg, fin = e.get("config", {}), e.get("final", {})
@@ -95,6 +107,7 @@ def report_table(report: dict[str, Any]) -> Group:
             " ".join(f"{k} {v:.2f}" for k, v in (probes.get("attention_to_others") or {}).items()
                      if k != "separator") or "–",
             " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
+            share_cell(e.get("shares")),
             imp,
             " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
     runs.caption = ("final loss: per source, mean over the last 20% of steps that held it [95% interval "
@@ -102,6 +115,8 @@ def report_table(report: dict[str, Any]) -> Group:
                     "after the first 10% of steps")
     learned.caption = ("attention: share each modality's tokens send to other modalities, mean over layers "
                        "and the last quarter of probe steps · grad/token: at each modality's encoder · "
+                       "loss / trunk-grad share: each modality's mean share over the last quarter of "
+                       "steps (grad: of the steps that logged it), 95% bootstrap interval · "
                        "importance: `mmtool ablate`, trained − untrained twin [95% interval], ranked groups (= tied), "
                        "then the unranked with their status · transfer: pretrained/scratch, `mmtool eval-transfer`")
     for t in (runs, learned):

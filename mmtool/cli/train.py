@@ -40,7 +40,7 @@ def train_cmd(
     keep_last: Optional[int] = typer.Option(None, help="Checkpoints to keep."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint."),
     probes: Optional[str] = typer.Option(None, help="Training probes logged to metrics.jsonl, e.g. attention,grad-norm,loss (`mmtool ls probes`)."),
-    probe_every: Optional[int] = typer.Option(None, help="Probe step 1 and every N-th step (default 10)."),
+    probe_every: Optional[int] = typer.Option(None, help="Probe step 1 and every N-th step (default 10); these steps also log each modality's trunk-gradient share (grad_share)."),
     embeddings: List[str] = typer.Option([], "--embeddings", help="Embedding folder (`mmtool embed`) to train on instead of the --data folder it was made from (repeatable)."),
     text_encoder: str = typer.Option("learned", help="learned (text ids, embeddings trained from scratch) or frozen:NAME (e.g. frozen:minilm-l6: text embedded once, cached in OUT/embeddings)."),
 ) -> None:

@@ -1,15 +1,18 @@
 """Signal processing for audio, written with torch (no torchaudio, no scipy).
 
-Windowed-sinc polyphase resampling, mel filterbanks (Slaney or HTK) and the log-mel spectrogram
-(STFT with a Hann window → power → triangular mel filters → natural log). Kept apart from the
-`logmel` tokenizer so that importing the tokenizer registry does not import torch.
+Windowed-sinc polyphase resampling, mel filterbanks (Slaney or HTK), the mel power spectrogram
+(STFT with a Hann window → power → triangular mel filters) and the log scalings (`LOG_SCALES`)
+that turn it into features. Kept apart from the `logmel` tokenizer so that importing the
+tokenizer registry does not import torch.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 import numpy as np
 import torch
@@ -122,10 +125,10 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
     return fb.to(torch.float32)
 
 
-def log_mel(x: torch.Tensor | np.ndarray, sample_rate: int, n_fft: int = 400, hop: int = 160,
-            n_mels: int = 80, fmin: float = 0.0, fmax: float | None = None,
-            scale: str = "slaney") -> torch.Tensor:
-    """Natural-log mel power spectrogram, `log(mel + 1e-6)`.
+def mel_power(x: torch.Tensor | np.ndarray, sample_rate: int, n_fft: int = 400, hop: int = 160,
+              n_mels: int = 80, fmin: float = 0.0, fmax: float | None = None,
+              scale: str = "slaney") -> torch.Tensor:
+    """Mel power spectrogram (no log).
 
     Frames are centred (the signal is zero-padded by n_fft // 2 on both sides, so clips shorter
     than a window work), with a periodic Hann window.
@@ -134,11 +137,67 @@ def log_mel(x: torch.Tensor | np.ndarray, sample_rate: int, n_fft: int = 400, ho
         x: mono samples `[n]`.
 
     Returns:
-        float32 `[1 + n // hop, n_mels]`.
+        float32 `[1 + n // hop, n_mels]`, ≥ 0.
     """
     x = torch.as_tensor(x, dtype=torch.float32)
     spec = torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft), center=True,
                       pad_mode="constant", return_complex=True)  # [n_fft // 2 + 1, frames]
     power = spec.real**2 + spec.imag**2
     mel = mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax, scale) @ power  # [n_mels, frames]
-    return torch.log(mel + LOG_EPS).T  # [frames, n_mels]
+    return mel.T  # [frames, n_mels]
+
+
+def log_mel(x: torch.Tensor | np.ndarray, sample_rate: int, n_fft: int = 400, hop: int = 160,
+            n_mels: int = 80, fmin: float = 0.0, fmax: float | None = None,
+            scale: str = "slaney") -> torch.Tensor:
+    """Natural-log mel power spectrogram, `log(mel + 1e-6)` (the `ln` scaling of `mel_power`).
+
+    Returns:
+        float32 `[1 + n // hop, n_mels]`.
+    """
+    return natural_log(mel_power(x, sample_rate, n_fft, hop, n_mels, fmin, fmax, scale))
+
+
+# -- log scalings ----------------------------------------------------------------------------------
+LOG10_FLOOR = -8.0
+"""`log10` scaling: mel power below 1e-8 (silence) is clamped to this before the affine map."""
+
+
+def log10_scaled(mel: torch.Tensor) -> torch.Tensor:
+    """Whisper's log-mel scale with a fixed floor: `(max(log10(mel), -8) + 4) / 4`.
+
+    Whisper maps `log10` mel power by `(x + 4) / 4` after clamping to the clip's maximum − 8
+    (80 dB). Here the 80 dB range is anchored at a fixed level (log10 mel = -8, which is 104 dB
+    below a full-scale sine's peak band and ~87 dB below a typical spoken-digits clip's peak)
+    instead of at each clip's maximum, so that silence and padding have one known value, -1.0,
+    in every clip. Values lie in [-1, ~1.6] (a full-scale 1 kHz sine peaks at 1.59).
+    """
+    return (torch.log10(mel).clamp(min=LOG10_FLOOR) + 4.0) / 4.0  # log10(0) = -inf → the floor
+
+
+def natural_log(mel: torch.Tensor) -> torch.Tensor:
+    """The raw scaling `ln(mel + 1e-6)`: silence at ln(1e-6) ≈ -13.8, speech around -8.5 ± 4.3."""
+    return torch.log(mel + LOG_EPS)
+
+
+@dataclass(frozen=True)
+class LogScale:
+    """One way to turn mel power into features.
+
+    Attributes:
+        fn: mel power `[frames, n_mels]` → features of the same shape.
+        formula: what `fn` computes, stored in the tokenizer config (folders that differ refuse to mix).
+        floor: the value of silence (and of the frames that pad a clip to whole patches).
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    formula: str
+    floor: float
+
+
+LOG_SCALES: dict[str, LogScale] = {
+    "log10": LogScale(log10_scaled, "(max(log10(mel), -8) + 4) / 4", (LOG10_FLOOR + 4.0) / 4.0),
+    "ln": LogScale(natural_log, "ln(mel + 1e-6)", LOG_FLOOR),
+}
+"""The `logmel` tokenizer's `log=` choices: `log10` (default, normalised) and `ln` (the raw scale
+of folders written before the normalisation; kept so that they can still be matched)."""

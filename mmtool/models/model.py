@@ -80,6 +80,11 @@ class ModelOutput:
         by_sample_loss: [B] detached Σ weight · (the sample's mean loss under each objective).
         tokens: real tokens in the batch.
         counted: the objectives that had rows in this batch (the others' losses are the zeros).
+        by_modality: detached share of `loss` that each scored modality's rows make up: Σ over
+            objectives of weight · (its rows' part of the objective loss), a pair's rows ("image+text")
+            split half and half. The values sum to `loss`. Only modalities with counted rows.
+        modality_losses: the same, attached (for gradients per modality, `probes.trunk_grad_norms`).
+        hidden: the final hidden states `[N, d]` (attached): where the objectives' gradients enter the trunk.
     """
 
     loss: Tensor
@@ -88,6 +93,9 @@ class ModelOutput:
     by_sample_loss: Tensor
     tokens: int
     counted: tuple[str, ...] = ()
+    by_modality: dict[str, float] = field(default_factory=dict)
+    modality_losses: dict[str, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None
 
 
 class UnifiedModel(nn.Module):
@@ -113,6 +121,8 @@ class UnifiedModel(nn.Module):
         self.fusion = trunk.fusion
         self.causal = any(o.causal for o in objectives.values())
         self.modalities, mod = embedder.modality_of_stream()
+        self._stream_modality = {st.key: st.modality for st in self.streams}
+        self._shares_cache: dict[tuple, Tensor] = {}
         self.register_buffer("modality_of_stream", torch.tensor(mod, dtype=torch.long), persistent=False)
         self._backends: dict[str, AttentionBackend] = {}
         self.init_weights()
@@ -202,6 +212,7 @@ class UnifiedModel(nn.Module):
         total = hidden.new_zeros(())
         losses: dict[str, Tensor] = {}
         by_sample = torch.zeros(b, device=hidden.device)
+        by_modality = hidden.new_zeros(len(self.modalities), dtype=torch.float32)  # [M] Σ = total
         stats: list[tuple[str, list[str], Tensor]] = []
         for name, obj in self.objectives.items():
             ctx = Context(batch, view, hidden, final.prev, self.embedder, own[name], pools,
@@ -211,28 +222,57 @@ class UnifiedModel(nn.Module):
                 loss = hidden.sum() * 0.0
             else:
                 wl = rows.loss * rows.weight  # [m]
-                loss = wl.sum() / rows.weight.sum().clamp(min=1.0)
                 w, d = rows.weight.detach(), wl.detach()
+                k = len(rows.keys)
+                k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, wl)  # [K] attached
+                k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w)  # [K]
+                loss, part = reduce_rows(wl, rows.weight, k_sum, k_cnt, getattr(obj, "per_stream", False))
+                by_modality = by_modality + self.weights[name] * (part.float() @ self._key_shares(rows.keys, d.device))
                 s_sum = torch.zeros(b, device=d.device).index_add(0, rows.sample, d)  # [B]
                 s_cnt = torch.zeros(b, device=d.device).index_add(0, rows.sample, w)  # [B]
                 by_sample = by_sample + self.weights[name] * s_sum / s_cnt.clamp(min=1.0)
-                k = len(rows.keys)
-                k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, d)  # [K]
-                k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w)  # [K]
-                stats.append((name, rows.keys, torch.stack([k_sum, k_cnt])))
+                stats.append((name, rows.keys, torch.stack([k_sum.detach(), k_cnt])))
             losses[name] = loss
             total = total + self.weights[name] * loss
-        by_stream: dict[str, float] = {}
-        if stats:  # one device→host read for every metric
-            host = torch.cat([t.flatten() for *_, t in stats]).tolist()
-            at = 0
-            for name, keys, t in stats:
-                k = len(keys)
-                sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
-                at += 2 * k
-                by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
+        by_stream, modality_loss = self._read_metrics(stats, by_modality)
         counted = tuple(name for name, *_ in stats)
-        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted)
+        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
+                           modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
+                                           if m in modality_loss}, hidden)
+
+    def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]],
+                      by_modality: Tensor) -> tuple[dict[str, float], dict[str, float]]:
+        """(by_stream, by_modality) floats from one device→host read of every metric."""
+        by_stream: dict[str, float] = {}
+        if not stats:
+            return by_stream, {}
+        host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach()]).tolist()
+        at = 0
+        for name, keys, t in stats:
+            k = len(keys)
+            sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
+            at += 2 * k
+            by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
+        scored = {m for key in by_stream for m in self._key_modalities(key.split("/", 1)[1])}
+        return by_stream, {m: v for m, v in zip(self.modalities, host[at:]) if m in scored}
+
+    def _key_modalities(self, key: str) -> list[str]:
+        """The modalities a row group belongs to: a stream key's modality, or both of "image+text"."""
+        if key in self._stream_modality:
+            return [self._stream_modality[key]]
+        return [m for m in key.split("+") if m in self.modalities]
+
+    def _key_shares(self, keys: list[str], device: torch.device) -> Tensor:
+        """[K, M]: row group k's share of each modality (1 for its stream's modality; ½ each for a pair)."""
+        cache_key = (tuple(keys), str(device))
+        if cache_key not in self._shares_cache:
+            shares = torch.zeros(len(keys), len(self.modalities))
+            for i, key in enumerate(keys):
+                mods = self._key_modalities(key)
+                for m in mods:
+                    shares[i, self.modalities.index(m)] = 1.0 / len(mods)
+            self._shares_cache[cache_key] = shares.to(device)
+        return self._shares_cache[cache_key]
 
     def hidden_states(self, batch: Batch) -> tuple[Tensor, PackedView]:
         """Final hidden states, uncorrupted: ([N, d], the view that says which sample, position and
@@ -255,6 +295,30 @@ class UnifiedModel(nn.Module):
         pools, present = self._modality_pools(view, hidden) if self.fusion.final == "modality" \
             else (None, None)
         return self.fusion.pool(sample_mean, pools, present)  # [B, d]
+
+
+def reduce_rows(wl: Tensor, weight: Tensor, k_sum: Tensor, k_cnt: Tensor,
+                per_stream: bool) -> tuple[Tensor, Tensor]:
+    """An objective's loss from its weighted row losses, and each row group's part of it.
+
+    Pooled (the default): the mean over counted rows, so a group with more rows counts more — right
+    for next-token and masked-token, where every predicted token is one unit of the same task (the
+    LM norm; its exp is the perplexity). Per stream (`per_stream`, masked-patch's default): the mean
+    of each group's own mean, over the groups that have rows — each stream (image, audio) counts
+    equally, however many patches it has.
+
+    Args:
+        wl: [m] weight · loss of each row; weight: [m] the row weights.
+        k_sum: [K] Σ wl per group (attached); k_cnt: [K] Σ weight per group.
+    Returns:
+        (scalar loss, [K] each group's part of it; the parts sum to the loss).
+    """
+    if per_stream:
+        have = k_cnt > 0  # [K]
+        part = torch.where(have, k_sum / k_cnt.clamp(min=1e-12), 0.0) / have.sum().clamp(min=1)  # [K]
+        return part.sum(), part
+    n = weight.sum().clamp(min=1.0)
+    return wl.sum() / n, k_sum / n
 
 
 def build_model(cfg: ModelConfig, streams: list[Stream]) -> UnifiedModel:

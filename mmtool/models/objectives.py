@@ -4,7 +4,9 @@ An objective may first *corrupt* the input (`corrupt`: MAE / BERT masks, drawn f
 `torch.Generator` so a run is reproducible and resumable), then scores the trunk's output
 (`forward`) as `Rows`: one loss per predicted token (or per side of a contrastive pair), with a 0/1
 weight, the sample it belongs to and a stream key for metrics. The model reduces rows to the
-objective's loss (mean over counted rows), per-sample and per-stream numbers.
+objective's loss — the mean over counted rows, or, for an objective whose `per_stream` is true
+(masked-patch by default), the mean over streams of each stream's mean (`model.reduce_rows`) — and
+to per-sample, per-stream and per-modality numbers.
 
 Objectives are named in `ModelConfig.objectives` as `NAME[:key=value[:key=value...]]`, e.g.
 `next-token:observations=true` or `masked-patch:modalities=image+audio+reward:mask_ratio=0.75`
@@ -313,30 +315,54 @@ class MaskedPatch(Objective):
 
     Masked patches enter the trunk as a learned mask vector (one per stream) plus their stream,
     position and segment-position embeddings; a linear decoder per stream maps the hidden state back
-    to the patch vector. The loss is the mean squared error over the masked patches only, averaged
-    over the vector's entries.
+    to the patch vector. A patch's loss is the squared error averaged over the vector's entries; the
+    objective's loss is, by default, the mean over masked patches *per stream*, then the mean over
+    the streams the batch has (so image and audio count equally, whatever their patch counts).
+
+    Silence is not a target: when a stream's tokenizer config names a `floor` (the value of silence
+    and padding, e.g. -1.0 for `logmel` audio), patches whose every value is at or below the floor
+    are never masked (they stay visible as context) and never scored.
 
     Options:
         modalities: vector modalities to reconstruct (default: image+audio).
         mask_ratio: overrides the model's mask_ratio for this objective.
+        norm_pix: reconstruct each patch normalised by its own mean and variance (MAE's
+            `norm_pix_loss`: (x − mean) / sqrt(var + 1e-6), unbiased var over the patch's entries).
+        per_stream: average per stream, then across streams (default); false: one mean over every
+            masked patch of the batch (streams weighted by their patch counts).
     """
 
     uses_mask_ratio = True
 
-    def __init__(self, streams, d_model, mask_ratio, *, modalities: list[str] | str | None = None):
+    def __init__(self, streams, d_model, mask_ratio, *, modalities: list[str] | str | None = None,
+                 norm_pix: bool = False, per_stream: bool = True):
         super().__init__(streams, d_model, mask_ratio)
         only = [modalities] if isinstance(modalities, str) else (modalities or list(PATCH_MODALITIES))
         self.ratio = _check_ratio("masked-patch", mask_ratio)
+        self.norm_pix, self.per_stream = bool(norm_pix), bool(per_stream)
         self.targets = [k for k, s in enumerate(streams) if s.kind == "values" and s.modality in only]
         if not self.targets:
             raise self._missing(f"a patch (values) stream of modality {' or '.join(only)}")
+        self.floors = {k: streams[k].config["floor"] for k in self.targets
+                       if isinstance(streams[k].config.get("floor"), (int, float))}
         self.mask_vectors = nn.ParameterDict(
             {str(k): nn.Parameter(torch.randn(d_model) * 0.02) for k in self.targets})
         self.decoders = nn.ModuleDict({str(k): nn.Linear(d_model, streams[k].dim) for k in self.targets})
 
+    def silent(self, batch: Batch, k: int) -> Tensor | None:
+        """bool [n_k]: the patches of stream k entirely at its tokenizer's floor (None: no floor)."""
+        if k not in self.floors:
+            return None
+        return (batch[f"s{k}.values"].float() <= self.floors[k] + 1e-6).all(1)  # [n_k]
+
     def corrupt(self, batch, view, generator):
-        return {k: [Corruption(mask, vector=self.mask_vectors[str(k)])]
-                for k, mask in stream_masks(batch, self.targets, self.ratio, generator)}
+        out = {}
+        for k, mask in stream_masks(batch, self.targets, self.ratio, generator):  # same draws always
+            silent = self.silent(batch, k)
+            if silent is not None:
+                mask = mask & ~silent  # [n_k] silence stays visible and is never a target
+            out[k] = [Corruption(mask, vector=self.mask_vectors[str(k)])]
+        return out
 
     def forward(self, ctx: Context) -> Rows | None:
         parts, keys = [], [self.streams[k].key for k in self.targets]
@@ -345,7 +371,10 @@ class MaskedPatch(Objective):
                 continue
             idx, sample = _stream_rows(ctx, k)  # [n_k]
             pred = self.decoders[str(k)](ctx.hidden[idx]).float()  # [n_k, dim]
-            loss = ((pred - ctx.batch[f"s{k}.values"].float()) ** 2).mean(1)  # [n_k]
+            target = ctx.batch[f"s{k}.values"].float()  # [n_k, dim]
+            if self.norm_pix:
+                target = (target - target.mean(1, keepdim=True)) / (target.var(1, keepdim=True) + 1e-6).sqrt()
+            loss = ((pred - target) ** 2).mean(1)  # [n_k]
             weight = ctx.corruptions[k][0].mask.float()  # [n_k] masked patches only
             parts.append(Rows(loss, weight, sample, torch.full_like(sample, i), keys))
         return Rows.cat(parts, keys)

@@ -82,6 +82,30 @@ def test_output_adds_up(index):
     assert m.pooled(batch).shape == (8, 64)
 
 
+def test_each_modality_part_of_the_loss(index):
+    """by_modality splits the weighted total by the modality of each objective's rows: next-token's
+    pooled mean by token counts (text vs action), masked-patch to image, a contrastive pair half
+    and half. The parts sum to the loss; modality_losses are the same numbers, attached."""
+    m = model(index, objectives={"next-token": 1.0, "masked-patch": 2.0})
+    batch = assemble(index, MIXED, "packed")
+    out = m(batch, torch.Generator().manual_seed(0))
+    text, action = out.by_stream["next-token/text:bytes"], out.by_stream["next-token/action:discrete"]
+    n_text = batch["s%d.ids" % index.stream_ids["text:bytes"]].shape[0]  # each caption byte is predicted
+    n_action = 100  # 2 episodes × 50 steps, each action after a separator
+    assert out.losses["next-token"].item() == \
+        pytest.approx((n_text * text + n_action * action) / (n_text + n_action), rel=1e-5)
+    assert out.by_modality == pytest.approx({"text": n_text * text / (n_text + n_action),
+                                             "action": n_action * action / (n_text + n_action),
+                                             "image": 2.0 * out.losses["masked-patch"].item()}, rel=1e-5)
+    assert sum(out.by_modality.values()) == pytest.approx(out.loss.item(), rel=1e-5)
+    attached = sum(out.modality_losses.values())
+    assert attached.requires_grad and attached.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert out.hidden.shape == (out.tokens, 64) and out.hidden.requires_grad
+    c = model(index, objectives={"contrastive": 0.5})(assemble(index, np.arange(6), "packed"))
+    half = 0.5 * c.losses["contrastive"].item() / 2
+    assert c.by_modality == pytest.approx({"image": half, "text": half}, rel=1e-5)
+
+
 def test_an_objective_without_tokens_in_the_batch_adds_an_attached_zero(index):
     m = model(index, objectives={"next-token": 1.0, "masked-patch": 1.0})
     out = m(assemble(index, np.array([16, 17]), "packed"))  # episodes only: no image patches

@@ -220,3 +220,102 @@ def test_parse_objective_and_flag():
         {"masked-patch:mask_ratio=0.75": 1.0, "masked-token:mask_ratio=0.2": 3.0}
     with pytest.raises(MMToolError, match="weight of 'next-token' must be a number"):
         parse_objectives("next-token=lots")
+
+
+# -- masked-patch: per-stream means, norm_pix, silence (digits + spoken-digits + silent clips) ------
+IMAGES, CLIPS, SILENT = [0, 1], [8, 9], [16, 17]
+
+
+def zero_decoders(m):
+    for dec in m.objectives["masked-patch"].decoders.values():
+        torch.nn.init.zeros_(dec.weight)
+        torch.nn.init.zeros_(dec.bias)
+    return m.objectives["masked-patch"]
+
+
+def masked_squares(obj, batch, av_index, seed, transform=lambda x: x):
+    """{stream key: mean over the masked patches of mean(target²)} (a zero decoder predicts 0)."""
+    corr = obj.corrupt(batch, PackedView.of(batch), torch.Generator().manual_seed(seed))
+    out = {}
+    for key in ("image:patches", "audio:logmel"):
+        k = key_of(av_index, key)
+        x = transform(batch[f"s{k}.values"].float())  # [n_k, dim]
+        out[key] = ((x ** 2).mean(1)[corr[k][0].mask], corr[k][0].mask)
+    return out
+
+
+def test_reduce_rows_per_stream_and_pooled_known_values():
+    """Stream 0 has three rows of loss 1, stream 1 one row of loss 4 (a row of weight 0 ignored):
+    pooled (1+1+1+4)/4 = 1.75; per stream (1 + 4)/2 = 2.5; the parts sum to the loss."""
+    from mmtool.models.model import reduce_rows
+
+    loss, weight = torch.tensor([1.0, 1.0, 1.0, 4.0, 9.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    key = torch.tensor([0, 0, 0, 1, 1])
+    wl = loss * weight
+    k_sum, k_cnt = torch.zeros(2).index_add(0, key, wl), torch.zeros(2).index_add(0, key, weight)
+    pooled, p_parts = reduce_rows(wl, weight, k_sum, k_cnt, per_stream=False)
+    per, s_parts = reduce_rows(wl, weight, k_sum, k_cnt, per_stream=True)
+    assert pooled.item() == pytest.approx(1.75) and p_parts.tolist() == pytest.approx([0.75, 1.0])
+    assert per.item() == pytest.approx(2.5) and s_parts.tolist() == pytest.approx([0.5, 2.0])
+    # A stream without counted rows is left out of the per-stream mean, not counted as 0.
+    per3, parts3 = reduce_rows(wl, weight, torch.cat([k_sum, torch.zeros(1)]),
+                               torch.cat([k_cnt, torch.zeros(1)]), per_stream=True)
+    assert per3.item() == pytest.approx(2.5) and parts3.tolist() == pytest.approx([0.5, 2.0, 0.0])
+
+
+def test_masked_patch_averages_per_stream_then_across_streams(av_index):
+    batch = assemble(av_index, np.array(IMAGES + CLIPS), "packed")
+    per = model(av_index, {"masked-patch": 1.0})
+    pooled = model(av_index, {"masked-patch:per_stream=false": 1.0})
+    sq = masked_squares(zero_decoders(per), batch, av_index, seed=4)
+    zero_decoders(pooled)
+    img, _ = sq["image:patches"]
+    aud, _ = sq["audio:logmel"]
+    assert len(img) == 4 and len(aud) > 10  # 2 of 4 patches per image; half of each clip's patches
+    out = per(batch, torch.Generator().manual_seed(4))
+    assert out.by_stream == {"masked-patch/image:patches": pytest.approx(img.mean().item(), rel=1e-5),
+                             "masked-patch/audio:logmel": pytest.approx(aud.mean().item(), rel=1e-5)}
+    expected_per = (img.mean() + aud.mean()) / 2
+    expected_pooled = torch.cat([img, aud]).mean()
+    assert out.losses["masked-patch"].item() == pytest.approx(expected_per.item(), rel=1e-5)
+    assert pooled(batch, torch.Generator().manual_seed(4)).losses["masked-patch"].item() == \
+        pytest.approx(expected_pooled.item(), rel=1e-5)
+    assert abs(expected_per - expected_pooled) > 0.05  # the two reductions really differ here
+
+
+def test_masked_patch_norm_pix_targets(av_index):
+    """norm_pix: each target patch is (x − mean) / sqrt(var + 1e-6) over its own entries (MAE)."""
+    m = model(av_index, {"masked-patch:norm_pix=true": 1.0})
+    obj = zero_decoders(m)
+    batch = assemble(av_index, np.array(IMAGES + CLIPS), "packed")
+    norm = lambda x: (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True) + 1e-6).sqrt()
+    sq = masked_squares(obj, batch, av_index, seed=1, transform=norm)
+    out = m(batch, torch.Generator().manual_seed(1))
+    for key, (rows, _) in sq.items():
+        # A zero prediction of a normalised patch costs (dim − 1)/dim · var/(var + 1e-6) ≤ 1 per patch.
+        assert out.by_stream[f"masked-patch/{key}"] == pytest.approx(rows.mean().item(), rel=1e-5)
+        assert (rows <= 1.0).all() and rows.max() > 0.9
+    assert m.objectives["masked-patch"].norm_pix and not model(av_index, {"masked-patch": 1.0}).objectives[
+        "masked-patch"].norm_pix
+
+
+def test_silent_patches_are_never_masked_nor_scored(av_index):
+    """The clips with 0.5 s of digital silence have patches entirely at the logmel floor (-1):
+    they stay visible and weigh 0; every other patch is masked at the usual rate."""
+    m = model(av_index, {"masked-patch": 1.0})
+    obj = zero_decoders(m)
+    batch = assemble(av_index, np.array(SILENT), "packed")
+    k = key_of(av_index, "audio:logmel")
+    assert obj.floors == {k: -1.0}  # from the tokenizer config in the manifest
+    x = batch[f"s{k}.values"].float()  # [n, 320]
+    silent = (x == -1.0).all(1)
+    assert silent.sum() >= 20  # 0.5 s = 50 frames = 12 whole patches of silence at each end, per clip
+    mask = obj.corrupt(batch, PackedView.of(batch), torch.Generator().manual_seed(2))[k][0].mask
+    assert not (mask & silent).any() and mask.sum() > 0
+    out = m(batch, torch.Generator().manual_seed(2))
+    assert out.losses["masked-patch"].item() == pytest.approx((x[mask] ** 2).mean(1).mean().item(), rel=1e-5)
+    # The mask draws are the same as without the silence rule: masked = drawn ∧ not silent.
+    from mmtool.models.objectives import segment_mask
+    seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]
+    drawn = segment_mask(seg, batch["seg_sample"].shape[0], 0.5, torch.Generator().manual_seed(2))
+    assert torch.equal(mask, drawn & ~silent)

@@ -1,4 +1,4 @@
-"""Log-mel audio patches: resampling, the filterbank, the spectrogram, patching, errors."""
+"""Log-mel audio patches: resampling, the filterbank, the spectrogram, the scaling, patching, errors."""
 
 import math
 import pickle
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mmtool.data.schema import Audio
-from mmtool.data.melspec import LOG_FLOOR, log_mel, mel_centres, mel_filterbank, resample
+from mmtool.data.melspec import (LOG_FLOOR, LOG_SCALES, log10_scaled, log_mel, mel_centres,
+                                  mel_filterbank, mel_power, resample)
+from mmtool.data.sources import build_source
 from mmtool.data.tokenizers.audio import LogMel
 from mmtool.errors import MMToolError, RecordError
 
@@ -81,15 +83,74 @@ def test_log_mel_sine_peak_at_nearest_band():
 def test_tokenizer_patches_shape_and_decode():
     tok = LogMel()
     seg = tok.encode(Audio(sine(1000, 16000), 16000), "speech")
-    frames = 1 + 16000 // 160  # 101
-    assert seg.shape == (math.ceil(frames / 4), 320) and seg.modality == "audio"
-    spec = tok.decode(seg)  # [104, 80], three padding frames at the end
-    assert spec.shape == (104, 80)
-    assert np.allclose(spec[:frames], log_mel(sine(1000, 16000), 16000).numpy())
-    assert np.allclose(spec[frames:], LOG_FLOOR)
+    frames = 1 + 16000 // 160  # 101: the last frame does not fill a patch of 4 and is dropped
+    assert seg.shape == (frames // 4, 320) and seg.modality == "audio"
+    spec = tok.decode(seg)  # [100, 80]
+    assert spec.shape == (100, 80)
+    assert np.allclose(spec, log10_scaled(mel_power(sine(1000, 16000), 16000)).numpy()[:100])
     v = seg.values.reshape(seg.shape)
     assert np.array_equal(v[2, 80:160], spec[9])  # (frame, mel) order: patch 2, frame 1 = frame 9
     assert tok.config()["dim"] == 320
+
+
+def test_legacy_ln_tokenizer_pads_with_the_ln_floor():
+    """`log=ln` is the old raw scale: every frame kept, padded to whole patches with ln(1e-6)."""
+    tok = LogMel(log="ln")
+    seg = tok.encode(Audio(sine(1000, 16000), 16000), "speech")
+    spec = tok.decode(seg)  # [104, 80], three padding frames at the end
+    assert seg.shape == (26, 320) and spec.shape == (104, 80)
+    assert np.allclose(spec[:101], log_mel(sine(1000, 16000), 16000).numpy())
+    assert np.allclose(spec[101:], LOG_FLOOR)
+    # Its config is exactly the one folders were written with before the log10 scaling existed.
+    assert tok.config() == {"name": "logmel", "sample_rate": 16000, "n_fft": 400, "hop": 160, "n_mels": 80,
+                            "patch_frames": 4, "max_seconds": 30.0, "mel_scale": "slaney", "fmin": 0.0,
+                            "fmax": 8000.0, "log": "ln(mel + 1e-6)", "dim": 320}
+
+
+def test_log10_scaling_known_values():
+    """(max(log10(mel), -8) + 4) / 4: silence at -1, mel 1e-4 at 0, 1 at 1, 100 at 1.5."""
+    mel = torch.tensor([0.0, 1e-12, 1e-8, 1e-4, 1.0, 100.0])
+    assert torch.allclose(log10_scaled(mel), torch.tensor([-1.0, -1.0, -1.0, 0.0, 1.0, 1.5]), atol=1e-6)
+    assert LOG_SCALES["log10"].floor == -1.0 and LOG_SCALES["ln"].floor == LOG_FLOOR
+    silence = LogMel().encode(Audio(np.zeros(16000, np.float32), 16000), "s")
+    assert silence.shape == (25, 320) and np.all(silence.values == -1.0)  # exactly the floor
+    conf = LogMel().config()
+    assert (conf["log"], conf["floor"], conf["transform"]) == ("log10", -1.0, "(max(log10(mel), -8) + 4) / 4")
+
+
+def test_log10_pure_tone_matches_the_analytic_spectrum():
+    """A sine of amplitude A on FFT bin k (1 kHz = bin 25 of 400 at 16 kHz): the periodic Hann
+    window (Σw = N/2) gives |X_k| = A·N/4, |X_k±1| = A·N/8 and 0 elsewhere, so every interior
+    frame's mel power is A²·(N²/16·fb[:, k] + N²/64·(fb[:, k-1] + fb[:, k+1]))."""
+    a, n = 0.5, 400
+    fb = mel_filterbank(16000, n, 80).double()  # [80, 201]
+    mel = a**2 * (n**2 / 16 * fb[:, 25] + n**2 / 64 * (fb[:, 24] + fb[:, 26]))  # [80]
+    expected = ((mel.log10().clamp(min=-8) + 4) / 4).float()  # bands the tone misses sit at -1
+    spec = torch.from_numpy(LogMel().decode(LogMel().encode(Audio(sine(1000, 16000, amp=a), 16000), "s")))
+    assert torch.allclose(spec[5:-5], expected.expand(90, 80), atol=2e-3)
+    top = int(expected.argmax())
+    assert float(spec[50, top]) == pytest.approx(float(expected[top]), abs=1e-4)
+    assert float(expected[top]) == pytest.approx(1.4397, abs=1e-3)  # mel power ≈ 57.4 in the peak band
+
+
+def test_builtin_spoken_digits_lie_in_the_documented_range():
+    """The fixed log10 scaling puts the bundled clips in [-1, 1.6] with mean ≈ 0.06, std ≈ 0.54
+    (the old ln scale: mean -8.5, std 4.3), the same scale as image patches in [-1, 1]."""
+    source = build_source("spoken-digits")
+    new, old, frames = [], [], 0
+    for i in range(len(source)):
+        clip = source.read(i).fields[0].data
+        seg = LogMel().encode(clip, "speech")
+        new.append(seg.values.reshape(seg.shape))
+        old.append(LogMel(log="ln").encode(clip, "speech").values)
+        frames += (1 + len(clip.samples) // 160) // 4  # whole patches of each clip (all at 16 kHz)
+    v = np.concatenate(new)  # [1063, 320]
+    assert v.shape == (frames, 320) == (1063, 320)
+    assert v.min() == -1.0 and v.max() < 1.6
+    assert v.mean() == pytest.approx(0.062, abs=0.01) and v.std() == pytest.approx(0.539, abs=0.01)
+    assert np.mean(v == -1.0) == pytest.approx(0.043, abs=0.005)  # silent bins: at the floor
+    raw = np.concatenate(old)
+    assert raw.mean() == pytest.approx(-8.50, abs=0.05) and raw.std() == pytest.approx(4.31, abs=0.05)
 
 
 def test_tokenizer_resamples_and_downmixes():
@@ -97,10 +158,11 @@ def test_tokenizer_resamples_and_downmixes():
     stereo = np.stack([sine(1000, 44100), sine(1000, 44100)], axis=1)  # [n, 2]
     a = tok.decode(tok.encode(Audio(stereo, 44100), "speech"))
     b = tok.decode(tok.encode(Audio(sine(1000, 16000), 16000), "speech"))
-    assert a.shape == b.shape == (102, 40)
-    assert np.abs(a[5:-5] - b[5:-5]).max() < 0.1  # same spectrum after resampling
-    short = tok.encode(Audio(np.zeros(10, np.float32), 16000), "speech")
-    assert short.shape == (1, 80)
+    assert a.shape == b.shape == (100, 40)  # 101 frames, the last one dropped
+    # Same spectrum after resampling: 0.1 in ln units (the bound before the scaling) is 0.0109 here.
+    assert np.abs(a[5:-5] - b[5:-5]).max() < 0.1 / (4 * math.log(10))
+    short = tok.encode(Audio(np.zeros(10, np.float32), 16000), "speech")  # 1 frame: padded to a patch
+    assert short.shape == (1, 80) and np.all(short.values == -1.0)
     assert pickle.loads(pickle.dumps(tok)).config() == tok.config()
 
 
@@ -128,3 +190,16 @@ def test_options():
         LogMel(mel_scale="mystery")
     with pytest.raises(MMToolError):
         LogMel(hop=0)
+    with pytest.raises(MMToolError, match="log must be one of log10, ln"):
+        LogMel(log="db")
+
+
+def test_folders_with_different_scalings_refuse_to_mix(tmp_path):
+    from mmtool.data.index import TokenIndex
+    from mmtool.data.preprocess import PreprocessConfig, preprocess
+
+    for name, tok in (("log10", []), ("ln", ["audio=logmel:log=ln"]), ("log10b", [])):
+        preprocess(PreprocessConfig(source="spoken-digits", out=tmp_path / name, max_samples=2, tokenizers=tok))
+    assert TokenIndex([tmp_path / "log10", tmp_path / "log10b"]).streams  # same scaling: they mix
+    with pytest.raises(MMToolError, match="tokenizer"):
+        TokenIndex([tmp_path / "log10", tmp_path / "ln"])
