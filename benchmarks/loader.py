@@ -103,6 +103,11 @@ def baseline(folders: list[Path], order: np.ndarray, workers: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+# What the baseline draws: every row of each folder, equal per-sample weights (the loader's defaults
+# are per-token shares of the train split, which the `datasets` baseline has no notion of).
+SAME_DRAWS = {"mix_by": "samples", "splits": ["train", "validation", "test"]}
+
+
 # -- (b) packed loader -------------------------------------------------------------------------
 def measure(data: list[str], samples: int, strategy: str, workers: int = 0,
             epochs: int = 2, derive: bool = False, **size) -> dict:
@@ -110,7 +115,7 @@ def measure(data: list[str], samples: int, strategy: str, workers: int = 0,
 
     With `derive`, every batch's slot-level fields are computed too (`batch["slot_stream"]`).
     """
-    loader = Loader(LoaderConfig(data, strategy=strategy, samples_per_epoch=samples,
+    loader = Loader(LoaderConfig(data, **SAME_DRAWS, strategy=strategy, samples_per_epoch=samples,
                                  num_workers=workers, worker_type="thread", verify=False, **size))
     for _ in loader:  # warm-up epoch
         pass
@@ -142,7 +147,7 @@ def derive_backends(data: list[str], samples: int, rounds: int = 3) -> tuple[flo
     """Seconds per batch to derive the slot fields of an epoch's 65536-token batches: numpy, torch."""
     from mmtool.data.layout import _NumpyOps, _TorchOps, derive
 
-    loader = Loader(LoaderConfig(data, strategy="packed", samples_per_epoch=samples, batch_tokens=65536,
+    loader = Loader(LoaderConfig(data, **SAME_DRAWS, strategy="packed", samples_per_epoch=samples, batch_tokens=65536,
                                  verify=False))
     batches = list(loader)
     best = {"numpy": float("inf"), "torch": float("inf")}
@@ -207,7 +212,7 @@ def main() -> None:
         print(f"building the mixture in {root}")
         folders = build(root, args.cartpole_episodes)
         data = [f"{f}=1" for f in folders]  # equal weights
-        probe = Loader(LoaderConfig(data, samples_per_epoch=args.samples, batch_samples=1))
+        probe = Loader(LoaderConfig(data, **SAME_DRAWS, samples_per_epoch=args.samples, batch_samples=1))
         order = probe.order(0)
         lengths = probe.index.lengths[order]
         print(f"mixture: {args.samples:,} draws/epoch over {len(probe.index):,} samples, equal weights; "
@@ -285,7 +290,7 @@ def main() -> None:
 
         print(f"\n(e) RSS of the packed loader ({best_key[0]}, workers={best_key[1]}) after each epoch")
         size = {"batch_samples": 32} if "samples" in best_key[0] else {"batch_tokens": int(best_key[0].split()[-1])}
-        loader = Loader(LoaderConfig(data, strategy="packed", samples_per_epoch=args.samples,
+        loader = Loader(LoaderConfig(data, **SAME_DRAWS, strategy="packed", samples_per_epoch=args.samples,
                                      num_workers=best_key[1], verify=False, **size))
         curve = []
         for _ in range(10):

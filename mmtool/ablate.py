@@ -63,6 +63,7 @@ from mmtool.data.batch import Batch, BufferBuilder
 from mmtool.data.batching import assemble
 from mmtool.data.index import SEPARATOR, Stream, TokenIndex
 from mmtool.data.mixture import parse_data_specs
+from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
@@ -321,10 +322,9 @@ def _folder_map(index: TokenIndex, run_data: list[str]) -> np.ndarray:
 def _split_mask(index: TokenIndex, split: str) -> np.ndarray:
     if split == "all":
         return np.ones(len(index), bool)
-    if split not in ("train", "validation", "test"):
-        raise MMToolError(f"--split {split}: expected all, train, validation or test")
-    col = np.concatenate([np.asarray(s.table.column("split").to_pylist(), object) for s in index.shards])
-    return col == split
+    if split not in SPLITS:
+        raise MMToolError(f"--split {split}: expected all, {', '.join(SPLITS)}")
+    return index.split_mask([split])
 
 
 def untrained_twin(run_cfg: Any, streams: list[Stream], device: str | torch.device = "cpu") -> Any:
