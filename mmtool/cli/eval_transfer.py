@@ -133,11 +133,12 @@ def eval_transfer_cmd(
 
 
 def quickstart_stage(out: Path, console: Console) -> None:
-    """quickstart's last stage: a small eval-transfer of `out/run` on digits (probe + small k-shot)."""
+    """quickstart's transfer stage: `out/run` vs scratch on digits held out from pretraining — k-shot,
+    zero-shot by caption similarity and a linear probe, each with its 95% interval; seconds."""
     from mmtool.transfer import TransferConfig
     from mmtool.transfer.protocols import ProtocolConfig
 
-    budget = ProtocolConfig(fractions=(0.25, 1.0), ks=(1, 5), episodes=20, cs=(0.1, 1.0, 10.0), seed=0)
-    cfg = TransferConfig(run=out / "run", tasks=["digits"], protocols=["linear-probe", "kshot"],
+    budget = ProtocolConfig(fractions=(0.25, 1.0), ks=(1, 5, 10), episodes=50, cs=(0.1, 1.0, 10.0), seed=0)
+    cfg = TransferConfig(run=out / "run", tasks=["digits"], protocols=["kshot", "zeroshot", "linear-probe"],
                          out=out / "transfer", protocol=budget)
     run_eval_transfer(cfg, console)
