@@ -15,7 +15,7 @@ over those steps (never one batch's loss: a batch holds whatever sources it drew
 norm's mean and coefficient of variation after warm-up (how steady the updates are), the probe summary of
 the last quarter of probe steps (one batch need not hold every modality) (attention each modality sends to *other* modalities averaged over layers, gradient per
 token at each modality's encoder, loss per modality), modality importance (over the untrained twin when `ablate`
-measured it) with 95% intervals, statuses (rank, tied, structural zero) and the ranking, and the transfer ratios (pretrained / scratch) per task and protocol.
+measured it) with 95% intervals, statuses (rank, tied, structural zero) and the ranking, and the transfer gains over scratch (95% interval, verdict) per task, protocol and setting.
 
 `write_report` writes `report.json` (tagged `"kind": "mmtool-report"`, so that a later report
 does not mistake it for an eval-transfer one), `loss_curves.png` (one smoothed curve per run and source) and
@@ -270,15 +270,22 @@ def ablation_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def transfer_summary(doc: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Mean pretrained / scratch ratio per task and protocol (eval-transfer `report.json`)."""
+    """Each eval-transfer row's gain over scratch with its interval and verdict (`gains`), and the mean
+    pretrained / scratch ratio per task and protocol (`ratios`, also for reports written before gains)."""
     ratios: dict[str, float] = {}
+    gains: dict[str, dict[str, Any]] = {}
     for task, entry in (doc.get("tasks") or {}).items():
         for proto, res in ((entry or {}).get("results") or {}).items():
-            vals = [r.get("ratio") for r in (res or {}).get("rows") or [] if isinstance(r, dict)]
-            vals = [v for v in vals if isinstance(v, (int, float))]
+            rows = [r for r in (res or {}).get("rows") or [] if isinstance(r, dict)]
+            vals = [r.get("ratio") for r in rows if isinstance(r.get("ratio"), (int, float))]
             if vals:
                 ratios[f"{task}/{proto}"] = float(np.mean(vals))
-    return {"path": str(path), "ratios": ratios}
+            for r in rows:
+                if r.get("gain_ci95"):
+                    name = f"{task}/{proto}" + (f" {r['setting']}" if r.get("setting") else "")
+                    gains[name] = {k: r.get(k) for k in ("gain", "gain_ci95", "verdict", "pretrained", "scratch")}
+    return {"path": str(path), "ratios": ratios, "gains": gains,
+            "pretraining_saw": {t: e.get("pretraining_saw") for t, e in (doc.get("tasks") or {}).items()}}
 
 
 def summarize(folder: Path) -> dict[str, Any]:

@@ -82,7 +82,8 @@ def quickstart(
     console.rule("[bold]2. profile batching strategies")
     from mmtool.profile import ProfileConfig  # imports torch: only when this stage runs
 
-    profile = ProfileConfig(data=[str(out / "data" / source) for source in made],
+    mixture = [f"{out / 'data' / source}=1" for source in made]  # equal shares of tokens
+    profile = ProfileConfig(data=mixture,
                             batch_tokens=PROFILE_BATCH_TOKENS, steps=PROFILE_STEPS)
     run_profile(profile, console, out / "profile.json", out / "profile.png")
 
@@ -92,7 +93,7 @@ def quickstart(
     from mmtool.train import TrainConfig
 
     run = out / "run"
-    train_cfg = TrainConfig(data=[str(out / "data" / source) for source in made], out=run,
+    train_cfg = TrainConfig(data=mixture, out=run,
                             max_steps=train_steps, batch_tokens=PROFILE_BATCH_TOKENS, warmup=10,
                             save_every=max(train_steps // 2, 1), model=ModelConfig(**{**QUICKSTART_MODEL, "objectives": dict(QUICKSTART_MODEL["objectives"])}))
     run_training(train_cfg, resume=(run / "config.json").is_file(), console=console)

@@ -66,6 +66,16 @@ def share_cell(shares: dict[str, Any] | None) -> str:
     return "\n".join(cells)
 
 
+def transfer_cell(transfer: dict[str, Any] | None) -> str:
+    """`digits/kshot k=5 +0.07 [+0.03, +0.11] better`, one line per row; ratios for older reports."""
+    if not transfer:
+        return "–"
+    if transfer.get("gains"):
+        return "\n".join(f"{k} {v['gain']:+.2f} [{v['gain_ci95'][0]:+.2f}, {v['gain_ci95'][1]:+.2f}] {v['verdict']}"
+                         for k, v in transfer["gains"].items())
+    return " ".join(f"{k} {v:.2f}×" for k, v in (transfer.get("ratios") or {}).items()) or "–"
+
+
 def report_table(report: dict[str, Any]) -> Group:
     """Two tables, one row per entry each: the runs (settings, final metrics, steadiness), and what
     they learned (probe summary, importance ranking, transfer)."""
@@ -76,7 +86,7 @@ def report_table(report: dict[str, Any]) -> Group:
                         no_wrap=col == "run")
     learned = Table(title="what they learned", title_justify="left", show_edge=False)
     for col in ("run", "attention to other modalities", "grad/token", "loss / trunk-grad share",
-                "importance", "transfer ratio"):
+                "importance", "transfer gain over scratch"):
         learned.add_column(col, no_wrap=col == "run")
     for e in report["entries"]:
         cfg, fin = e.get("config", {}), e.get("final", {})
@@ -109,7 +119,7 @@ def report_table(report: dict[str, Any]) -> Group:
             " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
             share_cell(e.get("shares")),
             imp,
-            " ".join(f"{k} {v:.2f}" for k, v in ((e.get("transfer") or {}).get("ratios") or {}).items()) or "–")
+            transfer_cell(e.get("transfer")))
     runs.caption = ("final loss: per source, mean over the last 20% of steps that held it [95% interval "
                     "over those steps] (total when the run logged no sources) · grad norm: mean (std / mean) "
                     "after the first 10% of steps")
@@ -118,7 +128,8 @@ def report_table(report: dict[str, Any]) -> Group:
                        "loss / trunk-grad share: each modality's mean share over the last quarter of "
                        "steps (grad: of the steps that logged it), 95% bootstrap interval · "
                        "importance: `mmtool ablate`, trained − untrained twin [95% interval], ranked groups (= tied), "
-                       "then the unranked with their status · transfer: pretrained/scratch, `mmtool eval-transfer`")
+                       "then the unranked with their status · transfer: pretrained − scratch [95% interval] and verdict, "
+                       "`mmtool eval-transfer` (pretrained/scratch ratio for reports written before gains)")
     for t in (runs, learned):
         t.caption_justify = "left"
     return Group(runs, Text(""), learned)

@@ -110,7 +110,14 @@ def test_quickstart_runs_every_stage_and_reruns_cheaply(tmp_path, cli):
     assert (out / "profile.json").is_file() and (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "embed" / "digits" / "manifest.json").read_text())["embedding"]["encoder"] == "minilm-l6"
     transfer = json.loads((out / "transfer" / "report.json").read_text())["tasks"]["digits"]
-    assert transfer["modalities"] == ["image"] and "kshot k=5" in first and "linear-probe" in first
+    # Held out from pretraining (the run read the train split only), with intervals on every row.
+    assert transfer["modalities"] == ["image"] and transfer["pretraining_saw"].startswith("no: held-out rows")
+    assert "kshot k=1" in first and "zeroshot similarity" in first and "linear-probe" in first
+    for res in transfer["results"].values():
+        assert all(len(row["gain_ci95"]) == 2 for row in res["rows"])
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert config["model"]["fusion"] == "late" and "contrastive" in config["model"]["objectives"]
+    assert config["splits"] == ["train"] and config["mix_by"] == "tokens"
     ablation = json.loads((out / "run" / "ablation.json").read_text())
     assert ablation["settings"]["modes"] == ["drop"] and {"image", "text"} <= set(ablation["results"])
     assert ablation["batches"] == 8 and (out / "run" / "ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,7 +31,8 @@ def runs(tmp_path_factory):
     # an eval-transfer report as that command writes it (found by file name, never imported)
     (early / "transfer").mkdir()
     atomic_write_json(early / "transfer" / "report.json", {"tasks": {"digits": {"results": {
-        "linear-probe": {"rows": [{"setting": "1.0", "pretrained": 0.8, "scratch": 0.5, "ratio": 1.6}]}}}}})
+        "linear-probe": {"rows": [{"setting": "", "pretrained": 0.8, "scratch": 0.5, "ratio": 1.6, "gain": 0.3,
+                                   "gain_ci95": [0.1, 0.5], "verdict": "better"}]}}}}})
     return root
 
 
@@ -78,6 +79,10 @@ def test_report_puts_runs_side_by_side(runs, cli, tmp_path):
         assert f"{mod} {imp['value']:+.2f}" in proc.stdout
     assert early["ablation"]["ranking_groups"] == abl["ranking_groups"]
     assert early["transfer"]["ratios"] == {"digits/linear-probe": 1.6}
+    assert early["transfer"]["gains"]["digits/linear-probe"]["gain_ci95"] == [0.1, 0.5]
+    from mmtool.cli.report import transfer_cell
+    assert transfer_cell(early["transfer"]) == "digits/linear-probe +0.30 [+0.10, +0.50] better"
+    assert "digits/linear-probe +0.30 [+0.10," in proc.stdout  # the cell, wrapped in the table
     for name in ("loss_curves.png", "importance.png"):
         assert (out / name).stat().st_size > 5000
 
