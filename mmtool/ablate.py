@@ -66,6 +66,7 @@ from mmtool.data.mixture import parse_data_specs
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
+from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 
 NOT_INPUTS = ("label",)
 """Modalities that are answers, not inputs: never ablated by default, never seen by the linear probe."""
@@ -278,23 +279,6 @@ def weighted_loss(by_stream: dict[str, float], weights: dict[str, float], keys: 
     return float(sum(weights.get(k.split("/", 1)[0], 1.0) * by_stream[k] for k in keys))
 
 
-def bootstrap_ci(num: np.ndarray, den: np.ndarray | None, rng: np.random.Generator,
-                 n: int) -> tuple[float, float, float]:
-    """(estimate, low, high): Σnum/Σden (or the mean of num) and its 95% bootstrap interval over
-    the rows (batches)."""
-    num = np.asarray(num, np.float64)
-    den = np.ones_like(num) if den is None else np.asarray(den, np.float64)
-    if len(num) == 0 or den.sum() == 0:
-        return float("nan"), float("nan"), float("nan")
-    est = float(num.sum() / den.sum())
-    if len(num) < 2:
-        return est, float("nan"), float("nan")
-    pick = rng.integers(0, len(num), (n, len(num)))
-    d = den[pick].sum(1)
-    stats = num[pick].sum(1)[d > 0] / d[d > 0]
-    return est, float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
-
-
 def _folder_map(index: TokenIndex, run_data: list[str]) -> np.ndarray:
     """For each evaluation folder, the run's folder number (its task embedding): same path, else
     same folder name, else same sources; 0 when nothing matches."""
@@ -358,25 +342,6 @@ def cannot_change_others(slot_mod: np.ndarray, slots: list[np.ndarray], m: int, 
         if is_m.any() and other.any() and np.flatnonzero(other).max() > np.flatnonzero(is_m).min():
             return False
     return True
-
-
-def hierarchical_ci(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator,
-                    n: int) -> tuple[float, float, float]:
-    """(mean of `values`, 95% interval): a two-level bootstrap that resamples the groups (batches)
-    and, within each drawn group, its rows (held-out samples)."""
-    values, groups = np.asarray(values, np.float64), np.asarray(groups)
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    est = float(values.mean())
-    ug = np.unique(groups)
-    if len(ug) < 2:
-        return est, float("nan"), float("nan")
-    parts = [values[groups == g] for g in ug]
-    sizes = np.array([len(p) for p in parts], np.float64)
-    sums = np.stack([p[rng.integers(0, len(p), (n, len(p)))].sum(1) for p in parts])  # [G, n]
-    pick = rng.integers(0, len(ug), (n, len(ug)))  # [n, G] drawn batches per resample
-    stats = sums[pick, np.arange(n)[:, None]].sum(1) / sizes[pick].sum(1)  # [n]
-    return est, float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
 def rank(importance: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], dict[str, str]]:
@@ -548,7 +513,7 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
             ok = np.isfinite(intact) & np.isfinite(abl)  # batches with remaining groups to score
             part: dict[str, Any] = {"loss": None}
             if ok.any():
-                d_est, d_lo, d_hi = bootstrap_ci(abl[ok] - intact[ok], None, boot, cfg.bootstrap)
+                d_est, d_lo, d_hi = ratio_bootstrap_ci(abl[ok] - intact[ok], None, boot, cfg.bootstrap)
                 part["loss"] = {"intact": float(intact[ok].mean()), "ablated": float(abl[ok].mean()),
                                 "delta": d_est, "ci95": [d_lo, d_hi]}
                 units.setdefault(which, {})["loss"] = (np.where(ok, abl - intact, np.nan), np.arange(len(ok)))
@@ -593,7 +558,7 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
             (vt, g), (vw, _) = units["trained"][metric], units["twin"][metric]
             d = vt - vw
             fin = np.isfinite(d)
-            est, lo, hi = (bootstrap_ci(d[fin], None, boot, cfg.bootstrap) if metric == "loss"
+            est, lo, hi = (ratio_bootstrap_ci(d[fin], None, boot, cfg.bootstrap) if metric == "loss"
                            else hierarchical_ci(d, g, boot, cfg.bootstrap))
             imp["value"], imp["ci95"] = est, [lo, hi]
         e["importance"] = imp

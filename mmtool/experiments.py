@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmtool.data.shards import atomic_write_json
-from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
 Say = Callable[[str], None]

@@ -10,6 +10,8 @@ per-unit scores (one row per test example, batch or episode) and resample those 
 * `crossed_bootstrap`: scores of a grid `[episodes, examples]` (k-shot: every support draw scored on
   every test example); each resample draws episodes *and* examples, both with replacement, so the
   interval covers what a new test set would change as well as what new support draws would.
+* `ratio_bootstrap_ci`: Σnum / Σden over rows (batches) and its interval, resampling rows;
+  `hierarchical_ci`: a two-level bootstrap (batches, then samples within them) — `mmtool ablate`'s.
 * `verdict`: "better" / "worse" when a difference interval excludes 0, else "within noise".
 
 Everything takes a `numpy.random.Generator`, so a seeded caller gets the same interval every time.
@@ -98,6 +100,42 @@ def crossed_bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
     return {"a": float(a.mean()), "a_ci95": _percentiles(ma), "b": float(b.mean()),
             "b_ci95": _percentiles(mb), "difference": float((a - b).mean()),
             "difference_ci95": _percentiles(ma - mb)}
+
+
+def ratio_bootstrap_ci(num: np.ndarray, den: np.ndarray | None, rng: np.random.Generator,
+                 n: int) -> tuple[float, float, float]:
+    """(estimate, low, high): Σnum/Σden (or the mean of num) and its 95% bootstrap interval over
+    the rows (batches)."""
+    num = np.asarray(num, np.float64)
+    den = np.ones_like(num) if den is None else np.asarray(den, np.float64)
+    if len(num) == 0 or den.sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    est = float(num.sum() / den.sum())
+    if len(num) < 2:
+        return est, float("nan"), float("nan")
+    pick = rng.integers(0, len(num), (n, len(num)))
+    d = den[pick].sum(1)
+    est_r = num[pick].sum(1)[d > 0] / d[d > 0]
+    return est, float(np.percentile(est_r, 2.5)), float(np.percentile(est_r, 97.5))
+
+
+def hierarchical_ci(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator,
+                    n: int) -> tuple[float, float, float]:
+    """(mean of `values`, 95% interval): a two-level bootstrap that resamples the groups (batches)
+    and, within each drawn group, its rows (held-out samples)."""
+    values, groups = np.asarray(values, np.float64), np.asarray(groups)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    est = float(values.mean())
+    ug = np.unique(groups)
+    if len(ug) < 2:
+        return est, float("nan"), float("nan")
+    parts = [values[groups == g] for g in ug]
+    sizes = np.array([len(p) for p in parts], np.float64)
+    sums = np.stack([p[rng.integers(0, len(p), (n, len(p)))].sum(1) for p in parts])  # [G, n]
+    pick = rng.integers(0, len(ug), (n, len(ug)))  # [n, G] drawn batches per resample
+    est_r = sums[pick, np.arange(n)[:, None]].sum(1) / sizes[pick].sum(1)  # [n]
+    return est, float(np.percentile(est_r, 2.5)), float(np.percentile(est_r, 97.5))
 
 
 def verdict(interval: list[float]) -> str:

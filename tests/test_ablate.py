@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmtool.ablate import (AblateConfig, ablate, ablated_orders, bootstrap_ci, cannot_change_others, derangement,
-                           hierarchical_ci, rank, rebuild, sample_slots, untrained_twin)
+from mmtool.ablate import (AblateConfig, ablate, ablated_orders, cannot_change_others, derangement, rank, rebuild,
+                           sample_slots, untrained_twin)
+from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 from mmtool.checkpoint import list_checkpoints, load
 from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex
@@ -97,9 +98,9 @@ def test_permute_swaps_between_samples_and_keeps_every_token(data):
 
 def test_bootstrap_interval_contains_the_estimate():
     rng = np.random.default_rng(0)
-    est, lo, hi = bootstrap_ci(np.array([1.0, 2.0, 3.0, 4.0]), None, rng, 500)
+    est, lo, hi = ratio_bootstrap_ci(np.array([1.0, 2.0, 3.0, 4.0]), None, rng, 500)
     assert est == 2.5 and lo <= est <= hi and lo >= 1 and hi <= 4
-    est, lo, hi = bootstrap_ci(np.array([3.0, 1.0]), np.array([4.0, 4.0]), rng, 200)  # ratio of sums
+    est, lo, hi = ratio_bootstrap_ci(np.array([3.0, 1.0]), np.array([4.0, 4.0]), rng, 200)  # ratio of sums
     assert est == 0.5 and 0.25 <= lo <= hi <= 0.75
 
 
