@@ -8,8 +8,8 @@ against the untrained twin; 7. one report. Rerunning reuses finished work.
 
 The training recipe is the one the positive controls show learning (`mmtool experiment controls`):
 late fusion with the contrastive objective, which aligns each sample's modalities (image–caption,
-audio–transcript, observation–action) in separately encoded towers, plus next-token and
-masked-patch within each modality so that every source has a loss of its own.
+audio–transcript, observation–action) in separately encoded towers, plus next-token within each
+discrete modality (see `QUICKSTART_MODEL` for why not masked-patch).
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ BUILTIN_MIXTURE: dict[str, list[str]] = {
 """Sources and options that quickstart preprocesses (all offline, all real data). Episodes are cut
 into windows of 50 whole timesteps (Gato's way), so that one episode is not a third of a batch."""
 
-QUICKSTART_MODEL = {"size": "tiny", "fusion": "late",
-                    "objectives": {"contrastive": 1.0, "next-token": 1.0, "masked-patch": 1.0}}
-"""The model quickstart trains: the fusion and objectives the positive controls show learning."""
+QUICKSTART_MODEL = {"size": "tiny", "fusion": "late", "objectives": {"contrastive": 1.0, "next-token": 1.0}}
+"""The model quickstart trains: the fusion and objective the positive controls show learning
+(contrastive, late), plus next-token so that text and actions have a loss of their own. Measured on
+this mixture (150 steps, seed 0, held-out digits): with masked-patch added as well, zero-shot fell to
+chance (0.125) and no k-shot gain was detectable; without it, zero-shot 0.583 [0.47, 0.69] and
+k-shot gains +0.08 / +0.05 at k = 1 / 5 over scratch."""
 
 PROFILE_BATCH_TOKENS = 4096
 """Token budget of the profile stage: above the longest built-in sample (cartpole: 1,400 tokens)."""
@@ -87,7 +90,7 @@ def quickstart(
                             batch_tokens=PROFILE_BATCH_TOKENS, steps=PROFILE_STEPS)
     run_profile(profile, console, out / "profile.json", out / "profile.png")
 
-    console.rule("[bold]3. train a tiny unified model on the mixture (late fusion, contrastive + next-token + masked-patch)")
+    console.rule("[bold]3. train a tiny unified model on the mixture (late fusion, contrastive + next-token)")
     from mmtool.cli.train import run_training
     from mmtool.models.model import ModelConfig
     from mmtool.train import TrainConfig
