@@ -116,8 +116,10 @@ def quickstart(
     from mmtool.cli.ablate import run_ablate
 
     run_ablate(AblateConfig(run=run, modes=["drop"], batches=ABLATE_BATCHES, batch_samples=16), console)
-    console.print(f"  (a {train_steps}-step tiny model: the intervals, not the ranking, are the point "
-                  "here; README \"Recipe: where to fuse, and what sample weights change\" has runs worth ranking)")
+    console.print("  (late fusion: no modality's tokens reach another modality's loss, so each loss-based "
+                  "importance is a structural zero by construction; the accuracy columns — a probe refit "
+                  "without the modality — are the measurement here. README \"Recipe: where to fuse\" "
+                  "compares fusions over seeds)")
 
     console.rule("[bold]7. report: the run, its ablation and its transfer side by side")
     from mmtool.cli.report import report_table
