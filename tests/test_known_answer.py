@@ -54,9 +54,12 @@ def test_known_answer_image(tmp_path):
 
 @pytest.mark.slow
 def test_known_answer_text(tmp_path):
-    """Text carries the label: the ablation finds it at once; the probe directions hold at 100 steps
-    with wordpiece captions (seeds 0 and 1), not with byte captions nor after convergence (README)."""
+    """Text carries the label: the ablation finds it, over the twin, by a wide margin; the probe
+    directions are reported but informational for text (`sanity.PROBES_REQUIRED`)."""
     out = known_answer_check(SanityConfig(workdir=tmp_path / "s", informative="text", steps=100,
                                           text_tokenizer="wordpiece"))
-    failed = [c for c in out["checks"] if not c["passed"]]
-    assert not failed, failed
+    failed = [c for c in out["checks"] if not c["passed"] and c.get("required", True)]
+    assert not failed and out["passed"], failed
+    assert [c.get("required", True) for c in out["checks"]] == [True, True, False, False]
+    text, image = out["importance"]["text"], out["importance"]["image"]
+    assert text["ci95"][0] > image["ci95"][1] and text["twin"] < 0.15

@@ -152,7 +152,10 @@ def sanity_cmd(
     table.add_column("result")
     table.add_column("numbers")
     for c in out["checks"]:
-        table.add_row(c["check"], "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", c["detail"])
+        result = "[green]pass[/]" if c["passed"] else "[red]FAIL[/]"
+        if not c.get("required", True):
+            result = ("pass" if c["passed"] else "fail") + " [dim](info)[/]"
+        table.add_row(c["check"], result, c["detail"])
     console.print(table)
     console.print(f"details: {workdir / 'sanity.json'}; ablation: {out['ablation']}")
     if not out["passed"] and steps == 0:
