@@ -36,7 +36,7 @@ def test_control_transfer(controls):
     r = results["control-transfer"]
     assert r.passed, _failed(r)
     for k in ("1", "5", "10"):
-        assert r.numbers["kshot"][k]["difference_ci95"][0] > 0
+        assert r.numbers["kshot"][k]["gain_ci95"][0] > 0
 
 
 @pytest.mark.slow
