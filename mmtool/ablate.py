@@ -59,22 +59,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mmtool.data.batch import Batch, BufferBuilder
+from mmtool.data.batch import Batch
 from mmtool.data.batching import assemble
 from mmtool.data.index import SEPARATOR, Stream, TokenIndex
 from mmtool.data.mixture import parse_data_specs
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
-from mmtool.registry import Registry
+from mmtool.ablated_batches import ABLATIONS, ablated_orders, rebuild, sample_slots
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 
 NOT_INPUTS = ("label",)
 """Modalities that are answers, not inputs: never ablated by default, never seen by the linear probe."""
 
-ABLATIONS: Registry[str] = Registry("ablations", "ablation modes of `mmtool ablate --modes`")
-ABLATIONS.add("drop", "drop", "remove the modality's tokens from each sample that has another modality")
-ABLATIONS.add("permute", "permute",
-              "swap the modality's tokens between same-signature samples of a batch (no sample keeps its own)")
 
 
 @dataclass
@@ -132,135 +128,6 @@ class _RunStreamIndex(TokenIndex):
                 raise MMToolError(f"--data: {s.key} is tokenized with other settings than in the run; "
                                   "preprocess it with the run's --tokenizer options")
         return [copy.copy(s) for s in self._run_streams]
-
-
-# -- rebuilding batches ----------------------------------------------------------------------------
-def rebuild(batch: Batch, orders: list[np.ndarray], keep: list[int], keep_positions: bool = False) -> Batch:
-    """A new packed batch whose sample i is the slots `orders[i]` of `batch` (a packed host batch),
-    in that order, carrying the folder, index and label of `batch`'s sample `keep[i]`.
-
-    Slots may come from any sample (permutation) and may be left out (drop); each token keeps its
-    stream, data and within-segment position. Positions in the sample (`slot_pos`, which the model
-    embeds) are renumbered 0..n-1, or with `keep_positions` stay what they were, so that tokens
-    left after a drop are where they were (the model reads `slot_pos`; attention and next-token
-    order follow the row order, which is unchanged).
-    """
-    if batch.layout != "packed":
-        raise MMToolError("rebuild needs a packed batch")
-    keep = np.asarray(keep, np.int64)
-    lens = np.array([len(o) for o in orders], np.int64)
-    src = np.concatenate(orders).astype(np.int64) if len(orders) else np.zeros(0, np.int64)
-    b, n = len(orders), int(lens.sum())
-    starts = np.zeros(b, np.int64)
-    if b > 1:
-        np.cumsum(lens[:-1], out=starts[1:])
-    slot_stream = batch.numpy("slot_stream")
-    which = np.full(batch.num_slots, -1, np.int64)  # token number of each old slot in its stream
-    for k in batch.streams:
-        which[batch.numpy(f"s{k}.slot")] = np.arange(len(batch.numpy(f"s{k}.slot")))
-    new_stream = slot_stream[src]  # [n]
-    old_seg = batch.numpy("slot_segment")[src]  # [n]
-    has = old_seg >= 0
-    first = np.unique(old_seg[has], return_index=True)[1]  # first occurrence of each old segment
-    seg_order = old_seg[has][np.sort(first)]  # old segments in order of appearance
-    seg_new = np.full(max(int(batch.numpy("seg_stream").shape[0]), 1), -1, np.int64)
-    seg_new[seg_order] = np.arange(len(seg_order))
-    sample_of_new = np.repeat(np.arange(b), lens)  # [n]
-    seg_sample = np.zeros(len(seg_order), np.int64)
-    seg_sample[seg_new[old_seg[has]]] = sample_of_new[has]
-
-    present = [k for k in batch.streams if (new_stream == k).any()]
-    plan = BufferBuilder()
-    for name, dtype, shape in (("slot_sample", np.int32, (n,)), ("slot_pos", np.int32, (n,)),
-                               ("slot_stream", np.int32, (n,)), ("slot_segment", np.int32, (n,)),
-                               ("cu_seqlens", np.int32, (b + 1,)), ("seqlens", np.int32, (b,)),
-                               ("sample_folder", np.int32, (b,)), ("sample_index", np.int64, (b,)),
-                               ("label", np.int64, (b,)), ("seg_sample", np.int32, (len(seg_order),)),
-                               ("seg_stream", np.int32, (len(seg_order),))):
-        plan.add(name, dtype, shape)
-    rows = {}
-    for k in present:
-        rows[k] = np.flatnonzero(new_stream == k)  # new slots of stream k
-        if f"s{k}.ids" in batch:
-            plan.add(f"s{k}.ids", np.int32, (len(rows[k]),))
-        elif f"s{k}.values" in batch:
-            plan.add(f"s{k}.values", np.float32, (len(rows[k]), batch[f"s{k}.values"].shape[1]))
-        plan.add(f"s{k}.slot", np.int32, (len(rows[k]),))
-        plan.add(f"s{k}.pos", np.int32, (len(rows[k]),))
-    buf, v = plan.allocate()
-    v["slot_sample"][:] = sample_of_new
-    v["slot_pos"][:] = batch.numpy("slot_pos")[src] if keep_positions else np.arange(n) - np.repeat(starts, lens)
-    v["slot_stream"][:] = new_stream
-    v["slot_segment"][:] = np.where(has, seg_new[np.maximum(old_seg, 0)], -1)
-    v["cu_seqlens"][:-1], v["cu_seqlens"][-1] = starts, n
-    v["seqlens"][:] = lens
-    for name in ("sample_folder", "sample_index", "label"):
-        v[name][:] = batch.numpy(name)[keep]
-    v["seg_sample"][:] = seg_sample
-    v["seg_stream"][:] = batch.numpy("seg_stream")[seg_order]
-    for k in present:
-        tok = which[src[rows[k]]]  # token numbers in the old stream arrays
-        for part in ("ids", "values"):
-            if f"s{k}.{part}" in batch:
-                v[f"s{k}.{part}"][:] = batch.numpy(f"s{k}.{part}")[tok]
-        v[f"s{k}.slot"][:] = rows[k]
-        v[f"s{k}.pos"][:] = batch.numpy(f"s{k}.pos")[tok]
-    return Batch.from_numpy(buf, plan.specs, "packed", tuple(present))
-
-
-def sample_slots(batch: Batch) -> list[np.ndarray]:
-    """The slots of each sample of a packed batch."""
-    cu = batch.numpy("cu_seqlens")
-    return [np.arange(cu[i], cu[i + 1]) for i in range(batch.batch_size)]
-
-
-def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A random permutation without fixed points (n ≥ 2): a random cycle."""
-    order = rng.permutation(n)
-    out = np.empty(n, np.int64)
-    out[order] = np.roll(order, -1)
-    return out
-
-
-def ablated_orders(batch: Batch, modality_of_slot: np.ndarray, m: int, mode: str,
-                   signature: np.ndarray, rng: np.random.Generator
-                   ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
-    """(affected samples, their intact slot orders, their ablated slot orders) for modality `m`.
-
-    Affected: samples with modality `m` and at least one other non-separator modality (and, for
-    permute, a same-signature partner in the batch). `modality_of_slot` is -1 for separators.
-    """
-    slots = sample_slots(batch)
-    is_m = [modality_of_slot[s] == m for s in slots]
-    other = [((modality_of_slot[s] != m) & (modality_of_slot[s] >= 0)).any() for s in slots]
-    cand = [i for i in range(len(slots)) if is_m[i].any() and other[i]]
-    if mode == "drop":
-        return cand, [slots[i] for i in cand], [slots[i][~is_m[i]] for i in cand]
-    if mode != "permute":
-        raise MMToolError(f"unknown ablation mode {mode!r}")
-    chosen, ablated = [], []
-    sig = signature[cand] if cand else np.zeros(0, np.int64)
-    donor: dict[int, int] = {}
-    for s in np.unique(sig):
-        group = [cand[j] for j in np.flatnonzero(sig == s)]
-        if len(group) < 2:
-            continue
-        for a, d in zip(group, np.asarray(group)[derangement(len(group), rng)]):
-            donor[a] = int(d)
-    for i in cand:
-        if i not in donor:
-            continue
-        mine, theirs = slots[i], slots[donor[i]][is_m[donor[i]]]
-        if int(is_m[i].sum()) == len(theirs):  # same count: slot for slot (keeps interleaving)
-            new = mine.copy()
-            new[is_m[i]] = theirs
-        else:  # a block of another length where this sample's first such token was
-            p = int(np.argmax(is_m[i]))
-            rest = mine[~is_m[i]]
-            new = np.concatenate([rest[:p], theirs, rest[p:]])
-        chosen.append(i)
-        ablated.append(new)
-    return chosen, [slots[i] for i in chosen], ablated
 
 
 # -- measuring -----------------------------------------------------------------------------------

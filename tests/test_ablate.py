@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmtool.ablate import (AblateConfig, ablate, ablated_orders, cannot_change_others, derangement, rank, rebuild,
-                           sample_slots, untrained_twin)
+from mmtool.ablate import AblateConfig, ablate, cannot_change_others, rank, untrained_twin
+from mmtool.ablated_batches import ablated_orders, derangement, rebuild, sample_slots
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 from mmtool.checkpoint import list_checkpoints, load
 from mmtool.data.batching import assemble
