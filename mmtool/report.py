@@ -34,6 +34,7 @@ import numpy as np
 
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
+from mmtool.stats import bootstrap_ci
 
 KIND = "mmtool-report"
 MAX_CURVE_POINTS = 500
@@ -118,9 +119,8 @@ def mean_ci(values: list[float], seed: int = 0, n: int = 1000) -> dict[str, Any]
     v = np.asarray(values, np.float64)
     if len(v) < 2:
         return {"mean": float(v.mean()) if len(v) else None, "ci95": [None, None], "steps": len(v)}
-    stats = v[np.random.default_rng(seed).integers(0, len(v), (n, len(v)))].mean(1)
-    return {"mean": float(v.mean()), "ci95": [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))],
-            "steps": len(v)}
+    mean, ci = bootstrap_ci(v, np.random.default_rng(seed), n)
+    return {"mean": mean, "ci95": ci, "steps": len(v)}
 
 
 def _tail_mean(lines: list[dict[str, Any]], get) -> float | None:
@@ -248,9 +248,8 @@ def modality_shares(lines: list[dict[str, Any]], resamples: int = 2000) -> dict[
             if not len(v):
                 out[m].update({kind: None, f"{kind}_ci95": None})
                 continue
-            boot = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)  # [resamples]
-            out[m].update({kind: float(v.mean()),
-                           f"{kind}_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]})
+            mean, ci = bootstrap_ci(v, rng, resamples) if len(v) > 1 else (float(v[0]), [float(v[0])] * 2)
+            out[m].update({kind: mean, f"{kind}_ci95": ci})
     return {"steps": len(tails["loss"]), "grad_steps": len(tails["grad"]), "modalities": out}
 
 
