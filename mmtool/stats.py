@@ -116,7 +116,7 @@ def ratio_bootstrap_ci(num: np.ndarray, den: np.ndarray | None, rng: np.random.G
     pick = rng.integers(0, len(num), (n, len(num)))
     d = den[pick].sum(1)
     est_r = num[pick].sum(1)[d > 0] / d[d > 0]
-    return est, float(np.percentile(est_r, 2.5)), float(np.percentile(est_r, 97.5))
+    return (est, *_percentiles(est_r))
 
 
 def hierarchical_ci(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator,
@@ -135,7 +135,7 @@ def hierarchical_ci(values: np.ndarray, groups: np.ndarray, rng: np.random.Gener
     sums = np.stack([p[rng.integers(0, len(p), (n, len(p)))].sum(1) for p in parts])  # [G, n]
     pick = rng.integers(0, len(ug), (n, len(ug)))  # [n, G] drawn batches per resample
     est_r = sums[pick, np.arange(n)[:, None]].sum(1) / sizes[pick].sum(1)  # [n]
-    return est, float(np.percentile(est_r, 2.5)), float(np.percentile(est_r, 97.5))
+    return (est, *_percentiles(est_r))
 
 
 def verdict(interval: list[float]) -> str:
