@@ -112,7 +112,7 @@ PACK_LOOKAHEAD = 64
 
 
 def plan_packed_tokens(index: TokenIndex, order: np.ndarray, budget: int,
-                       lookahead: int = 64) -> list[np.ndarray]:
+                       lookahead: int = PACK_LOOKAHEAD) -> list[np.ndarray]:
     """Packs samples into bins of `budget` tokens, each bin filled from the next draws of the order.
 
     The mixture order already interleaves the folders in their requested shares, so a bin that
@@ -235,6 +235,8 @@ STRATEGIES.add("by-modality-sorted", Strategy(
                "by-modality with length bucketing: each signature's samples sorted by length within windows")
 STRATEGIES.add("padded", Strategy("padded", _plan_padded),
                "mixed batches, every sample padded to the longest, with masks")
+
+
 def _packed_window(index, order, size):
     """Samples a packed bin may come from: one budget's worth plus the carried ones."""
     return 0 if size.tokens is None else _window_samples(index.lengths, order, size, 1) + PACK_LOOKAHEAD
