@@ -257,17 +257,19 @@ class LossProbe(Probe):
                 "by_source": {k: float(np.mean(v)) for k, v in sorted(self.sources.items())}}
 
 
-def trunk_grad_norms(output: Any) -> dict[str, float]:
+def trunk_grad_norms(output: Any, losses: dict[Any, Tensor] | None = None) -> dict[Any, float]:
     """Per modality, ‖∂(its weighted loss)/∂(final hidden states)‖: the gradient its losses send into
     the trunk (`ModelOutput.modality_losses`, `ModelOutput.hidden`). Leaves parameters' `.grad` alone.
 
+    Args:
+        losses: other attached parts of the loss to measure instead (e.g. `ModelOutput.task_losses`).
     Returns:
-        {modality: L2 norm} for every scored modality ({} when the output has no hidden states).
+        {modality (or key of `losses`): L2 norm} ({} when the output has no hidden states).
     """
     if output.hidden is None or not output.hidden.requires_grad:
         return {}
     names, norms = [], []
-    for name, loss in output.modality_losses.items():
+    for name, loss in (output.modality_losses if losses is None else losses).items():
         if not loss.requires_grad:
             continue
         (g,) = torch.autograd.grad(loss, output.hidden, retain_graph=True, allow_unused=True)
@@ -285,10 +287,12 @@ class ModalityShares:
     parts of one vector).
     """
 
-    def __init__(self, grads: bool = True):
+    def __init__(self, grads: bool = True, folders: list[str] | None = None):
         self.grads = grads
+        self.folders = folders
         self.loss: dict[str, float] = {}
         self.sq: dict[str, float] = {}
+        self.task_sq: dict[str, float] = {}
 
     def add(self, output: Any) -> None:
         for name, value in output.by_modality.items():
@@ -296,12 +300,20 @@ class ModalityShares:
         if self.grads:
             for name, norm in trunk_grad_norms(output).items():
                 self.sq[name] = self.sq.get(name, 0.0) + norm**2
+            if self.folders is not None and len(output.task_losses) > 1:
+                for (f, obj), norm in trunk_grad_norms(output, output.task_losses).items():
+                    key = f"{self.folders[f]}/{obj}"
+                    self.task_sq[key] = self.task_sq.get(key, 0.0) + norm**2
 
     def result(self) -> dict[str, dict[str, float]]:
+        """`loss_share`; with gradients `grad_share`, `grad_trunk` and, when the step had more than
+        one (folder, objective) task, `task_grad_share` {"FOLDER/OBJECTIVE": share}."""
         out = {"loss_share": _shares(self.loss)}
         if self.sq:
             norms = {n: math.sqrt(v) for n, v in self.sq.items()}
             out.update(grad_share=_shares(norms), grad_trunk=norms)
+        if self.task_sq:
+            out["task_grad_share"] = _shares({n: math.sqrt(v) for n, v in self.task_sq.items()})
         return out
 
 

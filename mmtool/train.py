@@ -9,13 +9,15 @@ checkpoint, and model and optimizer states are restored exactly, so an interrupt
 Run folder::
 
     RUN/config.json      everything needed to rebuild the run
-    RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source;
-                         an objective with no targets in the step is left out, not logged as 0),
+    RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source,
+                         per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
+                         with no targets in the step is left out, not logged as 0),
                          real tokens/s, data-wait fraction, lr, grad norm, `token_share`: each
                          source folder's share of the step's real tokens (this rank's), and each
                          modality's share of the loss and of the gradient entering the trunk
                          (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
-                         `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`)
+                         `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`),
+                         and on those steps each task's share of that gradient (`task_grad_share`)
     RUN/checkpoints/     see `mmtool.checkpoint`
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
@@ -40,10 +42,11 @@ import torch.distributed as dist
 from mmtool import checkpoint
 from mmtool.config import from_dict, to_dict
 from mmtool.data.loader import Loader, LoaderConfig
-from mmtool.data.mixture import resolve_mix_by
+from mmtool.data.mixture import parse_data_specs, resolve_mix_by
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, build_model
+from mmtool.models.tasks import check_folders
 from mmtool.probes import ModalityShares
 
 
@@ -184,6 +187,19 @@ def _prepare_run(cfg: TrainConfig, resume: bool) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def with_folder_objectives(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `model.folder_objectives` read from the `--data` entries' `objectives=` (when any
+    entry sets them; else as given), so that config.json records each folder's tasks."""
+    specs = parse_data_specs(cfg.data)
+    if not any(s.objectives is not None for s in specs):
+        return cfg
+    per_folder = [s.objectives for s in specs]
+    if cfg.model.folder_objectives and cfg.model.folder_objectives != per_folder:
+        raise MMToolError("model.folder_objectives and the --data entries' objectives= disagree; "
+                          "give each folder's objectives in one place")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, folder_objectives=per_folder))
+
+
 def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str]) -> dict[str, float]:
     loss = out_samples.detach().float().cpu().numpy()
     fold = folders.cpu().numpy()
@@ -211,6 +227,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     """
     _validate(cfg)
     cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
+    cfg = with_folder_objectives(cfg)
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     ddp = _init_distributed(kind)
     device = _device(cfg.device, ddp.local_rank)
@@ -218,6 +235,10 @@ def train(cfg: TrainConfig, resume: bool = False,
     loader = Loader(cfg.loader_config(ddp.rank, ddp.world, pin=device.type == "cuda"))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, loader.index.streams).to(device)
+    if cfg.model.folder_objectives:
+        check_folders(model.table.specs, cfg.model.folder_objectives,
+                      [loader.index.folder_streams(f) for f in range(len(loader.index.folders))],
+                      [str(f.path) for f in loader.index.folders], cfg.model.mask_ratio)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(cfg.out)
     step = 0
@@ -285,7 +306,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
             probing = probes is not None and probes.due(step)
             # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
-            shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0)
+            shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=names)
+            by_task: dict[str, list[float]] = {}
             if probing:
                 probes.start()
             for micro in range(cfg.grad_accum):
@@ -315,6 +337,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     losses.setdefault(k, []).append(float(output.losses[k].detach()))
                 for k, v in output.by_stream.items():
                     by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
+                for (f, obj), v in output.by_task.items():
+                    by_task.setdefault(f"{names[f]}/{obj}", []).append(v)
                 source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(),
                                              batch["seqlens"].cpu().numpy(), len(names)).astype(np.int64)
                 for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
@@ -332,7 +356,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                 total, tokens = float(reduced[0]) / ddp.world, int(reduced[1])
             losses = {k: sum(v) / len(v) for k, v in losses.items()}  # mean over micro-batches with it
             line = {"step": step, "loss": total, "losses": losses, "by_stream": by_stream,
-                    "by_source": by_source, "tokens": tokens,
+                    "by_source": by_source, "by_task": {k: sum(v) / len(v) for k, v in by_task.items()},
+                    "tokens": tokens,
                     "token_share": {names[f]: float(source_tokens[f] / max(source_tokens.sum(), 1))
                                     for f in np.flatnonzero(source_tokens)},
                     "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,

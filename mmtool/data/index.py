@@ -308,6 +308,15 @@ class TokenIndex:
         """Samples per folder, in the order given."""
         return [f.n for f in self.folders]
 
+    def folder_streams(self, f: int) -> list[Stream]:
+        """The streams folder `f`'s samples use: its tokenizers' streams, and the separator when
+        it holds trajectories."""
+        conf = self.folders[f].manifest.get("tokenizers", {})
+        keys = {f"{key.split('/')[0]}:{c['name']}" for key, c in conf.items()}
+        start, end = self.folder_start[f], self.folder_start[f + 1]
+        keys |= {SEPARATOR} if (self.steps[start:end] > 0).any() else set()
+        return [s for s in self.streams if s.key in keys]
+
     def split_mask(self, splits: list[str] | tuple[str, ...]) -> np.ndarray:
         """bool [N]: samples whose `split` column is one of `splits` (names from `SPLITS`)."""
         unknown = sorted(set(splits) - set(SPLITS))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmtool.data.batch import Batch
 from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget, plan_warnings
 from mmtool.data.index import TokenIndex
-from mmtool.data.mixture import Mixture, parse_data_specs, resolve_mix_by
+from mmtool.data.mixture import Mixture, parse_data_specs, resolve_mix_by, take_fractions
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 
@@ -137,8 +137,10 @@ class Loader:
         if not specs:
             raise MMToolError("no data folders given (--data DIR[=WEIGHT])")
         self.index = TokenIndex([s.path for s in specs], verify=cfg.verify)
-        self.members = self._members(cfg.splits)  # [M] global numbers of the rows in `splits`
-        folder = self.index.sample_folder[self.members]  # [M]
+        members = self._members(cfg.splits)  # [M] global numbers of the rows in `splits`
+        self.members = take_fractions(members, self.index.sample_folder[members],
+                                      [s.fraction for s in specs], cfg.seed)  # [M'] `fraction=` subsets
+        folder = self.index.sample_folder[self.members]  # [M']
         n = len(self.index.folders)
         sizes = np.bincount(folder, minlength=n)  # [F] rows in `splits` per folder
         tokens = np.bincount(folder, self.index.lengths[self.members], minlength=n).astype(np.int64)

@@ -24,12 +24,14 @@ shares, whichever `mix_by`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from mmtool.config import parse_weights
 from mmtool.errors import MMToolError
 
 
@@ -39,32 +41,105 @@ MIX_BY = ("tokens", "samples")
 
 @dataclass
 class DataSpec:
-    """One `--data` entry: a folder and its sampling weight (None = unweighted)."""
+    """One `--data` entry.
+
+    Attributes:
+        path: the preprocessed folder.
+        weight: its sampling weight (None = unweighted): a share of tokens or samples (`--mix-by`).
+        objectives: its own objectives → loss weights (None: the run's `--objectives`); names may
+            be task presets (`mmtool ls task-presets`), see `mmtool.models.tasks`.
+        fraction: the share of the folder's rows (of the pretraining splits) the run may use: a
+            seeded subset, nested across fractions of one seed (data-scaling experiments).
+    """
 
     path: Path
     weight: float | None = None
+    objectives: dict[str, float] | None = None
+    fraction: float = 1.0
+
+
+_OPTIONS = re.compile(r":(objectives|fraction)=")
 
 
 def parse_data_specs(specs: list[str]) -> list[DataSpec]:
-    """Parses `--data DIR[=WEIGHT]` flags, or a YAML mixture file given as `--data mix.yaml`.
+    """Parses `--data DIR[=WEIGHT][:objectives=SPEC][:fraction=F]` flags, or a YAML mixture file
+    given as `--data mix.yaml`.
 
-    A mixture file looks like::
+    `SPEC` is an `--objectives` value (`caption,contrastive=0.5`): it runs to the next
+    `:fraction=` or the end. A mixture file looks like::
 
         datasets:
           - path: data/digits
             weight: 2
+            objectives: {caption: 1, contrastive: 0.5}   # or "caption,contrastive=0.5"
           - path: data/pydocs     # weight defaults to 1 when any weight is given
+            fraction: 0.25
     """
     out: list[DataSpec] = []
     for spec in specs:
         if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
             out.extend(_read_mixture_file(Path(spec)))
             continue
-        path, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "")
-        out.append(DataSpec(Path(path), _weight(weight, spec) if sep else None))
+        head, *rest = _OPTIONS.split(spec)
+        options = dict(zip(rest[::2], rest[1::2]))
+        path, sep, weight = head.rpartition("=") if "=" in head else (head, "", "")
+        out.append(DataSpec(Path(path), _weight(weight, spec) if sep else None,
+                            _objectives(options.get("objectives"), spec),
+                            _fraction(options.get("fraction", 1.0), spec)))
     if any(d.weight is not None for d in out):
-        out = [DataSpec(d.path, 1.0 if d.weight is None else d.weight) for d in out]
+        out = [replace(d, weight=1.0 if d.weight is None else d.weight) for d in out]
     return out
+
+
+def _objectives(value: str | dict | None, spec: str) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        try:
+            out = {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise MMToolError(f"--data {spec}: objectives need numeric weights, got {value!r}") from None
+    else:
+        out = parse_weights(str(value), f"--data {spec}: objectives")
+    if not out:
+        raise MMToolError(f"--data {spec}: objectives= names no objective")
+    for name, w in out.items():
+        if not (np.isfinite(w) and w >= 0):
+            raise MMToolError(f"--data {spec}: loss weight of {name!r} must be ≥ 0, got {w}")
+    return out
+
+
+def _fraction(value: str | float, spec: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise MMToolError(f"--data {spec}: fraction {value!r} is not a number") from None
+    if not 0 < f <= 1:
+        raise MMToolError(f"--data {spec}: fraction must be in (0, 1], got {value}")
+    return f
+
+
+def take_fractions(members: np.ndarray, folder: np.ndarray, fractions: list[float], seed: int) -> np.ndarray:
+    """The rows each folder may use: for a folder with fraction f < 1, max(1, round(f · n)) of its n
+    rows, the first of a permutation seeded by (seed, folder) — so smaller fractions are subsets
+    of larger ones under one seed.
+
+    Args:
+        members: int64 [M] global row numbers (sorted); folder: [M] folder of each.
+    Returns:
+        int64 [M'] the kept rows, sorted.
+    """
+    if all(f >= 1.0 for f in fractions):
+        return members
+    keep = np.ones(len(members), bool)
+    for f, frac in enumerate(fractions):
+        if frac >= 1.0:
+            continue
+        rows = np.flatnonzero(folder == f)
+        n_keep = max(1, int(round(frac * len(rows))))
+        perm = np.random.default_rng([seed, f, 0x5CA1E]).permutation(len(rows))
+        keep[rows[perm[n_keep:]]] = False
+    return members[keep]
 
 
 def _weight(text: str | float, spec: str) -> float:
@@ -121,8 +196,13 @@ def _read_mixture_file(path: Path) -> list[DataSpec]:
         folder = Path(e["path"])
         if not folder.is_absolute():
             folder = path.parent / folder
-        w = e.get("weight")
-        out.append(DataSpec(folder, None if w is None else _weight(w, f"{path} datasets[{i}]")))
+        w, where = e.get("weight"), f"{path} datasets[{i}]"
+        unknown = sorted(set(e) - {"path", "weight", "objectives", "fraction"})
+        if unknown:
+            raise MMToolError(f"{where}: unknown key {', '.join(unknown)} (keys: path, weight, "
+                              "objectives, fraction)")
+        out.append(DataSpec(folder, None if w is None else _weight(w, where),
+                            _objectives(e.get("objectives"), where), _fraction(e.get("fraction", 1.0), where)))
     return out
 
 

@@ -20,7 +20,7 @@ from mmtool.data.index import Stream
 from mmtool.errors import MMToolError
 from mmtool.models.encoders import Embedder
 from mmtool.models.fusion import FUSIONS, Trunk
-from mmtool.models.objectives import Objective, build_objective, parse_objective
+from mmtool.models.objectives import build_objective
 from mmtool.registry import Registry
 
 
@@ -77,24 +77,12 @@ def build_trunk(size: ModelSize, fusion: str, fusion_layer: int) -> Trunk:
                  FUSIONS.get(fusion)(size.n_layers, fusion_layer))
 
 
-def build_objectives(weights: dict[str, float], streams: list[Stream], size: ModelSize,
-                     mask_ratio: float) -> tuple[nn.ModuleDict, dict[str, float]]:
-    """Objectives by name (options stripped) and their weights.
+def build_objectives(specs: dict[str, str], streams: list[Stream], size: ModelSize,
+                     mask_ratio: float) -> nn.ModuleDict:
+    """Objectives by name (a preset's or the objective's), from `TaskTable.specs`.
 
     Raises:
-        MMToolError: no objectives, a negative weight, an objective named twice, an unknown name
-            or option, or an objective the streams cannot feed.
+        MMToolError: an unknown name or option, or an objective the streams cannot feed.
     """
-    if not weights:
-        raise MMToolError("no objectives given (--objectives next-token=1,masked-patch=1, ...)")
-    built: dict[str, Objective] = {}
-    out_weights: dict[str, float] = {}
-    for spec, weight in weights.items():
-        name, _ = parse_objective(spec)
-        if weight < 0:
-            raise MMToolError(f"objective {name!r} has a negative weight ({weight})")
-        if name in built:
-            raise MMToolError(f"objective {name!r} is given twice ({spec!r}); give it once")
-        built[name] = build_objective(spec, streams, size.d_model, mask_ratio)
-        out_weights[name] = float(weight)
-    return nn.ModuleDict(built), out_weights
+    return nn.ModuleDict({name: build_objective(spec, streams, size.d_model, mask_ratio)
+                          for name, spec in specs.items()})

@@ -8,7 +8,8 @@
       ▼
     Trunk           blocks; each attends within samples or within (sample, modality)    (fusion.py)
       ▼
-    objectives      next-token, masked-patch, masked-token, contrastive → Σ weight · loss (objectives.py)
+    objectives      next-token, masked-patch, masked-token, contrastive → Σ weight · loss (objectives.py),
+                    each folder its own (tasks.py): a target counts with its task's loss weight
 
 Decisions (the "why"):
 
@@ -30,6 +31,7 @@ Decisions (the "why"):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +45,8 @@ from mmtool.models.attention import ATTENTION, AttentionBackend, default_backend
 from mmtool.models.builders import ModelSize, build_embedder, build_objectives, build_trunk, model_size
 from mmtool.models.encoders import Corruption, Embedder, PackedView
 from mmtool.models.fusion import Grouping, Trunk, masked_mean
-from mmtool.models.objectives import Context
+from mmtool.models.objectives import Context, Rows
+from mmtool.models.tasks import TaskTable, balancer, build_table
 
 
 @dataclass
@@ -61,6 +64,12 @@ class ModelConfig:
     objectives: dict[str, float] = field(default_factory=lambda: {"next-token": 1.0, "masked-patch": 1.0})
     """Objective → loss weight; names take options as `NAME:key=value:...` (`mmtool ls objectives`;
     `objectives.parse_objectives` reads the flag form `next-token=1,masked-patch:mask_ratio=0.75=1`)."""
+    folder_objectives: list[dict[str, float] | None] = field(default_factory=list)
+    """Per data folder (in `--data` order), its own objectives → loss weights, replacing
+    `objectives` for that folder (None: the run's). Filled from `--data DIR=W:objectives=...`
+    and mixture YAMLs by `mmtool train`; names may be task presets (`mmtool ls task-presets`)."""
+    task_balance: str = "none"
+    """How tasks' loss scales are evened out (`mmtool ls balancers`): none, loss-scale, uncertainty."""
     mask_ratio: float = 0.5
     """Share of each segment's tokens that masked-patch / masked-token mask."""
     max_positions: int = 4096
@@ -85,6 +94,8 @@ class ModelOutput:
             split half and half. The values sum to `loss`. Only modalities with counted rows.
         modality_losses: the same, attached (for gradients per modality, `probes.trunk_grad_norms`).
         hidden: the final hidden states `[N, d]` (attached): where the objectives' gradients enter the trunk.
+        by_task: detached mean loss of each (folder, objective) task over its targets in the batch.
+        task_losses: per (folder, objective), its attached part of `loss` (for gradient shares).
     """
 
     loss: Tensor
@@ -96,6 +107,8 @@ class ModelOutput:
     by_modality: dict[str, float] = field(default_factory=dict)
     modality_losses: dict[str, Tensor] = field(default_factory=dict)
     hidden: Tensor | None = None
+    by_task: dict[tuple[int, str], float] = field(default_factory=dict)
+    task_losses: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
 
 class UnifiedModel(nn.Module):
@@ -113,11 +126,15 @@ class UnifiedModel(nn.Module):
     keep_padding: bool = False
 
     def __init__(self, cfg: ModelConfig, streams: list[Stream], size: ModelSize, embedder: Embedder,
-                 trunk: Trunk, objectives: nn.ModuleDict, weights: dict[str, float]):
+                 trunk: Trunk, objectives: nn.ModuleDict, table: TaskTable):
         super().__init__()
         self.cfg, self.streams, self.size = cfg, list(streams), size
         self.embedder, self.trunk, self.objectives = embedder, trunk, objectives
-        self.weights = dict(weights)
+        self.table = table
+        self.weights = table.default_weights()
+        self.register_buffer("task_weight", table.weights.clone(), persistent=False)  # [F, O]
+        self.register_buffer("task_member", table.member.clone(), persistent=False)  # [F, O]
+        self.balancer = balancer(cfg.task_balance, *table.weights.shape)
         self.fusion = trunk.fusion
         self.causal = any(o.causal for o in objectives.values())
         self.modalities, mod = embedder.modality_of_stream()
@@ -191,10 +208,36 @@ class UnifiedModel(nn.Module):
         present = (counts.view(-1, m) > 0) & real[None, :]  # [B, M]
         return pools.view(-1, m, hidden.shape[1]), present
 
+    def _tasks_of(self, view: PackedView, folder: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(loss weight of each sample's task per objective float [B, O], bool [B, O] whether the
+        sample's folder trains the objective — None when every folder trains every objective)."""
+        rows = self.task_weight.shape[0]
+        if rows == 1:
+            return self.task_weight.expand(len(view.folders), -1), None
+        if max(view.folders, default=0) >= rows:
+            raise MMToolError(f"batch has data folder {max(view.folders)} but the model's task table "
+                              f"has {rows} folders (ModelConfig.folder_objectives)")
+        return self.task_weight[folder], None if self.table.uniform else self.task_member[folder]
+
+    @staticmethod
+    def _restrict(batch: Batch, corruptions: dict[int, list[Corruption]],
+                  active: Tensor) -> dict[int, list[Corruption]]:
+        """Corruptions limited to the tokens of `active` samples (bool [B])."""
+        out = {}
+        for k, cs in corruptions.items():
+            keep = active[batch["slot_sample"].long()[batch[f"s{k}.slot"].long()]]  # [n_k]
+            out[k] = [dataclasses.replace(c, mask=c.mask & keep) for c in cs]
+        return out
+
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> ModelOutput:
         view = PackedView.of(batch, self.keep_padding)
+        folder = batch["sample_folder"].long()  # [B]
+        task_w, member = self._tasks_of(view, folder)  # [B, O], bool [B, O] | None
         # Input corruptions, drawn in objective order, then stream order: one draw sequence per batch.
-        own = {name: obj.corrupt(batch, view, generator) for name, obj in self.objectives.items()}
+        own = {}
+        for o, (name, obj) in enumerate(self.objectives.items()):
+            corruptions = obj.corrupt(batch, view, generator)
+            own[name] = corruptions if member is None else self._restrict(batch, corruptions, member[:, o])
         merged: dict[int, list[Corruption]] = {}
         for per_stream in own.values():
             for k, cs in per_stream.items():
@@ -208,53 +251,88 @@ class UnifiedModel(nn.Module):
                 cache["pools"] = self._modality_pools(view, hidden)
             return cache["pools"]
 
-        b = view.batch_size
-        total = hidden.new_zeros(())
+        n_f = max(self.task_weight.shape[0], max(view.folders, default=0) + 1)
+        scored: list[tuple[int, str, Rows, Tensor, Tensor]] = []  # (o, name, rows, row weights, c)
+        t_sum = hidden.new_zeros(n_f, len(self.objectives), dtype=torch.float32)  # [F, O] Σ loss
+        t_cnt = torch.zeros_like(t_sum)  # [F, O] Σ weight
         losses: dict[str, Tensor] = {}
-        by_sample = torch.zeros(b, device=hidden.device)
-        by_modality = hidden.new_zeros(len(self.modalities), dtype=torch.float32)  # [M] Σ = total
-        stats: list[tuple[str, list[str], Tensor]] = []
-        for name, obj in self.objectives.items():
+        for o, (name, obj) in enumerate(self.objectives.items()):
             ctx = Context(batch, view, hidden, final.prev, self.embedder, own[name], pools,
-                          self.modalities)
+                          self.modalities, self.modality_of_stream, None if member is None else member[:, o])
             rows = obj(ctx)
             if rows is None:  # nothing of this objective in the batch: a zero that keeps the graph
-                loss = hidden.sum() * 0.0
-            else:
-                wl = rows.loss * rows.weight  # [m]
-                w, d = rows.weight.detach(), wl.detach()
-                k = len(rows.keys)
-                k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, wl)  # [K] attached
-                k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w)  # [K]
-                loss, part = reduce_rows(wl, rows.weight, k_sum, k_cnt, getattr(obj, "per_stream", False))
-                by_modality = by_modality + self.weights[name] * (part.float() @ self._key_shares(rows.keys, d.device))
-                s_sum = torch.zeros(b, device=d.device).index_add(0, rows.sample, d)  # [B]
-                s_cnt = torch.zeros(b, device=d.device).index_add(0, rows.sample, w)  # [B]
-                by_sample = by_sample + self.weights[name] * s_sum / s_cnt.clamp(min=1.0)
-                stats.append((name, rows.keys, torch.stack([k_sum.detach(), k_cnt])))
-            losses[name] = loss
-            total = total + self.weights[name] * loss
-        by_stream, modality_loss = self._read_metrics(stats, by_modality)
-        counted = tuple(name for name, *_ in stats)
+                losses[name] = hidden.sum() * 0.0
+                continue
+            w = rows.weight if member is None else rows.weight * member[rows.sample, o]  # [m]
+            wl = rows.loss * w  # [m]
+            c = wl / row_denominators(w, rows.key, len(rows.keys), getattr(obj, "per_stream", False))  # [m]
+            losses[name] = c.sum()  # the objective's plain loss over its targets
+            f = folder[rows.sample]  # [m]
+            t_sum[:, o] = t_sum[:, o].index_add(0, f, wl.detach().float())
+            t_cnt[:, o] = t_cnt[:, o].index_add(0, f, w.detach().float())
+            scored.append((o, name, rows, w, c))
+        if self.task_weight.shape[0] == 1:  # one task table row: balance per objective, all folders
+            b_sum, b_cnt = t_sum.sum(0, keepdim=True), t_cnt.sum(0, keepdim=True)  # [1, O]
+        else:
+            b_sum, b_cnt = t_sum, t_cnt  # [F, O]
+        mult, extra = self.balancer(b_sum / b_cnt.clamp(min=1e-12), b_cnt > 0)  # [F or 1, O] each
+
+        b = view.batch_size
+        total = hidden.new_zeros(())
+        if extra is not None:  # Σ r · (each task's share of its objective's targets)
+            total = total + (extra * b_cnt / b_cnt.sum(0, keepdim=True).clamp(min=1e-12)).sum()
+        by_sample = torch.zeros(b, device=hidden.device)
+        by_modality = hidden.new_zeros(len(self.modalities), dtype=torch.float32)  # [M] Σ = total
+        task_part = hidden.new_zeros(n_f, len(self.objectives), dtype=torch.float32)  # [F, O]
+        stats: list[tuple[str, list[str], Tensor]] = []
+        for o, name, rows, w, c in scored:
+            f = folder[rows.sample]  # [m]
+            cw = c * task_w[rows.sample, o] * mult[f if len(mult) > 1 else 0, o]  # [m] each target's part
+            total = total + cw.sum()
+            k = len(rows.keys)
+            part = torch.zeros(k, device=c.device).index_add(0, rows.key, cw.float())  # [K] attached
+            by_modality = by_modality + part @ self._key_shares(rows.keys, c.device)
+            task_part[:, o] = task_part[:, o].index_add(0, f, cw.float())
+            d = (rows.loss * w).detach()
+            s_sum = torch.zeros(b, device=d.device).index_add(0, rows.sample, d)  # [B]
+            s_cnt = torch.zeros(b, device=d.device).index_add(0, rows.sample, w.detach())  # [B]
+            by_sample = by_sample + task_w[:, o] * s_sum / s_cnt.clamp(min=1.0)
+            k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, d)  # [K]
+            k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w.detach())  # [K]
+            stats.append((name, rows.keys, torch.stack([k_sum, k_cnt])))
+        by_stream, modality_loss, by_task, counted = self._read_metrics(stats, by_modality, t_sum, t_cnt)
+        names = list(self.objectives)
+        task_losses = {(f, names[o]): task_part[f, o] for f, o in by_task}
         return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
                            modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
-                                           if m in modality_loss}, hidden)
+                                           if m in modality_loss}, hidden,
+                           {(f, names[o]): v for (f, o), v in by_task.items()}, task_losses)
 
-    def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]],
-                      by_modality: Tensor) -> tuple[dict[str, float], dict[str, float]]:
-        """(by_stream, by_modality) floats from one device→host read of every metric."""
+    def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]], by_modality: Tensor, t_sum: Tensor,
+                      t_cnt: Tensor) -> tuple[dict[str, float], dict[str, float], dict[tuple[int, int], float],
+                                              tuple[str, ...]]:
+        """(by_stream, by_modality, by_task {(folder, objective index): mean}, counted objectives)
+        from one device→host read of every metric."""
         by_stream: dict[str, float] = {}
         if not stats:
-            return by_stream, {}
-        host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach()]).tolist()
-        at = 0
+            return by_stream, {}, {}, ()
+        host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach(), t_sum.flatten(),
+                                                               t_cnt.flatten()]).tolist()
+        at, counted = 0, []
         for name, keys, t in stats:
             k = len(keys)
             sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
             at += 2 * k
             by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
+            if sum(cnts) > 0:
+                counted.append(name)
+        m, cells = len(self.modalities), t_sum.numel()
+        mods, sums, cnts = host[at:at + m], host[at + m:at + m + cells], host[at + m + cells:]
+        o_n = t_sum.shape[1]
+        by_task = {(i // o_n, i % o_n): s / c for i, (s, c) in enumerate(zip(sums, cnts)) if c > 0}
         scored = {m for key in by_stream for m in self._key_modalities(key.split("/", 1)[1])}
-        return by_stream, {m: v for m, v in zip(self.modalities, host[at:]) if m in scored}
+        return by_stream, {name: v for name, v in zip(self.modalities, mods) if name in scored}, by_task, \
+            tuple(counted)
 
     def _key_modalities(self, key: str) -> list[str]:
         """The modalities a row group belongs to: a stream key's modality, or both of "image+text"."""
@@ -297,28 +375,25 @@ class UnifiedModel(nn.Module):
         return self.fusion.pool(sample_mean, pools, present)  # [B, d]
 
 
-def reduce_rows(wl: Tensor, weight: Tensor, k_sum: Tensor, k_cnt: Tensor,
-                per_stream: bool) -> tuple[Tensor, Tensor]:
-    """An objective's loss from its weighted row losses, and each row group's part of it.
+def row_denominators(weight: Tensor, key: Tensor, n_keys: int, per_stream: bool) -> Tensor:
+    """What each row's weighted loss is divided by, so that Σ wl / den is the objective's loss.
 
     Pooled (the default): the mean over counted rows, so a group with more rows counts more — right
     for next-token and masked-token, where every predicted token is one unit of the same task (the
-    LM norm; its exp is the perplexity). Per stream (`per_stream`, masked-patch's default): the mean
-    of each group's own mean, over the groups that have rows — each stream (image, audio) counts
-    equally, however many patches it has.
+    LM norm; its exp is the perplexity): den = Σ weight. Per stream (`per_stream`, masked-patch's
+    default): the mean of each group's own mean, over the groups that have rows — each stream
+    (image, audio) counts equally, however many patches it has: den = (group's Σ weight) · groups.
 
     Args:
-        wl: [m] weight · loss of each row; weight: [m] the row weights.
-        k_sum: [K] Σ wl per group (attached); k_cnt: [K] Σ weight per group.
+        weight: [m] the row weights; key: long [m] each row's group (< n_keys).
     Returns:
-        (scalar loss, [K] each group's part of it; the parts sum to the loss).
+        [m] positive denominators.
     """
     if per_stream:
-        have = k_cnt > 0  # [K]
-        part = torch.where(have, k_sum / k_cnt.clamp(min=1e-12), 0.0) / have.sum().clamp(min=1)  # [K]
-        return part.sum(), part
-    n = weight.sum().clamp(min=1.0)
-    return wl.sum() / n, k_sum / n
+        k_cnt = torch.zeros(n_keys, device=weight.device, dtype=weight.dtype).index_add(0, key, weight)  # [K]
+        groups = (k_cnt > 0).sum().clamp(min=1)
+        return k_cnt[key].clamp(min=1e-12) * groups  # [m]
+    return weight.sum().clamp(min=1.0).expand_as(weight)  # [m]
 
 
 def build_model(cfg: ModelConfig, streams: list[Stream]) -> UnifiedModel:
@@ -335,5 +410,6 @@ def build_model(cfg: ModelConfig, streams: list[Stream]) -> UnifiedModel:
     size = model_size(cfg.size)
     embedder = build_embedder(streams, size, cfg.max_positions)
     trunk = build_trunk(size, cfg.fusion, cfg.fusion_layer)
-    objectives, weights = build_objectives(cfg.objectives, streams, size, cfg.mask_ratio)
-    return UnifiedModel(cfg, streams, size, embedder, trunk, objectives, weights)
+    table = build_table(cfg.objectives, cfg.folder_objectives)
+    objectives = build_objectives(table.specs, streams, size, cfg.mask_ratio)
+    return UnifiedModel(cfg, streams, size, embedder, trunk, objectives, table)

@@ -5,7 +5,7 @@ An objective may first *corrupt* the input (`corrupt`: MAE / BERT masks, drawn f
 (`forward`) as `Rows`: one loss per predicted token (or per side of a contrastive pair), with a 0/1
 weight, the sample it belongs to and a stream key for metrics. The model reduces rows to the
 objective's loss — the mean over counted rows, or, for an objective whose `per_stream` is true
-(masked-patch by default), the mean over streams of each stream's mean (`model.reduce_rows`) — and
+(masked-patch by default), the mean over streams of each stream's mean (`model.row_denominators`) — and
 to per-sample, per-stream and per-modality numbers.
 
 Objectives are named in `ModelConfig.objectives` as `NAME[:key=value[:key=value...]]`, e.g.
@@ -81,6 +81,9 @@ class Context:
         corruptions: this objective's own `corrupt` result.
         pools: () → (per-modality mean hidden [B, M, d], present bool [B, M]); computed once.
         modalities: modality names (index m of `pools`); modality_of_stream: [K] m of each stream.
+        active: bool [B] the samples whose folder trains this objective (None: all of them). The
+            model zeroes the rows of other samples; objectives that compare samples (contrastive)
+            also leave them out as negatives.
     """
 
     batch: Batch
@@ -92,6 +95,7 @@ class Context:
     pools: Callable[[], tuple[Tensor, Tensor]]
     modalities: list[str]
     modality_of_stream: list[int] = field(default_factory=list)
+    active: Tensor | None = None
 
 
 class Objective(nn.Module):
@@ -236,23 +240,32 @@ class NextToken(Objective):
     Options:
         observations: also predict observation tokens (Gato does not).
         modalities: only predict these modalities (default: every discrete one).
+        after: only predict tokens that come after a token of these modalities in their sample
+            (`any`: of any modality other than the token's own) — the caption / transcription
+            mask: `next-token:modalities=text:after=image`. Default: every token.
     """
 
     causal = True
 
     def __init__(self, streams, d_model, mask_ratio, *, observations: bool = False,
-                 modalities: list[str] | str | None = None):
+                 modalities: list[str] | str | None = None, after: list[str] | str | None = None):
         super().__init__(streams, d_model, mask_ratio)
         only = [modalities] if isinstance(modalities, str) else modalities
+        self.after = [after] if isinstance(after, str) else after
         self.targets = [k for k, s in enumerate(streams) if s.kind == "ids"
                         and (observations or s.modality != "observation")
                         and (only is None or s.modality in only)]
         if not self.targets:
             raise self._missing("a discrete (ids) stream to predict, e.g. text or actions "
                                 "(observations count only with next-token:observations=true)")
+        if self.after is not None and self.after != ["any"]:
+            have = {s.modality for s in streams if not is_separator(s)}
+            if not have & set(self.after):
+                raise self._missing(f"a stream of modality {' or '.join(self.after)} for after={'+'.join(self.after)}")
 
     def forward(self, ctx: Context) -> Rows | None:
         parts, keys = [], [self.streams[k].key for k in self.targets]
+        first = self._first_positions(ctx) if self.after is not None else None
         for i, k in enumerate(self.targets):
             if k not in ctx.batch.streams:
                 continue
@@ -262,8 +275,33 @@ class NextToken(Objective):
             logits = ctx.hidden[src.clamp(min=0)] @ head.T  # [n_k, V]
             target = ctx.batch[f"s{k}.ids"].long()  # [n_k]
             loss = F.cross_entropy(logits.float(), target, reduction="none")  # [n_k]
-            parts.append(Rows(loss, (src >= 0).float(), sample, torch.full_like(sample, i), keys))
+            weight = (src >= 0).float()  # [n_k]
+            if first is not None:
+                weight = weight * self._follows(ctx, first, k, idx, sample).float()
+            parts.append(Rows(loss, weight, sample, torch.full_like(sample, i), keys))
         return Rows.cat(parts, keys)
+
+    @staticmethod
+    def _first_positions(ctx: Context) -> Tensor:
+        """long [B, M]: the first position of modality m in sample b (a large number: none)."""
+        view, m = ctx.view, len(ctx.modalities)
+        mod_of = torch.as_tensor(ctx.modality_of_stream, device=view.pos.device)  # [K]
+        real = view.stream >= 0 if view.real is None else view.real  # [N]
+        group = view.sample * m + mod_of[view.stream.clamp(min=0)]  # [N]
+        big = torch.iinfo(torch.long).max
+        first = torch.full((view.batch_size * m,), big, dtype=torch.long, device=view.pos.device)
+        first.scatter_reduce_(0, group[real], view.pos[real], "amin")  # [B·M]
+        return first.view(view.batch_size, m)
+
+    def _follows(self, ctx: Context, first: Tensor, k: int, idx: Tensor, sample: Tensor) -> Tensor:
+        """bool [n_k]: tokens of stream k preceded in their sample by a token of an `after` modality."""
+        own = ctx.modalities.index(self.streams[k].modality)
+        cols = [m for m, name in enumerate(ctx.modalities) if name != SEPARATOR and (
+            (self.after == ["any"] and m != own) or name in self.after)]
+        if not cols:
+            return torch.zeros_like(sample, dtype=torch.bool)
+        earliest = first[:, cols].amin(1)  # [B] first position of any `after` modality
+        return ctx.view.pos[idx] > earliest[sample]  # [n_k]
 
 
 @OBJECTIVES.register("masked-token")
@@ -442,9 +480,10 @@ class Contrastive(Objective):
         parts, keys = [], []
         b = pools.shape[0]
         sample = torch.arange(b, device=pools.device).repeat(2)  # [2B]
+        active = ctx.active if ctx.active is not None else torch.ones_like(present[:, 0])  # [B]
         for i, a in enumerate(mods):
             for c in mods[i + 1:]:
-                loss, w = info_nce(z[:, a], z[:, c], present[:, a] & present[:, c], scale)
+                loss, w = info_nce(z[:, a], z[:, c], present[:, a] & present[:, c] & active, scale)
                 parts.append(Rows(loss, w, sample, torch.full_like(sample, len(keys)), []))
                 keys.append(f"{ctx.modalities[a]}+{ctx.modalities[c]}")
         return Rows.cat(parts, keys)

@@ -244,23 +244,26 @@ def masked_squares(obj, batch, av_index, seed, transform=lambda x: x):
     return out
 
 
-def test_reduce_rows_per_stream_and_pooled_known_values():
+def test_row_denominators_per_stream_and_pooled_known_values():
     """Stream 0 has three rows of loss 1, stream 1 one row of loss 4 (a row of weight 0 ignored):
     pooled (1+1+1+4)/4 = 1.75; per stream (1 + 4)/2 = 2.5; the parts sum to the loss."""
-    from mmtool.models.model import reduce_rows
+    from mmtool.models.model import row_denominators
 
     loss, weight = torch.tensor([1.0, 1.0, 1.0, 4.0, 9.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
     key = torch.tensor([0, 0, 0, 1, 1])
     wl = loss * weight
-    k_sum, k_cnt = torch.zeros(2).index_add(0, key, wl), torch.zeros(2).index_add(0, key, weight)
-    pooled, p_parts = reduce_rows(wl, weight, k_sum, k_cnt, per_stream=False)
-    per, s_parts = reduce_rows(wl, weight, k_sum, k_cnt, per_stream=True)
-    assert pooled.item() == pytest.approx(1.75) and p_parts.tolist() == pytest.approx([0.75, 1.0])
-    assert per.item() == pytest.approx(2.5) and s_parts.tolist() == pytest.approx([0.5, 2.0])
+
+    def reduce(n_keys, per_stream):
+        c = wl / row_denominators(weight, key, n_keys, per_stream)
+        return c.sum().item(), torch.zeros(n_keys).index_add(0, key, c).tolist()
+
+    pooled, p_parts = reduce(2, False)
+    per, s_parts = reduce(2, True)
+    assert pooled == pytest.approx(1.75) and p_parts == pytest.approx([0.75, 1.0])
+    assert per == pytest.approx(2.5) and s_parts == pytest.approx([0.5, 2.0])
     # A stream without counted rows is left out of the per-stream mean, not counted as 0.
-    per3, parts3 = reduce_rows(wl, weight, torch.cat([k_sum, torch.zeros(1)]),
-                               torch.cat([k_cnt, torch.zeros(1)]), per_stream=True)
-    assert per3.item() == pytest.approx(2.5) and parts3.tolist() == pytest.approx([0.5, 2.0, 0.0])
+    per3, parts3 = reduce(3, True)
+    assert per3 == pytest.approx(2.5) and parts3 == pytest.approx([0.5, 2.0, 0.0])
 
 
 def test_masked_patch_averages_per_stream_then_across_streams(av_index):
