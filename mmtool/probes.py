@@ -293,10 +293,15 @@ class ModalityShares:
         self.loss: dict[str, float] = {}
         self.sq: dict[str, float] = {}
         self.task_sq: dict[str, float] = {}
+        self.task_loss: dict[str, float] = {}
 
     def add(self, output: Any) -> None:
         for name, value in output.by_modality.items():
             self.loss[name] = self.loss.get(name, 0.0) + value
+        if self.folders is not None and len(output.by_task_part) > 1:
+            for (f, obj), value in output.by_task_part.items():
+                key = f"{self.folders[f]}/{obj}"
+                self.task_loss[key] = self.task_loss.get(key, 0.0) + value
         if self.grads:
             for name, norm in trunk_grad_norms(output).items():
                 self.sq[name] = self.sq.get(name, 0.0) + norm**2
@@ -306,9 +311,12 @@ class ModalityShares:
                     self.task_sq[key] = self.task_sq.get(key, 0.0) + norm**2
 
     def result(self) -> dict[str, dict[str, float]]:
-        """`loss_share`; with gradients `grad_share`, `grad_trunk` and, when the step had more than
-        one (folder, objective) task, `task_grad_share` {"FOLDER/OBJECTIVE": share}."""
+        """`loss_share`; with gradients `grad_share`, `grad_trunk`; when the step had more than one
+        (folder, objective) task, `task_loss_share` and (with gradients) `task_grad_share`
+        {"FOLDER/OBJECTIVE": share}."""
         out = {"loss_share": _shares(self.loss)}
+        if self.task_loss:
+            out["task_loss_share"] = _shares(self.task_loss)
         if self.sq:
             norms = {n: math.sqrt(v) for n, v in self.sq.items()}
             out.update(grad_share=_shares(norms), grad_trunk=norms)

@@ -220,7 +220,16 @@ def _average(docs: list[Any]) -> Any:
     return docs[-1]
 
 
-def modality_shares(lines: list[dict[str, Any]], resamples: int = 2000) -> dict[str, Any] | None:
+def task_shares(lines: list[dict[str, Any]], resamples: int = 2000) -> dict[str, Any] | None:
+    """`modality_shares` for the run's (folder, objective) tasks (`task_loss_share`, `task_grad_share`):
+    {"steps", "grad_steps", "tasks": {"FOLDER/OBJECTIVE": {...}}}; None: one task or none logged."""
+    out = modality_shares(lines, resamples, ("task_loss_share", "task_grad_share"))
+    return None if out is None else {"steps": out["steps"], "grad_steps": out["grad_steps"],
+                                     "tasks": out["modalities"]}
+
+
+def modality_shares(lines: list[dict[str, Any]], resamples: int = 2000,
+                    keys: tuple[str, str] = ("loss_share", "grad_share")) -> dict[str, Any] | None:
     """Each modality's mean share of the loss and of the trunk gradient late in a run, with 95% intervals.
 
     `loss_share` (every step) over the last quarter of steps, and `grad_share` (step 1 and every
@@ -232,19 +241,20 @@ def modality_shares(lines: list[dict[str, Any]], resamples: int = 2000) -> dict[
         {"steps": n, "grad_steps": n, "modalities": {name: {"loss": mean, "loss_ci95": [lo, hi],
         "grad": mean | None, "grad_ci95": [lo, hi] | None}}}.
     """
-    loss_lines = [x for x in lines if x.get("loss_share")]
+    loss_key, grad_key = keys
+    loss_lines = [x for x in lines if x.get(loss_key)]
     if not loss_lines:
         return None
-    grad_lines = [x for x in lines if x.get("grad_share")]
+    grad_lines = [x for x in lines if x.get(grad_key)]
     tails = {"loss": loss_lines[-max(1, len(loss_lines) // 4):],
              "grad": grad_lines[-max(1, len(grad_lines) // 4):] if grad_lines else []}
-    names = sorted({m for x in tails["loss"] + tails["grad"] for m in x.get("loss_share", {}) | x.get("grad_share", {})})
+    names = sorted({m for x in tails["loss"] + tails["grad"] for m in x.get(loss_key, {}) | x.get(grad_key, {})})
     rng = np.random.default_rng(0)
     out: dict[str, dict[str, Any]] = {}
     for m in names:
         out[m] = {}
         for kind, tail in tails.items():
-            v = np.array([x[f"{kind}_share"].get(m, 0.0) for x in tail], float)  # [steps]
+            v = np.array([x[loss_key if kind == "loss" else grad_key].get(m, 0.0) for x in tail], float)  # [steps]
             if not len(v):
                 out[m].update({kind: None, f"{kind}_ci95": None})
                 continue
@@ -321,6 +331,7 @@ def summarize(folder: Path) -> dict[str, Any]:
                               "by_source": source_curves(lines)}
             entry["probes"] = probe_summary(lines)
             entry["shares"] = modality_shares(lines)
+            entry["task_shares"] = task_shares(lines)
     for path in _find(folder, "ablation.json"):
         doc = _read_json(path)
         if doc and "results" in doc:

@@ -49,3 +49,51 @@ def test_resume_refuses_other_splits(folders, tmp_path):
     train(TrainConfig(**base))
     with pytest.raises(MMToolError, match="splits"):
         train(TrainConfig(**{**base, "max_steps": 3, "splits": ["train", "validation"]}), resume=True)
+
+
+def test_each_folder_trains_its_own_objectives_and_the_tasks_are_logged(folders, tmp_path, cli):
+    """`--data DIR=W:objectives=...` (the flag form, through the real CLI): config.json records each
+    folder's tasks, metrics.jsonl logs each task's loss and its share of the loss and trunk gradient,
+    and the report shows the tasks' shares."""
+    run = tmp_path / "run"
+    cli("train", "--data", f"{folders / 'digits'}=1:objectives=caption,contrastive=0.5",
+        "--data", f"{folders / 'cartpole'}=1:objectives=behaviour-cloning", "--out", run,
+        "--batch-tokens", "1024", "--max-steps", "4", "--warmup", "1", "--num-workers", "0",
+        "--probe-every", "2")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["folder_objectives"] == [{"caption": 1.0, "contrastive": 0.5},
+                                                   {"behaviour-cloning": 1.0}]
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    tasks = {k for x in log for k in x["by_task"]}
+    assert tasks == {"digits/caption", "digits/contrastive", "cartpole/behaviour-cloning"}
+    both = [x for x in log if len(x["by_task"]) == 3]
+    assert both, "no step held both folders"
+    for x in both:
+        assert x["by_task"]["cartpole/behaviour-cloning"] == pytest.approx(x["losses"]["behaviour-cloning"])
+        assert sum(x["task_loss_share"].values()) == pytest.approx(1.0)
+    assert any("task_grad_share" in x and len(x["task_grad_share"]) == 3 for x in both)
+    assert not any("text" in k for x in log for k in x["by_stream"] if k.startswith("behaviour-cloning/"))
+    out = cli("report", run, "--out", tmp_path / "report").stdout
+    assert "digits/caption" in out and "cartpole/behaviour-cloning" in out
+
+
+def test_a_task_the_folder_cannot_feed_is_refused_naming_the_folder(folders, tmp_path):
+    cfg = TrainConfig(data=[f"{folders / 'digits'}=1:objectives=behaviour-cloning", str(folders / "cartpole")],
+                      out=tmp_path / "run", batch_tokens=1024, max_steps=1, num_workers=0)
+    with pytest.raises(MMToolError, match="digits: objective 'behaviour-cloning' cannot train"):
+        train(cfg)
+
+
+def test_fraction_keeps_a_seeded_nested_subset_of_one_folder(folders):
+    def members(frac, seed=0):
+        loader = Loader(TrainConfig(data=[f"{folders / 'digits'}=1:fraction={frac}", f"{folders / 'cartpole'}=1"],
+                                    seed=seed, num_workers=0).loader_config(0, 1, pin=False))
+        folder = loader.index.sample_folder[loader.members]
+        return set(loader.members[folder == 0].tolist()), int((folder == 1).sum())
+
+    full, cart = members(1.0)
+    quarter, cart_q = members(0.25)
+    half, _ = members(0.5)
+    assert len(quarter) == round(0.25 * len(full)) and quarter < half < full  # nested subsets
+    assert cart_q == cart  # the other folder untouched
+    assert members(0.25, seed=1)[0] != quarter  # another seed, another subset

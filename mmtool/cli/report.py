@@ -55,12 +55,14 @@ def importance_cell(abl: dict[str, Any]) -> str:
     return "\n".join([" > ".join(parts) or "nothing ranked"] + rest)
 
 
-def share_cell(shares: dict[str, Any] | None) -> str:
-    """`audio 0.12 [0.05, 0.20] / 0.30 [0.22, 0.41]`: loss share / trunk-gradient share, 95% intervals."""
+def share_cell(shares: dict[str, Any] | None, tasks: dict[str, Any] | None = None) -> str:
+    """`audio 0.12 [0.05, 0.20] / 0.30 [0.22, 0.41]`: loss share / trunk-gradient share, 95% intervals,
+    per modality, then per (folder, objective) task when the run had several."""
     if not shares:
         return "–"
     cells = []
-    for m, v in shares["modalities"].items():
+    items = list(shares["modalities"].items()) + list((tasks or {}).get("tasks", {}).items())
+    for m, v in items:
         grad = "–" if v["grad"] is None else f"{v['grad']:.2f} [{v['grad_ci95'][0]:.2f}, {v['grad_ci95'][1]:.2f}]"
         cells.append(f"{m} {v['loss']:.2f} [{v['loss_ci95'][0]:.2f}, {v['loss_ci95'][1]:.2f}] / {grad}")
     return "\n".join(cells)
@@ -117,7 +119,7 @@ def report_table(report: dict[str, Any]) -> Group:
             " ".join(f"{k} {v:.2f}" for k, v in (probes.get("attention_to_others") or {}).items()
                      if k != "separator") or "–",
             " ".join(f"{k} {v:.1e}" for k, v in (probes.get("grad_per_token") or {}).items()) or "–",
-            share_cell(e.get("shares")),
+            share_cell(e.get("shares"), e.get("task_shares")),
             imp,
             transfer_cell(e.get("transfer")))
     runs.caption = ("final loss: per source, mean over the last 20% of steps that held it [95% interval "
@@ -125,7 +127,7 @@ def report_table(report: dict[str, Any]) -> Group:
                     "after the first 10% of steps")
     learned.caption = ("attention: share each modality's tokens send to other modalities, mean over layers "
                        "and the last quarter of probe steps · grad/token: at each modality's encoder · "
-                       "loss / trunk-grad share: each modality's mean share over the last quarter of "
+                       "loss / trunk-grad share: each modality's (then each FOLDER/OBJECTIVE task's) mean share over the last quarter of "
                        "steps (grad: of the steps that logged it), 95% bootstrap interval · "
                        "importance: `mmtool ablate`, trained − untrained twin [95% interval], ranked groups (= tied), "
                        "then the unranked with their status · transfer: pretrained − scratch [95% interval] and verdict, "

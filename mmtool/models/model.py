@@ -96,6 +96,7 @@ class ModelOutput:
         hidden: the final hidden states `[N, d]` (attached): where the objectives' gradients enter the trunk.
         by_task: detached mean loss of each (folder, objective) task over its targets in the batch.
         task_losses: per (folder, objective), its attached part of `loss` (for gradient shares).
+        by_task_part: the same, detached (Σ = `loss` without a balancer's extra term).
     """
 
     loss: Tensor
@@ -109,6 +110,7 @@ class ModelOutput:
     hidden: Tensor | None = None
     by_task: dict[tuple[int, str], float] = field(default_factory=dict)
     task_losses: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+    by_task_part: dict[tuple[int, str], float] = field(default_factory=dict)
 
 
 class UnifiedModel(nn.Module):
@@ -300,24 +302,27 @@ class UnifiedModel(nn.Module):
             k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, d)  # [K]
             k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w.detach())  # [K]
             stats.append((name, rows.keys, torch.stack([k_sum, k_cnt])))
-        by_stream, modality_loss, by_task, counted = self._read_metrics(stats, by_modality, t_sum, t_cnt)
+        by_stream, modality_loss, by_task, counted, parts = self._read_metrics(
+            stats, by_modality, t_sum, t_cnt, task_part)
         names = list(self.objectives)
-        task_losses = {(f, names[o]): task_part[f, o] for f, o in by_task}
         return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
                            modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
                                            if m in modality_loss}, hidden,
-                           {(f, names[o]): v for (f, o), v in by_task.items()}, task_losses)
+                           {(f, names[o]): v for (f, o), v in by_task.items()},
+                           {(f, names[o]): task_part[f, o] for f, o in by_task},
+                           {(f, names[o]): parts[f * len(names) + o] for f, o in by_task})
 
     def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]], by_modality: Tensor, t_sum: Tensor,
-                      t_cnt: Tensor) -> tuple[dict[str, float], dict[str, float], dict[tuple[int, int], float],
-                                              tuple[str, ...]]:
-        """(by_stream, by_modality, by_task {(folder, objective index): mean}, counted objectives)
-        from one device→host read of every metric."""
+                      t_cnt: Tensor, task_part: Tensor) -> tuple[dict[str, float], dict[str, float],
+                                                                 dict[tuple[int, int], float], tuple[str, ...],
+                                                                 list[float]]:
+        """(by_stream, by_modality, by_task {(folder, objective index): mean}, counted objectives,
+        each task's part of the loss [F·O]) from one device→host read of every metric."""
         by_stream: dict[str, float] = {}
         if not stats:
-            return by_stream, {}, {}, ()
+            return by_stream, {}, {}, (), []
         host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach(), t_sum.flatten(),
-                                                               t_cnt.flatten()]).tolist()
+                                                               t_cnt.flatten(), task_part.detach().flatten()]).tolist()
         at, counted = 0, []
         for name, keys, t in stats:
             k = len(keys)
@@ -327,12 +332,13 @@ class UnifiedModel(nn.Module):
             if sum(cnts) > 0:
                 counted.append(name)
         m, cells = len(self.modalities), t_sum.numel()
-        mods, sums, cnts = host[at:at + m], host[at + m:at + m + cells], host[at + m + cells:]
+        mods, sums = host[at:at + m], host[at + m:at + m + cells]
+        cnts, parts = host[at + m + cells:at + m + 2 * cells], host[at + m + 2 * cells:]
         o_n = t_sum.shape[1]
         by_task = {(i // o_n, i % o_n): s / c for i, (s, c) in enumerate(zip(sums, cnts)) if c > 0}
         scored = {m for key in by_stream for m in self._key_modalities(key.split("/", 1)[1])}
         return by_stream, {name: v for name, v in zip(self.modalities, mods) if name in scored}, by_task, \
-            tuple(counted)
+            tuple(counted), parts
 
     def _key_modalities(self, key: str) -> list[str]:
         """The modalities a row group belongs to: a stream key's modality, or both of "image+text"."""

@@ -171,3 +171,34 @@ def test_mix_by_is_checked_and_read_from_the_mixture_file(tmp_path):
     mix.write_text("mix_by: bytes\ndatasets:\n  - path: a\n")
     with pytest.raises(MMToolError, match="mix.yaml: mix_by 'bytes'"):
         resolve_mix_by(None, [str(mix)])
+
+
+def test_parse_per_folder_objectives_and_fraction(tmp_path):
+    specs = parse_data_specs(["d/digits=2:objectives=caption,contrastive=0.5:fraction=0.25",
+                              "d/pydocs:objectives=next-token:modalities=text=2", "d/cartpole"])
+    assert [(str(s.path), s.weight, s.objectives, s.fraction) for s in specs] == [
+        ("d/digits", 2.0, {"caption": 1.0, "contrastive": 0.5}, 0.25),
+        ("d/pydocs", 1.0, {"next-token:modalities=text": 2.0}, 1.0),
+        ("d/cartpole", 1.0, None, 1.0)]
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("datasets:\n  - path: digits\n    objectives: {caption: 1, mae: 0.5}\n"
+                   "    fraction: 0.5\n  - path: cartpole\n    objectives: behaviour-cloning\n")
+    a, b = parse_data_specs([str(mix)])
+    assert a.objectives == {"caption": 1.0, "mae": 0.5} and a.fraction == 0.5
+    assert b.objectives == {"behaviour-cloning": 1.0} and b.path == tmp_path / "cartpole"
+
+
+@pytest.mark.parametrize("spec, reason", [("d=1:fraction=0", "fraction must be in"),
+                                          ("d=1:fraction=abc", "not a number"),
+                                          ("d:objectives=caption=-1", "must be ≥ 0"),
+                                          ("d:objectives=", "names no objective")])
+def test_bad_folder_options_name_the_entry(spec, reason):
+    with pytest.raises(MMToolError, match=reason):
+        parse_data_specs([spec])
+
+
+def test_unknown_mixture_key_is_named(tmp_path):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("datasets:\n  - path: digits\n    weigth: 2\n")
+    with pytest.raises(MMToolError, match="unknown key weigth"):
+        parse_data_specs([str(mix)])
