@@ -97,3 +97,21 @@ def test_fraction_keeps_a_seeded_nested_subset_of_one_folder(folders):
     assert len(quarter) == round(0.25 * len(full)) and quarter < half < full  # nested subsets
     assert cart_q == cart  # the other folder untouched
     assert members(0.25, seed=1)[0] != quarter  # another seed, another subset
+
+
+def test_a_balanced_multi_task_run_resumes_exactly(folders, tmp_path):
+    """loss-scale keeps running means in the model's state: a run stopped after step 2 (a NaN at
+    step 3) and resumed logs the same losses as one that never stopped."""
+    def cfg(out, **kw):
+        return TrainConfig(data=[f"{folders / 'digits'}=1:objectives=caption,contrastive=0.5",
+                                 f"{folders / 'cartpole'}=1:objectives=behaviour-cloning"],
+                           out=out, batch_tokens=1024, max_steps=4, save_every=2, warmup=1,
+                           num_workers=0, model=ModelConfig(size="tiny", task_balance="loss-scale"), **kw)
+
+    train(cfg(tmp_path / "straight"))
+    with pytest.raises(MMToolError, match="loss is nan at step 3"):
+        train(cfg(tmp_path / "stopped", fault_nan_step=3))
+    train(cfg(tmp_path / "stopped"), resume=True)
+    a, b = ([json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("straight", "stopped"))
+    assert a == b and len(a) == 4
