@@ -13,7 +13,8 @@ A sweep file (YAML) has three blocks::
       grid: {model.fusion: [early, mid, late]}   # dotted keys; the full product is run
       seeds: [0, 1, 2]
       labels: {data: [equal, digits-x4]}         # optional: a label per value of an axis
-      baseline: {model.fusion: late}             # optional: the point differences are taken against
+      baseline: {model.fusion: late}             # optional: the point differences are taken
+                                                 # against (grid values, or a point label)
     evaluate:                   # per run, after training (`mmtool ls sweep-evaluations`)
       - eval-transfer: {task: digits, protocols: [kshot], ks: [1, 5], episodes: 50}
       - ablate: {batches: 10}
@@ -257,6 +258,11 @@ def baseline_point(spec: SweepSpec, pts: list[Point]) -> str:
     """The label of the baseline point: `sweep.baseline`'s grid values, else the first point."""
     if not spec.baseline:
         return pts[0].label
+    if isinstance(spec.baseline, str):
+        if spec.baseline not in {p.label for p in pts}:
+            raise MMToolError(f"{spec.origin} baseline {spec.baseline!r}: no grid point has this label "
+                              f"(labels: {', '.join(dict.fromkeys(p.label for p in pts))})")
+        return spec.baseline
     if not isinstance(spec.baseline, dict):
         raise MMToolError(f"{spec.origin} baseline: expected a mapping of grid values, e.g. {{model.fusion: late}}")
     for p in pts:
@@ -394,8 +400,9 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "sweep-point.json", {"label": point.label, "values": point.values,
                                                  "seed": point.seed, "settings": identity})
+    t0 = time.perf_counter()
     cfg.data = resolve_data(list(cfg.data), settings.get("text_encoder", "learned"), out, say)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"data_s": time.perf_counter() - t0}  # preprocess/embed: the first run pays
     if _finished(cfg):
         say(f"[{point.index}] {point.run_name}: trained already (step {cfg.max_steps}), not retrained")
     else:

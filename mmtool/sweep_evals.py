@@ -15,8 +15,9 @@ a metric reader. Built in:
 
 Always collected, from metrics.jsonl through `mmtool.report.summarize` (the same tail rule as
 `mmtool report`: the mean over the last 20% of steps, with an interval over those steps):
-`loss`, `loss/SOURCE` per source folder, `objective/NAME` per objective, `tokens_per_s` (median
-over steps), `grad_norm_cv` (after warm-up), `train_seconds` (sum of step times).
+`loss`, `loss/SOURCE` per source folder (an embedding folder under the name of the folder it was
+embedded from), `objective/NAME` per objective, `tokens_per_s` (median over steps), `grad_norm`
+and `grad_norm_cv` (mean and std / mean after warm-up), `train_seconds` (sum of step times).
 
 Each metric carries a direction for the sweep's verdicts: -1 lower is better (losses, seconds),
 +1 higher is better (throughput, transfer accuracy and gain), 0 neither (importance, grad-norm CV).
@@ -177,6 +178,29 @@ def _metric(entry: dict[str, Any] | None, direction: int) -> Metric | None:
             "ci95": None if not ci or ci[0] is None else [float(c) for c in ci]}
 
 
+def source_names(run: Path) -> dict[str, str]:
+    """Folder name → the name its loss is reported under: an embedding folder (`mmtool embed`,
+    `text_encoder: frozen:NAME`) by the folder it was embedded from, so that `loss/digits` of a
+    frozen-text run pairs with `loss/digits` of a learned one; other folders by their own name."""
+    from mmtool.data.mixture import parse_data_specs
+
+    try:
+        data = json.loads((Path(run) / "config.json").read_text()).get("data") or []
+        specs = parse_data_specs([str(d) for d in data])
+    except (OSError, ValueError, MMToolError):
+        return {}
+    names = {}
+    for spec in specs:
+        try:
+            manifest = json.loads((Path(spec.path) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        source = ((manifest.get("embedding") or {}).get("source") or {}).get("path")
+        if source:
+            names[Path(spec.path).name] = Path(source).name
+    return names
+
+
 def training_metrics(run: Path) -> dict[str, Metric]:
     """The always-collected metrics of a run folder (see the module docstring)."""
     from mmtool.report import summarize
@@ -185,14 +209,16 @@ def training_metrics(run: Path) -> dict[str, Metric]:
     out: dict[str, Metric] = {}
     if (m := _metric(final.get("loss_tail"), -1)) is not None:
         out["loss"] = m
+    renamed = source_names(run)
     for src, entry in (final.get("by_source") or {}).items():
         if (m := _metric(entry, -1)) is not None:
-            out[f"loss/{src}"] = m
+            out[f"loss/{renamed.get(src, src)}"] = {**m, "folder": src} if src in renamed else m
     for obj, value in (final.get("losses_tail") or {}).items():
         out[f"objective/{obj}"] = {"value": float(value), "ci95": None, "direction": -1}
     if final.get("tokens_per_s") is not None:
         out["tokens_per_s"] = {"value": float(final["tokens_per_s"]), "ci95": None, "direction": 1}
     if final.get("grad_norm"):
+        out["grad_norm"] = {"value": float(final["grad_norm"]["mean"]), "ci95": None, "direction": 0}
         out["grad_norm_cv"] = {"value": float(final["grad_norm"]["cv"]), "ci95": None, "direction": 0}
     if final.get("seconds") is not None:
         out["train_seconds"] = {"value": float(final["seconds"]), "ci95": None, "direction": -1}

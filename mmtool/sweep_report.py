@@ -232,7 +232,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 # -- plots ---------------------------------------------------------------------------------------
 def _family(metric: str) -> str:
     head = metric.split("/")[0]
-    return {"tokens_per_s": "training", "grad_norm_cv": "training", "train_seconds": "training"}.get(head, head)
+    return {"tokens_per_s": "training", "grad_norm": "training", "grad_norm_cv": "training",
+            "train_seconds": "training"}.get(head, head)
 
 
 def plot_report(report: dict[str, Any], folder: Path) -> list[str]:
