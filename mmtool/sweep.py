@@ -217,8 +217,10 @@ def load_spec(path: str | Path | None = None, grid: list[str] | None = None,
                      baseline=block.get("baseline"), scale=float(scale), origin=origin,
                      evaluate=_parse_evaluations(doc.get("evaluate"), origin))
     pts = points(spec)
-    for p in pts[::len(spec.seeds)]:
-        train_config(spec, p, Path("."))  # every key of every point checked before anything runs
+    for p in pts[::len(spec.seeds)]:  # every key of every point checked before anything runs
+        if not train_config(spec, p, Path(".")).data:
+            raise MMToolError(f"{origin}: point {p.label} has no training data: give train: data: "
+                              "[builtin:NAME or DIR[=WEIGHT], ...] or --set data=DIR")
     baseline_point(spec, pts)
     return spec
 
@@ -273,7 +275,7 @@ def baseline_point(spec: SweepSpec, pts: list[Point]) -> str:
 
 
 def point_settings(spec: SweepSpec, point: Point) -> dict[str, Any]:
-    """The point's flat settings (base, then grid values, then seed and scale) — its identity."""
+    """The point's flat settings: base, then grid values, then seed and scale."""
     settings = {**SWEEP_KEYS, **spec.train}
     for key, value in point.values.items():
         settings.update(_flatten(value, f"{key}.") if isinstance(value, dict) and key != "model.objectives"
@@ -307,6 +309,15 @@ def train_config(spec: SweepSpec, point: Point, out: Path) -> Any:
             setattr(cfg, key, max(1 if key != "warmup" else 0, int(round(getattr(cfg, key) * spec.scale))))
     cfg.out = Path(out) / "runs" / point.run_name
     return cfg
+
+
+def identity(spec: SweepSpec, point: Point) -> dict[str, Any]:
+    """What makes a run this point's run: its resolved TrainConfig (but the folder), text encoder
+    and scale, JSON-ready — so `max_steps: 5` in YAML and `--set max_steps=5` are the same run."""
+    cfg = to_dict(train_config(spec, point, Path(".")))
+    cfg.pop("out", None)
+    settings = point_settings(spec, point)
+    return {**cfg, "text_encoder": str(settings.get("text_encoder")), "scale": spec.scale}
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -386,20 +397,20 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
     cfg = train_config(spec, point, out)
     run = Path(cfg.out)
     settings = point_settings(spec, point)
-    identity = json.loads(json.dumps(settings, default=str))
+    ident = identity(spec, point)
     prev = _read(run / RESULT)
-    if prev is not None and prev.get("settings") == identity and prev.get("evaluate") == spec.evaluate:
+    if prev is not None and prev.get("settings") == ident and prev.get("evaluate") == spec.evaluate:
         say(f"[{point.index}] {point.run_name}: done already, skipped")
         return {**prev, "status": "skipped"}
     marker = _read(run / "sweep-point.json")
-    if marker is not None and marker.get("settings") != identity:
-        diff = sorted(k for k in set(marker["settings"]) | set(identity)
-                      if marker["settings"].get(k) != identity.get(k))
+    if marker is not None and marker.get("settings") != ident:
+        diff = sorted(k for k in set(marker["settings"]) | set(ident)
+                      if marker["settings"].get(k) != ident.get(k))
         raise MMToolError(f"{run}: holds a run of other settings ({', '.join(diff)} differ); "
                           "use another --out or remove that folder")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "sweep-point.json", {"label": point.label, "values": point.values,
-                                                 "seed": point.seed, "settings": identity})
+                                                 "seed": point.seed, "settings": ident})
     t0 = time.perf_counter()
     cfg.data = resolve_data(list(cfg.data), settings.get("text_encoder", "learned"), out, say)
     timings: dict[str, float] = {"data_s": time.perf_counter() - t0}  # preprocess/embed: the first run pays
@@ -419,7 +430,7 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
         timings[f"{ev['name']}_s"] = time.perf_counter() - t0
     result = {"point": {"index": point.index, "label": point.label, "values": point.values,
                         "seed": point.seed, "run": point.run_name},
-              "settings": identity, "evaluate": spec.evaluate, "config": to_dict(cfg),
+              "settings": ident, "evaluate": spec.evaluate, "config": to_dict(cfg),
               "metrics": collect_metrics(run, spec.evaluate), "evaluations": evals, "timings": timings}
     atomic_write_json(run / RESULT, result)
     return {**result, "status": "done"}
@@ -431,8 +442,7 @@ def load_results(spec: SweepSpec, out: Path) -> dict[str, dict[str, Any] | None]
     res: dict[str, dict[str, Any] | None] = {}
     for p in points(spec):
         doc = _read(Path(out) / "runs" / p.run_name / RESULT)
-        ident = json.loads(json.dumps(point_settings(spec, p), default=str))
-        res[p.run_name] = doc if doc and doc.get("settings") == ident else None
+        res[p.run_name] = doc if doc and doc.get("settings") == identity(spec, p) else None
     return res
 
 
