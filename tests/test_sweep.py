@@ -165,6 +165,30 @@ def test_list_values_labels_and_scale(tmp_path):
     assert (cfg.max_steps, cfg.warmup, cfg.save_every) == (25, 5, 12)
 
 
+def test_text_encoder_axis_and_ablate_evaluation(grid_sweep, tmp_path):
+    """`text_encoder: frozen:minilm-l6` embeds the captions once (the library call behind
+    `mmtool train --text-encoder`); the frozen run's loss is reported under its source's name, so it
+    pairs with the learned run; the ablate evaluation's importance comes with its interval."""
+    _, out, _, _ = grid_sweep
+    data = str((out / "data" / "digits").resolve())
+    cfg = _write(tmp_path / "fvl.yaml", {
+        "train": {**TINY, "data": [data], "max_steps": 2, "save_every": 2,
+                  "model": {"size": "tiny", "fusion": "late", "objectives": {"masked-patch": 1, "contrastive": 1}}},
+        "sweep": {"grid": {"text_encoder": ["learned", "frozen:minilm-l6"]}, "seeds": [0, 1],
+                  "labels": {"text_encoder": ["learned", "frozen"]}},
+        "evaluate": [{"ablate": {"batches": 2, "batch_samples": 16, "bootstrap": 50}}]})
+    report = run_sweep(load_spec(cfg), tmp_path / "out")["report"]
+    frozen = json.loads((tmp_path / "out" / "runs" / "text_encoder-frozen-s0" / "config.json").read_text())
+    assert frozen["data"] == [str((tmp_path / "out" / "embeddings" / "digits-minilm-l6").resolve())]
+    assert len(list((tmp_path / "out" / "embeddings").iterdir())) == 1  # embedded once for both seeds
+    (diff,) = report["differences"]
+    assert diff["label"] == "text_encoder-frozen" and diff["metrics"]["loss/digits"]["n"] == 2
+    res = json.loads((tmp_path / "out" / "runs" / "text_encoder-learned-s1" / "sweep-result.json").read_text())
+    imp = res["metrics"]["ablate/image/drop/importance"]
+    assert imp["status"] and len(imp["ci95"]) == 2
+    assert (tmp_path / "out" / "runs" / "text_encoder-learned-s1" / "evals" / "ablate" / "ablation.json").is_file()
+
+
 def test_kill_mid_sweep_then_rerun_finishes_only_the_missing(grid_sweep, tmp_path):
     """A real `python -m mmtool sweep` SIGKILLed after its first run finished, then rerun."""
     _, out, _, _ = grid_sweep
