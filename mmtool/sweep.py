@@ -145,6 +145,8 @@ def _parse_evaluations(items: Any, origin: str) -> list[dict[str, Any]]:
             item = {"kind": item}
         if isinstance(item, dict) and "kind" not in item and len(item) == 1:
             (kind, settings), = item.items()
+            if not isinstance(settings or {}, dict):
+                raise MMToolError(f"{origin} evaluate[{i}] {kind}: expected a mapping of settings, got {settings!r}")
             item = {"kind": kind, **(settings or {})}
         if not isinstance(item, dict) or "kind" not in item:
             raise MMToolError(f"{origin} evaluate[{i}]: expected {{KIND: {{settings}}}} "
