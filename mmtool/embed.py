@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from mmtool import __version__
 from mmtool.data import shards as store
+from mmtool.data.mixture import split_entry
 from mmtool.data.preprocess import PARTIAL, PLAN, _assemble, _check_unique_ids, _count, _finished_parts, _merge
 from mmtool.data.schema import SCHEMA_VERSION, Sample, Segment, rows_to_samples, samples_to_batch
 from mmtool.errors import MMToolError
@@ -355,17 +356,6 @@ def verify_embedding(embed_dir: str | Path, source_dir: str | Path | None = None
 # Training on embeddings: `mmtool train --embeddings DIR` and `--text-encoder frozen:NAME`
 
 
-def _split_weight(entry: str) -> tuple[str, str]:
-    path, sep, weight = entry.rpartition("=")
-    if sep and path and not Path(entry).exists():
-        try:
-            float(weight)
-            return path, f"={weight}"
-        except ValueError:
-            pass
-    return entry, ""
-
-
 def resolve_training_data(data: list[str], embeddings: list[str] | None = None,
                           text_encoder: str | None = None, cache: str | Path = "embeddings",
                           progress_factory: Callable[[str], dict] | None = None,
@@ -386,7 +376,7 @@ def resolve_training_data(data: list[str], embeddings: list[str] | None = None,
         recorded = Path(block["source"]["path"])
         match = None
         for i, entry in enumerate(out):
-            path, _ = _split_weight(entry)
+            path, _ = split_entry(entry)
             p = Path(path)
             if not (p / store.MANIFEST).is_file():
                 continue
@@ -396,7 +386,7 @@ def resolve_training_data(data: list[str], embeddings: list[str] | None = None,
         if match is None:
             out.append(str(emb))
             continue
-        path, weight = _split_weight(out[match])
+        path, weight = split_entry(out[match])
         verify_embedding(emb, path)
         out[match] = f"{emb}{weight}"
     if text_encoder and text_encoder != "learned":
@@ -406,7 +396,7 @@ def resolve_training_data(data: list[str], embeddings: list[str] | None = None,
                               "(e.g. frozen:minilm-l6; `mmtool ls frozen-encoders`)")
         enc = resolve_encoder(name)
         for i, entry in enumerate(out):
-            path, weight = _split_weight(entry)
+            path, weight = split_entry(entry)
             p = Path(path)
             if not (p / store.MANIFEST).is_file():
                 continue

@@ -91,6 +91,21 @@ def parse_data_specs(specs: list[str]) -> list[DataSpec]:
     return out
 
 
+def split_entry(entry: str) -> tuple[str, str]:
+    """A `--data` entry → (folder path, the rest as written: `=WEIGHT` and `:key=value` options),
+    so that a folder can be swapped for another (e.g. its embeddings) keeping its settings."""
+    head, *rest = _OPTIONS.split(entry, maxsplit=1)
+    options = entry[len(head):]
+    path, sep, weight = head.rpartition("=")
+    if sep and path and not Path(head).exists():
+        try:
+            float(weight)
+            return path, f"={weight}{options}"
+        except ValueError:
+            pass
+    return head, options
+
+
 def _objectives(value: str | dict | None, spec: str) -> dict[str, float] | None:
     if value is None:
         return None
