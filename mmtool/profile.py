@@ -370,17 +370,13 @@ def check_plot_path(path: str | Path) -> None:
 def plot_profile(result: dict[str, Any], path: str | Path) -> None:
     """Bar charts comparing the strategies: samples/s, real tokens/s, padding (and step, if any).
 
-    The measured version of the "speed by data-handling method" figure. Written with the Agg
-    backend (no display needed), atomically.
+    The measured version of the "speed by data-handling method" figure. Written atomically, as a
+    `Figure` object (no display, no global backend switch).
     """
     check_plot_path(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from mmtool.data.shards import _replace, _tmp_path
+    from mmtool.plotting import colors, save_figure, subplots
 
     names = list(result["strategies"])
     rows = [result["strategies"][n] for n in names]
@@ -390,10 +386,9 @@ def plot_profile(result: dict[str, Any], path: str | Path) -> None:
     if all(r["step"] for r in rows):
         panels += [("step real tokens / s", [r["step"]["real_tokens_per_s"] for r in rows], "{:,.0f}"),
                    ("data wait % of step", [100 * r["step"]["data_wait_fraction"] for r in rows], "{:.1f}%")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (title, values, fmt) in zip(axes[0], panels):
-        bars = ax.bar(range(len(names)), values, color=[colors[i % 10] for i in range(len(names))])
+        bars = ax.bar(range(len(names)), values, color=colors(len(names)))
         ax.set_title(title)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8, padding=2)
@@ -408,11 +403,4 @@ def plot_profile(result: dict[str, Any], path: str | Path) -> None:
                  f"torch {machine['torch']}, {machine['cpu_count']} CPUs"
                  + (f", {machine['accelerator']}" if machine["accelerator"] else ""), fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=110)
-        _replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)

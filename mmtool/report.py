@@ -25,8 +25,6 @@ does not mistake it for an eval-transfer one), `loss_curves.png` (one smoothed c
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +32,11 @@ import numpy as np
 
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
+from mmtool.plotting import save_figure
 from mmtool.stats import bootstrap_ci
 
 KIND = "mmtool-report"
 MAX_CURVE_POINTS = 500
-
-
-def save_figure(fig: Any, path: str | Path) -> None:
-    """Saves a matplotlib figure atomically (temporary file, then rename) and closes it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _is_run(path: Path) -> bool:
@@ -360,15 +342,12 @@ def build_report(paths: list[str | Path]) -> dict[str, Any]:
 def plot_loss_curves(report: dict[str, Any], path: str | Path) -> bool:
     """One smoothed loss curve per (run, source), from `by_source` (EMA over the steps that held the
     source, raw points faint); runs without `by_source` draw their total. False: no curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mmtool.plotting import subplots
 
     runs = [e for e in report["entries"] if e.get("curve")]
     if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    fig, ax = subplots(figsize=(7.2, 4.2))
     styles = ["-", "--", ":", "-."]
     sources = sorted({src for e in runs for src in (e["curve"].get("by_source") or {})})
     for i, e in enumerate(runs):
@@ -395,16 +374,13 @@ def plot_loss_curves(report: dict[str, Any], path: str | Path) -> bool:
 
 def plot_importance(report: dict[str, Any], path: str | Path) -> bool:
     """Grouped bars: each modality's importance (ranking mode) per run, 95% error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mmtool.plotting import subplots
 
     runs = [e for e in report["entries"] if e.get("ablation")]
     if not runs:
         return False
     mods = sorted({m for e in runs for m in e["ablation"]["importance"]})
-    fig, ax = plt.subplots(figsize=(2 + 1.4 * len(mods), 3.8))
+    fig, ax = subplots(figsize=(2 + 1.4 * len(mods), 3.8))
     width = 0.8 / len(runs)
     metrics = set()
     for j, e in enumerate(runs):
@@ -436,15 +412,12 @@ def plot_importance(report: dict[str, Any], path: str | Path) -> bool:
 
 def plot_ablation(result: dict[str, Any], path: str | Path, title: str | None = None) -> None:
     """Bar chart of each modality's importance per mode with 95% interval error bars (atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mmtool.plotting import subplots
 
     res = result["results"]
     mods = sorted(res, key=lambda n: result["ranking"].index(n) if n in result["ranking"] else 99)
     modes = [m for m in result["settings"]["modes"] if any(m in res[n] for n in mods)]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(len(mods), 1) * max(len(modes), 1) / 2, 3.6))
+    fig, ax = subplots(figsize=(1.6 + 1.3 * max(len(mods), 1) * max(len(modes), 1) / 2, 3.6))
     width = 0.8 / max(len(modes), 1)
     metric = ""
     for j, mode in enumerate(modes):

@@ -1,6 +1,6 @@
 """The report of a sweep: every metric per grid point over seeds, paired differences, plots.
 
-Written to `OUT/sweep.json`, `OUT/sweep.md` and `OUT/plots/*.png` (through `mmtool.report.save_figure`):
+Written to `OUT/sweep.json`, `OUT/sweep.md` and `OUT/plots/*.png` (through `mmtool.plotting.save_figure`):
 
 * **per grid point**: each metric's mean over seeds with a 95% percentile bootstrap interval over
   the seeds (`stats.bootstrap_ci`; one seed: "n=1, no interval"). With 2–3 seeds a bootstrap has
@@ -239,12 +239,9 @@ def _family(metric: str) -> str:
 def plot_report(report: dict[str, Any], folder: Path) -> list[str]:
     """One PNG per metric family (loss, objective, training, each evaluation): a panel per metric,
     the mean per grid point with its interval over seeds, and each seed's value as a dot."""
-    import matplotlib
+    from mmtool.plotting import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmtool.report import save_figure
+    from mmtool.plotting import save_figure
 
     families: dict[str, list[str]] = {}
     for m in report["metrics"]:
@@ -257,7 +254,7 @@ def plot_report(report: dict[str, Any], folder: Path) -> list[str]:
             chunk = metrics[part:part + PANELS_PER_FIGURE]
             cols = min(3, len(chunk))
             rows = -(-len(chunk) // cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+            fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
             for ax, m in zip(axes.flat, chunk):
                 for x, lb in enumerate(labels):
                     e = by[lb]["metrics"].get(m)

@@ -15,14 +15,9 @@ def plot_task(name: str, entry: dict[str, Any], path: Path) -> bool:
               if r["curve"] and (p in CURVES or p == "kshot")]
     if not panels:
         return False
-    import matplotlib
+    from mmtool.plotting import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmtool.data.shards import _replace, _tmp_path
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     style = {"pretrained": ("tab:blue", "o"), "scratch": ("tab:orange", "s")}
     for ax, (proto, res) in zip(axes[0], panels):
         xkey = "k" if proto == "kshot" else "fraction"
@@ -51,11 +46,5 @@ def plot_task(name: str, entry: dict[str, Any], path: Path) -> bool:
                  f"{entry['split']['seed']}, train/val/test {split['train']}/{split['validation']}/"
                  f"{split['test']}", fontsize=10)
     fig.tight_layout()
-    tmp = _tmp_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        _replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
     return True

@@ -175,3 +175,20 @@ def test_unknown_names_and_bad_settings(index):
     m = model(index, max_positions=64)
     with pytest.raises(MMToolError, match="max_positions=64"):
         m(assemble(index, np.array([16]), "packed"))  # a 350-token episode
+
+
+# The tiny model's first-step losses at seed 0 on a fixed batch (digits + cartpole, byte text), one
+# value per objective: any silent numeric drift — initialisation, an encoder, attention, an
+# objective's reduction — changes them and fails here. If a change is *meant* to alter the
+# numbers, re-measure them and say why in the commit.
+PINNED_FIRST_STEP = {"next-token": 3.6485188, "masked-patch": 0.7144188, "contrastive": 1.6228044}
+
+
+def test_first_step_losses_are_pinned(index):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny", objectives={k: 1.0 for k in PINNED_FIRST_STEP}),
+                        index.streams)
+    batch = assemble(index, np.array(list(range(8)) + [16, 17]), "packed")
+    out = model(batch, torch.Generator().manual_seed(0))
+    got = {k: round(float(v), 7) for k, v in out.losses.items()}
+    assert got == pytest.approx(PINNED_FIRST_STEP, rel=1e-5, abs=1e-6), got
