@@ -345,7 +345,7 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
                         continue
                     seed = cfg.seed * 1_000_003 + bi  # the same corruption masks intact/ablated, trained/twin
                     a = rebuild(batch, intact, chosen)
-                    z = rebuild(batch, abl, chosen, keep_positions=mode == "drop")
+                    z = rebuild(batch, abl, chosen, keep_positions=ABLATIONS.get(mode).keep_positions)
                     rec = records.setdefault((name, mode), {"samples": [], "no_loss": 0, "structural": True,
                                                             **{w: {"intact": [], "ablated": []} for w in models}})
                     rec["samples"].append(len(chosen))
@@ -471,7 +471,7 @@ def _accuracy_rows(probe: Any, feats_intact: dict[int, np.ndarray], ablated: lis
         return None
     y = np.array([folder[s] * 1_000_000 + labels[s] for _, s, _ in rows])
     base = probe.predict(np.stack([feats_intact[s] for _, s, _ in rows])) == y
-    if mode == "drop":  # what the rest still tells: a probe refit without the modality
+    if ABLATIONS.get(mode).refit_probe:  # what the rest still tells: a probe refit without the modality
         hit = _refit_drop(ablated, held, labels, folder, c, rows, y)
     else:
         hit = probe.predict(np.stack([f for *_, f in rows])) == y

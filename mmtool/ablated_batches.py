@@ -9,15 +9,70 @@ the result: `mmtool.ablate`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from mmtool.data.batch import Batch, BufferBuilder
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
-ABLATIONS: Registry[str] = Registry("ablations", "ablation modes of `mmtool ablate --modes`")
-ABLATIONS.add("drop", "drop", "remove the modality's tokens from each sample that has another modality")
-ABLATIONS.add("permute", "permute",
+@dataclass(frozen=True)
+class Ablation:
+    """One ablation mode: how the affected samples' slots are reordered, and how to read the result.
+
+    Attributes:
+        orders: (slots per sample, is_m per sample (bool over its slots), candidate samples — those
+            with modality m and another modality —, signature per sample of the batch, rng) →
+            (chosen samples, their ablated slot orders).
+        keep_positions: rebuilt tokens keep their original positions (drop: the gap stays a gap).
+        refit_probe: the accuracy check refits its probe on ablated training features (drop: what
+            the rest still tells), instead of applying the intact-data probe.
+    """
+
+    orders: Callable[..., tuple[list[int], list[np.ndarray]]]
+    keep_positions: bool = False
+    refit_probe: bool = False
+
+
+ABLATIONS: Registry[Ablation] = Registry(
+    "ablations", "ablation modes of `mmtool ablate --modes` (a plug-in registers an `Ablation`)")
+
+
+def _drop(slots, is_m, cand, signature, rng):
+    return cand, [slots[i][~is_m[i]] for i in cand]
+
+
+def _permute(slots, is_m, cand, signature, rng):
+    chosen, ablated = [], []
+    sig = signature[cand] if cand else np.zeros(0, np.int64)
+    donor: dict[int, int] = {}
+    for s in np.unique(sig):
+        group = [cand[j] for j in np.flatnonzero(sig == s)]
+        if len(group) < 2:
+            continue
+        for a, d in zip(group, np.asarray(group)[derangement(len(group), rng)]):
+            donor[a] = int(d)
+    for i in cand:
+        if i not in donor:
+            continue
+        mine, theirs = slots[i], slots[donor[i]][is_m[donor[i]]]
+        if int(is_m[i].sum()) == len(theirs):  # same count: slot for slot (keeps interleaving)
+            new = mine.copy()
+            new[is_m[i]] = theirs
+        else:  # a block of another length where this sample's first such token was
+            p = int(np.argmax(is_m[i]))
+            rest = mine[~is_m[i]]
+            new = np.concatenate([rest[:p], theirs, rest[p:]])
+        chosen.append(i)
+        ablated.append(new)
+    return chosen, ablated
+
+
+ABLATIONS.add("drop", Ablation(_drop, keep_positions=True, refit_probe=True),
+              "remove the modality's tokens from each sample that has another modality")
+ABLATIONS.add("permute", Ablation(_permute),
               "swap the modality's tokens between same-signature samples of a batch (no sample keeps its own)")
 
 
@@ -115,36 +170,12 @@ def ablated_orders(batch: Batch, modality_of_slot: np.ndarray, m: int, mode: str
     """(affected samples, their intact slot orders, their ablated slot orders) for modality `m`.
 
     Affected: samples with modality `m` and at least one other non-separator modality (and, for
-    permute, a same-signature partner in the batch). `modality_of_slot` is -1 for separators.
+    permute, a same-signature partner in the batch). `modality_of_slot` is -1 for separators. The
+    mode is looked up in `ABLATIONS` (unknown modes are refused, listing the known ones).
     """
     slots = sample_slots(batch)
     is_m = [modality_of_slot[s] == m for s in slots]
     other = [((modality_of_slot[s] != m) & (modality_of_slot[s] >= 0)).any() for s in slots]
     cand = [i for i in range(len(slots)) if is_m[i].any() and other[i]]
-    if mode == "drop":
-        return cand, [slots[i] for i in cand], [slots[i][~is_m[i]] for i in cand]
-    if mode != "permute":
-        raise MMToolError(f"unknown ablation mode {mode!r}")
-    chosen, ablated = [], []
-    sig = signature[cand] if cand else np.zeros(0, np.int64)
-    donor: dict[int, int] = {}
-    for s in np.unique(sig):
-        group = [cand[j] for j in np.flatnonzero(sig == s)]
-        if len(group) < 2:
-            continue
-        for a, d in zip(group, np.asarray(group)[derangement(len(group), rng)]):
-            donor[a] = int(d)
-    for i in cand:
-        if i not in donor:
-            continue
-        mine, theirs = slots[i], slots[donor[i]][is_m[donor[i]]]
-        if int(is_m[i].sum()) == len(theirs):  # same count: slot for slot (keeps interleaving)
-            new = mine.copy()
-            new[is_m[i]] = theirs
-        else:  # a block of another length where this sample's first such token was
-            p = int(np.argmax(is_m[i]))
-            rest = mine[~is_m[i]]
-            new = np.concatenate([rest[:p], theirs, rest[p:]])
-        chosen.append(i)
-        ablated.append(new)
+    chosen, ablated = ABLATIONS.get(mode).orders(slots, is_m, cand, signature, rng)
     return chosen, [slots[i] for i in chosen], ablated

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmtool.ablate import AblateConfig, ablate, cannot_change_others, rank, untrained_twin
-from mmtool.ablated_batches import ablated_orders, derangement, rebuild, sample_slots
+from mmtool.ablated_batches import ABLATIONS, Ablation, ablated_orders, derangement, rebuild, sample_slots
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 from mmtool.checkpoint import list_checkpoints, load
 from mmtool.data.batching import assemble
@@ -191,6 +191,14 @@ def test_ablate_a_trained_run(data, tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 1000
     with pytest.raises(Exception, match="unknown ablation"):
         ablate(AblateConfig(run=run, modes=["shuffle"]))
+    # A plug-in mode runs through the registry: one that changes nothing must measure exactly 0.
+    if "test-identity" not in ABLATIONS:
+        ABLATIONS.add("test-identity", Ablation(lambda slots, is_m, cand, sig, rng: (cand, [slots[i] for i in cand])),
+                      "plug-in test: the batch unchanged")
+    same = ablate(AblateConfig(run=run, batches=2, batch_samples=16, bootstrap=100, modes=["test-identity"]))
+    for mod, modes in same["results"].items():
+        e = modes["test-identity"]
+        assert e["samples"] > 0 and e["loss"]["delta"] == 0 and e["accuracy"]["drop"] == 0, mod
 
 
 def test_an_untrained_model_has_zero_importance_and_a_caption_after_the_image_is_a_structural_zero(tmp_path):
