@@ -19,7 +19,7 @@ Two effects are measured on exactly the affected samples, ablated against intact
   weights). The corruption masks come from the same seed for the intact and ablated batch.
   With `drop`, next-token targets whose only context was the dropped tokens (a caption's first
   token after an image) leave the comparison too: read small drop deltas with that in mind.
-* `accuracy` — when the data has labels: a linear probe (sklearn `LogisticRegression`, fixed `C`,
+* `accuracy` — when the data has labels: a linear probe (eval-transfer's `protocols.probe`: standardised, sklearn `LogisticRegression`, fixed `C`,
   standardised features) is fit on the intact pooled features (`UnifiedModel.pooled`, label tokens
   left out) of a training share of the labelled samples, and scored on the held-out samples intact
   and ablated. For `permute` the same probe scores the ablated features (does the representation
@@ -66,6 +66,7 @@ from mmtool.data.mixture import parse_data_specs
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 from mmtool.ablated_batches import ABLATIONS, ablated_orders, rebuild, sample_slots
+from mmtool.transfer.protocols import probe as linear_probe
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 
 NOT_INPUTS = ("label",)
@@ -457,7 +458,7 @@ def _fit_probe(feats: dict[int, np.ndarray], held: np.ndarray, labels: np.ndarra
     if len(train) < 10 or len(np.unique(joint[(joint >= 0) & ~held[seen]])) < 2:
         return None
     code = dict(zip(seen.tolist(), joint.tolist()))
-    return _probe(c).fit(np.stack([feats[s] for s in train]), [code[s] for s in train])
+    return linear_probe(c).fit(np.stack([feats[s] for s in train]), [code[s] for s in train])
 
 
 def _accuracy_rows(probe: Any, feats_intact: dict[int, np.ndarray], ablated: list[tuple[int, int, np.ndarray]],
@@ -478,14 +479,6 @@ def _accuracy_rows(probe: Any, feats_intact: dict[int, np.ndarray], ablated: lis
     return np.array([bi for bi, *_ in rows]), base.astype(np.float64), hit.astype(np.float64)
 
 
-def _probe(c: float):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-
-
 def _refit_drop(feats: list[tuple[int, int, np.ndarray]], held: np.ndarray, labels: np.ndarray,
                 folder: np.ndarray, c: float, rows: list, y: np.ndarray) -> np.ndarray:
     """Hits of a probe refit on the dropped features of the training samples, on `rows`."""
@@ -493,7 +486,7 @@ def _refit_drop(feats: list[tuple[int, int, np.ndarray]], held: np.ndarray, labe
     ty = np.array([folder[s] * 1_000_000 + labels[s] for s, _ in train])
     if len(train) < 10 or len(np.unique(ty)) < 2:
         return np.zeros(len(rows), bool)  # too few samples keep another modality to learn from
-    probe = _probe(c).fit(np.stack([f for _, f in train]), ty)
+    probe = linear_probe(c).fit(np.stack([f for _, f in train]), ty)
     return probe.predict(np.stack([f for *_, f in rows])) == y
 
 
