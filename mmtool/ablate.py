@@ -19,7 +19,7 @@ Two effects are measured on exactly the affected samples, ablated against intact
   weights). The corruption masks come from the same seed for the intact and ablated batch.
   With `drop`, next-token targets whose only context was the dropped tokens (a caption's first
   token after an image) leave the comparison too: read small drop deltas with that in mind.
-* `accuracy` — when the data has labels: a linear probe (eval-transfer's `protocols.probe`: standardised, sklearn `LogisticRegression`, fixed `C`,
+* `accuracy` — when the data has labels: a linear probe (`transfer.protocols.probe`: `LogisticRegression`, fixed `C`,
   standardised features) is fit on the intact pooled features (`UnifiedModel.pooled`, label tokens
   left out) of a training share of the labelled samples, and scored on the held-out samples intact
   and ablated. For `permute` the same probe scores the ablated features (does the representation
