@@ -363,9 +363,59 @@ def _check_unique_ids(out: Path, shards: list[dict]) -> None:
                           f"(e.g. {dup[0]['values'].as_py()!r}); ids must be unique within a source")
 
 
+def _check_flags(cfg: PreprocessConfig) -> None:
+    if cfg.on_error not in ON_ERROR:
+        raise MMToolError(f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}")
+    if not 0 <= cfg.max_rejected <= 1:
+        raise MMToolError(f"--max-rejected {cfg.max_rejected}: expected a fraction in [0, 1] (e.g. 0.01)")
+    if cfg.num_proc < 1:
+        raise MMToolError(f"--num-proc {cfg.num_proc}: must be at least 1")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise MMToolError(f"--max-samples {cfg.max_samples}: must be at least 1")
+
+
+def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[int]], partial: Path,
+               progress: Callable[[int], None] | None,
+               on_start: Callable[[int], None] | None) -> tuple[list[dict[str, Any]], int]:
+    """Runs the parts not finished yet (in this process or a pool); returns (every part's summary,
+    how many an earlier run had finished)."""
+    finished = _finished_parts(partial, len(chunks))
+    todo = [k for k in range(len(chunks)) if k not in finished]
+    if on_start:
+        on_start(sum(len(chunks[k]) for k in todo))
+    if cfg.num_proc == 1 or len(todo) <= 1:
+        for k in todo:
+            finished[k] = run_part(plan, k, chunks[k], str(partial), cfg.on_error, progress)
+    else:
+        with _pool(cfg.num_proc) as pool:
+            futures = {pool.submit(run_part, plan, k, chunks[k], str(partial), cfg.on_error): k
+                       for k in todo}
+            for fut in futures:  # in submission order; results are small
+                finished[futures[fut]] = fut.result()
+                if progress:
+                    progress(len(chunks[futures[fut]]))
+    return [finished[k] for k in range(len(chunks))], len(chunks) - len(todo)
+
+
+def _check_rejected(cfg: PreprocessConfig, out: Path, rejected: list[dict[str, Any]], records: int) -> None:
+    """Writes the rejects file; refuses the job when more than `max_rejected` of the records failed."""
+    store.atomic_write_text(out / store.REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
+    if len(rejected) > cfg.max_rejected * records:
+        first = rejected[0]
+        raise MMToolError(
+            f"{len(rejected)} of {records} records ({len(rejected) / records:.1%}) "
+            f"were rejected, more than --max-rejected {cfg.max_rejected:g}; first: {first['location']}: "
+            f"{first['reason']} (all in {out / store.REJECTED}; finished parts are kept, so raising "
+            "--max-rejected and rerunning completes the job)"
+        )
+
+
 def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
                on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes, or confirms) a preprocessing job and returns its manifest.
+
+    Phases: check the flags → plan (source, tokenizers, fingerprint) → confirm an up-to-date folder
+    or prepare it → run the unfinished parts → check the rejects → assemble the shards → manifest.
 
     Args:
         cfg: the job.
@@ -380,14 +430,7 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
         MMToolError: bad flags, a folder made with other settings, too many rejected records, or
             (with `on_error="raise"`) the first bad record.
     """
-    if cfg.on_error not in ON_ERROR:
-        raise MMToolError(f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}")
-    if not 0 <= cfg.max_rejected <= 1:
-        raise MMToolError(f"--max-rejected {cfg.max_rejected}: expected a fraction in [0, 1] (e.g. 0.01)")
-    if cfg.num_proc < 1:
-        raise MMToolError(f"--num-proc {cfg.num_proc}: must be at least 1")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise MMToolError(f"--max-samples {cfg.max_samples}: must be at least 1")
+    _check_flags(cfg)
     start = time.perf_counter()
     overrides = parse_tokenizer_overrides(cfg.tokenizers)
     source = build_source(cfg.source, cfg.options, split=cfg.split)
@@ -406,34 +449,10 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     rows_per_part = _part_rows(source, indices, _WORKER_CACHE[plan["fingerprint"]][1],
                                plan["shard_size"])
     chunks = [indices[i:i + rows_per_part] for i in range(0, len(indices), rows_per_part)]
-    finished = _finished_parts(partial, len(chunks))
-    todo = [k for k in range(len(chunks)) if k not in finished]
-    if on_start:
-        on_start(sum(len(chunks[k]) for k in todo))
-    if cfg.num_proc == 1 or len(todo) <= 1:
-        for k in todo:
-            finished[k] = run_part(plan, k, chunks[k], str(partial), cfg.on_error, progress)
-    else:
-        with _pool(cfg.num_proc) as pool:
-            futures = {pool.submit(run_part, plan, k, chunks[k], str(partial), cfg.on_error): k
-                       for k in todo}
-            for fut in futures:  # in submission order; results are small
-                finished[futures[fut]] = fut.result()
-                if progress:
-                    progress(len(chunks[futures[fut]]))
-
-    parts = [finished[k] for k in range(len(chunks))]
+    parts, resumed = _run_parts(cfg, plan, chunks, partial, progress, on_start)
     totals = _merge(parts)
     rejected = [r for p in parts for r in p["rejected"]]
-    store.atomic_write_text(out / store.REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
-    if len(rejected) > cfg.max_rejected * totals["records"]:
-        first = rejected[0]
-        raise MMToolError(
-            f"{len(rejected)} of {totals['records']} records ({len(rejected) / totals['records']:.1%}) "
-            f"were rejected, more than --max-rejected {cfg.max_rejected:g}; first: {first['location']}: "
-            f"{first['reason']} (all in {out / store.REJECTED}; finished parts are kept, so raising "
-            "--max-rejected and rerunning completes the job)"
-        )
+    _check_rejected(cfg, out, rejected, totals["records"])
     shards = _assemble(out, partial, parts, plan["shard_size"])
     _check_unique_ids(out, shards)
     manifest = {
@@ -453,5 +472,5 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     }
     store.atomic_write_json(out / store.MANIFEST, manifest)
     shutil.rmtree(partial, ignore_errors=True)
-    return {**manifest, "up_to_date": False, "resumed_parts": len(chunks) - len(todo),
+    return {**manifest, "up_to_date": False, "resumed_parts": resumed,
             "seconds": time.perf_counter() - start}
