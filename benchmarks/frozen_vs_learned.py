@@ -124,7 +124,7 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads")
     from safetensors import safe_open
 
-    from mmtool.frozen import minilm_folder
+    from mmtool.embed.frozen import minilm_folder
 
     with safe_open(str(minilm_folder() / "model.safetensors"), "np") as f:
         frozen_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())

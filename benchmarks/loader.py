@@ -43,7 +43,7 @@ import torch
 from mmtool.data.batching import padding_fraction
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.preprocess import PreprocessConfig, preprocess
-from mmtool.profile import _rss_mb
+from mmtool.analysis.profile import _rss_mb
 
 SOURCES = [("digits", []), ("spoken-digits", []), ("cartpole", None), ("pydocs", [])]
 

@@ -27,7 +27,7 @@ from mmtool.data.batching import STRATEGIES, BatchSize, assemble
 from mmtool.data.index import TokenIndex
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.models.model import ModelConfig, build_model
-from mmtool.probes import ProbeSet, hook_count
+from mmtool.train.probes import ProbeSet, hook_count
 
 PROBES = ["attention", "grad-norm", "loss"]
 

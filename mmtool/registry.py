@@ -160,9 +160,9 @@ def import_submodules(package: str) -> None:
 # sees every registry even before anything else touched it.
 REGISTRY_HOMES = ["mmtool.data.sources", "mmtool.data.tokenizers", "mmtool.data.batching",
                   "mmtool.models.attention", "mmtool.models.encoders", "mmtool.models.fusion",
-                  "mmtool.models.objectives", "mmtool.models.tasks", "mmtool.models.builders", "mmtool.frozen",
+                  "mmtool.models.objectives", "mmtool.models.tasks", "mmtool.models.builders", "mmtool.embed.frozen",
                   "mmtool.transfer.tasks", "mmtool.transfer.protocols",
-                  "mmtool.probes", "mmtool.ablated_batches", "mmtool.experiments", "mmtool.sweep_evals"]
+                  "mmtool.train.probes", "mmtool.analysis.ablated_batches", "mmtool.experiments", "mmtool.experiments.sweep_evals"]
 
 
 def all_registries() -> dict[str, Registry]:

@@ -12,11 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from mmtool.cli.app import app
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 
 if TYPE_CHECKING:
-    from mmtool.ablate import AblateConfig
+    from mmtool.analysis.ablate import AblateConfig
 
 
 def _ci(v: float, ci: list[float], pct: bool = False) -> str:
@@ -96,7 +96,7 @@ def ablate_cmd(
 ) -> None:
     """Drop and permute each modality: change in remaining-modality loss and probe accuracy, 95% CIs,
     against the untrained twin; ties and structural zeros flagged, not ranked."""
-    from mmtool.ablate import AblateConfig
+    from mmtool.analysis.ablate import AblateConfig
 
     split_list = lambda t: [s.strip() for s in t.split(",") if s.strip()]  # noqa: E731
     cfg = AblateConfig(run=run, data=list(data), modes=split_list(modes),
@@ -109,8 +109,8 @@ def ablate_cmd(
 def run_ablate(cfg: "AblateConfig", console: Console, json_out: Path | None = None,
                plot: Path | None = None) -> dict[str, Any]:
     """Ablates with a progress bar, prints the table, writes the JSON and the plot (default: in the run)."""
-    from mmtool.ablate import ablate
-    from mmtool.report import plot_ablation
+    from mmtool.analysis.ablate import ablate
+    from mmtool.analysis.report import plot_ablation
 
     with Progress(TextColumn("[bold]ablate[/]"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as bar:
@@ -138,7 +138,7 @@ def sanity_cmd(
 ) -> None:
     """Known-answer check: only one modality carries the label; ablation (over the untrained twin) and
     probes must find it. --steps 0 checks the untrained model, which must fail (exit 2)."""
-    from mmtool.sanity import SanityConfig, known_answer_check
+    from mmtool.analysis.sanity import SanityConfig, known_answer_check
 
     console = Console(highlight=False)
     with console.status("known-answer check") as status:

@@ -1,6 +1,6 @@
 """`mmtool profile --data DIR ... --strategies ...`: what each batching strategy costs, measured.
 
-`mmtool.profile` (and with it torch) is imported when the command runs, not when `mmtool` starts:
+`mmtool.analysis.profile` (and with it torch) is imported when the command runs, not when `mmtool` starts:
 `mmtool --help`, `ls` and `preprocess` stay free of torch's second of import time.
 """
 
@@ -16,13 +16,13 @@ from rich.text import Text
 
 from mmtool.cli._render import human_bytes
 from mmtool.cli.app import app
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from mmtool.profile import ProfileConfig
+    from mmtool.analysis.profile import ProfileConfig
 
 DEFAULT_STRATEGIES = "per-sample,by-modality,by-modality-sorted,padded,packed"
-"""`--strategies` default; equal to `mmtool.profile.DEFAULT_STRATEGIES` (a test checks)."""
+"""`--strategies` default; equal to `mmtool.analysis.profile.DEFAULT_STRATEGIES` (a test checks)."""
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -103,7 +103,7 @@ def profile_table(result: dict[str, Any]) -> Group:
 def run_profile(cfg: "ProfileConfig", console: Console, json_path: Path | None = None,
                 plot_path: Path | None = None) -> dict[str, Any]:
     """Checks the output paths, profiles, prints the table and writes the JSON and the plot."""
-    from mmtool.profile import check_plot_path, plot_profile, profile_strategies
+    from mmtool.analysis.profile import check_plot_path, plot_profile, profile_strategies
 
     if plot_path is not None:
         check_plot_path(plot_path)  # before minutes of measuring, not after
@@ -140,7 +140,7 @@ def profile_cmd(
     model: Optional[str] = typer.Option(None, help="Also run a training step of this model size (tiny, small, base) on each batch: step tokens/s and data-wait fraction."),
 ) -> None:
     """Measure each batching strategy: samples/s, real tokens/s, padding, H2D copies, memory."""
-    from mmtool.profile import ProfileConfig, model_step
+    from mmtool.analysis.profile import ProfileConfig, model_step
 
     cfg = ProfileConfig(data=list(data), strategies=parse_strategies(strategies),
                         batch_tokens=batch_tokens, batch_samples=batch_samples, steps=steps,

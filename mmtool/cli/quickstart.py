@@ -83,7 +83,7 @@ def quickstart(
     console.print(table)
 
     console.rule("[bold]2. profile batching strategies")
-    from mmtool.profile import ProfileConfig  # imports torch: only when this stage runs
+    from mmtool.analysis.profile import ProfileConfig  # imports torch: only when this stage runs
 
     mixture = [f"{out / 'data' / source}=1" for source in made]  # equal shares of tokens
     profile = ProfileConfig(data=mixture,
@@ -112,7 +112,7 @@ def quickstart(
     quickstart_stage(out, console)  # linear probe + small k-shot on image-only digits; seconds
 
     console.rule("[bold]6. ablate: each modality dropped from the run's inputs")
-    from mmtool.ablate import AblateConfig
+    from mmtool.analysis.ablate import AblateConfig
     from mmtool.cli.ablate import run_ablate
 
     run_ablate(AblateConfig(run=run, modes=["drop"], batches=ABLATE_BATCHES, batch_samples=16), console)
@@ -123,7 +123,7 @@ def quickstart(
 
     console.rule("[bold]7. report: the run, its ablation and its transfer side by side")
     from mmtool.cli.report import report_table
-    from mmtool.report import write_report
+    from mmtool.analysis.report import write_report
 
     report = write_report([run, out / "transfer"], out / "report")
     console.print(report_table(report))

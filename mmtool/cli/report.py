@@ -143,7 +143,7 @@ def report_cmd(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.json, loss_curves.png, importance.png."),
 ) -> None:
     """Put several runs side by side: final metrics, probes, ablations, transfer; JSON and PNG plots."""
-    from mmtool.report import write_report
+    from mmtool.analysis.report import write_report
 
     console = Console(highlight=False)
     report = write_report(list(paths), out)

@@ -1,4 +1,4 @@
-"""`mmtool sweep`: a base run × a grid × seeds, evaluated, one report (thin layer over `mmtool.sweep`)."""
+"""`mmtool sweep`: a base run × a grid × seeds, evaluated, one report (thin layer over `mmtool.experiments.sweep`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def sweep_cmd(
     list_points: bool = typer.Option(False, "--list", help="Print the points (index, run folder, values) and exit."),
 ) -> None:
     """Run a grid of training runs over seeds, evaluate each, and report means, intervals and paired differences."""
-    from mmtool.sweep import load_spec, points, run_sweep
+    from mmtool.experiments.sweep import load_spec, points, run_sweep
 
     if config is None and not set_:
         raise MMToolError("give a sweep file (mmtool sweep CONFIG.yaml) or at least --set data=... and --grid")
@@ -56,7 +56,7 @@ def sweep_cmd(
     table.add_column("metric")
     for p in report["points"]:
         table.add_column(p["label"])
-    from mmtool.sweep_report import _cell
+    from mmtool.experiments.sweep_report import _cell
 
     for m in report["metrics"]:
         if m.startswith("objective/"):

@@ -57,7 +57,7 @@ def train_cmd(
              "seed": seed, "num_workers": num_workers, "device": device,
              "save_every": save_every, "keep_last": keep_last, "probe_every": probe_every}
     if probes is not None:
-        from mmtool.probes import parse_probes
+        from mmtool.train.probes import parse_probes
 
         flags["probes"] = parse_probes(probes)
     from mmtool.train import TrainConfig  # imports torch and the model: only when training

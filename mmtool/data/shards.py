@@ -10,17 +10,14 @@ Shards are stream files (not the random-access "file" format) because both
 `datasets.Dataset.from_file(path)` and `pyarrow.ipc.open_stream(pyarrow.memory_map(path))` read them,
 without copying, so other tools can use mmtool's data directly.
 
-Every file is written to a temporary name in the same folder and renamed into place, so a reader
-never sees half a file and an interrupted writer leaves nothing that looks finished.
+Every file is written to a temporary name in the same folder and renamed into place (`mmtool.io`),
+so a reader never sees half a file and an interrupted writer leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +25,10 @@ import pyarrow as pa
 
 from mmtool.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from mmtool.errors import MMToolError
+from mmtool.io import atomic_write_json, atomic_write_text, publish, sha256_file, tmp_path
+
+__all__ = ["MANIFEST", "REJECTED", "atomic_write_json", "atomic_write_text", "load_manifest",
+           "parse_size", "read_folder", "read_shard", "sha256_file", "verify_shards", "write_shard"]
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -50,54 +51,6 @@ def parse_size(text: str | int, flag: str = "--shard-size") -> int:
     return size
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; read once, as os.umask is process-wide
-
-
-def _tmp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(name, _FILE_MODE)  # mkstemp makes 0600: shards and manifests must stay shareable
-    return Path(name)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Renames `tmp` over `path` after flushing it, so the rename publishes complete data."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes `text` to `path` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Writes `obj` as indented JSON to `path` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Returns the hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(path: str | Path, batches: Iterable[pa.RecordBatch],
                 schema: pa.Schema = ARROW_SCHEMA) -> dict[str, Any]:
     """Writes record batches to an Arrow IPC stream file atomically.
@@ -106,14 +59,14 @@ def write_shard(path: str | Path, batches: Iterable[pa.RecordBatch],
         `{"path": file name, "rows", "bytes", "sha256"}` of the written file.
     """
     path = Path(path)
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     rows = 0
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
-        _replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": path.name, "rows": rows, "bytes": path.stat().st_size,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.transfer.protocols import PROTOCOLS, Evaluation, ProtocolConfig
 from mmtool.transfer.tasks import RunData, prepare_task, resolve_task
@@ -83,7 +83,7 @@ def pretraining_splits(run: Path) -> list[str] | None:
 
 def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[str, Any]]:
     """({"pretrained", "scratch"}, the run's streams, folders and splits, what was loaded)."""
-    from mmtool import checkpoint
+    from mmtool.train import checkpoint
     from mmtool.models.model import build_model
     from mmtool.train import load_run
 

@@ -52,6 +52,6 @@ def test_bad_flags_give_one_line_and_exit_2(data, flags, message, cli):
 
 def test_default_strategies_match_the_library():
     from mmtool.cli.profile import DEFAULT_STRATEGIES
-    from mmtool.profile import DEFAULT_STRATEGIES as LIBRARY_DEFAULT
+    from mmtool.analysis.profile import DEFAULT_STRATEGIES as LIBRARY_DEFAULT
 
     assert DEFAULT_STRATEGIES == ",".join(LIBRARY_DEFAULT)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from mmtool.ablate import AblateConfig, ablate
+from mmtool.analysis.ablate import AblateConfig, ablate
 from mmtool.data.preprocess import PreprocessConfig, preprocess
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.models.model import ModelConfig
 from mmtool.train import TrainConfig, train
 

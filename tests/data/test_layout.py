@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmtool.ablated_batches import rebuild, sample_slots
+from mmtool.analysis.ablated_batches import rebuild, sample_slots
 from mmtool.data.batch import ALIGN
 from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex

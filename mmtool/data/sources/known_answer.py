@@ -1,6 +1,6 @@
 """`known-answer`: image + caption pairs where exactly one modality carries the label, the other is noise.
 
-A sanity check for modality-importance measurements (`mmtool sanity`, `tests/test_known_answer.py`):
+A sanity check for modality-importance measurements (`mmtool sanity`, `tests/analysis/test_sanity.py`):
 an ablation, an attention probe or a gradient probe that does not single out the informative
 modality on this data is broken. Every record is made deterministically from its index (no random
 state outside it), so the same options give byte-identical shards.

@@ -4,7 +4,7 @@
 what their slot order becomes (`drop`: without the modality's slots; `permute`: with another
 same-signature sample's slots in their place); `rebuild` turns those orders into a new packed
 `Batch` (keeping each token's position when asked). Why these two modes, and what is measured on
-the result: `mmtool.ablate`.
+the result: `mmtool.analysis.ablate`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from mmtool.data.schema import MODALITIES, Sample, Segment
-from mmtool.data.shards import sha256_file
+from mmtool.io import sha256_file
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
@@ -294,7 +294,7 @@ class CheckpointEncoder(FrozenEncoder):
     """The newest checkpoint of an mmtool run: one modality's token states, or the pooled sample."""
 
     def __init__(self, run: Path, modality: str | None):
-        from mmtool import checkpoint
+        from mmtool.train import checkpoint
 
         self.run, self.modality = Path(run), modality
         self.name = f"checkpoint:{run}" + (f":{modality}" if modality else "")

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from mmtool.ablate import AblateConfig, ablate, cannot_change_others, rank, untrained_twin
-from mmtool.ablated_batches import ABLATIONS, Ablation, ablated_orders, derangement, rebuild, sample_slots
+from mmtool.analysis.ablate import AblateConfig, ablate, cannot_change_others, rank, untrained_twin
+from mmtool.analysis.ablated_batches import ABLATIONS, Ablation, ablated_orders, derangement, rebuild, sample_slots
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
-from mmtool.checkpoint import list_checkpoints, load
+from mmtool.train.checkpoint import list_checkpoints, load
 from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.models.model import ModelConfig, build_model
-from mmtool.report import plot_ablation
+from mmtool.analysis.report import plot_ablation
 from mmtool.train import TrainConfig, train
 
 

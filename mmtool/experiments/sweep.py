@@ -37,7 +37,7 @@ folder once into `OUT/embeddings` (`mmtool.embed.resolve_training_data`, the cal
 `RUN/evals/<name>/`, and `RUN/sweep-result.json` (written last) holds the point's settings and
 metrics. A run whose `sweep-result.json` matches its settings is skipped entirely, so a killed
 sweep rerun finishes only what is missing, and `--point I` runs one point per process under any
-launcher. The report (`mmtool.sweep_report`) is written when every point is done.
+launcher. The report (`mmtool.experiments.sweep_report`) is written when every point is done.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from mmtool.config import _flatten, parse_value, set_value, to_dict
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 
 Say = Callable[[str], None]
@@ -133,7 +133,7 @@ def _split_flag(item: str, flag: str) -> tuple[str, str]:
 def _parse_evaluations(items: Any, origin: str) -> list[dict[str, Any]]:
     """`evaluate:` entries, `{KIND: {settings}}` or `{kind: KIND, name: N, ...settings}`, checked
     against the evaluation registry (unknown kinds and settings are errors)."""
-    from mmtool.sweep_evals import EVALUATIONS, check_settings
+    from mmtool.experiments.sweep_evals import EVALUATIONS, check_settings
 
     if items is None:
         return []
@@ -375,7 +375,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _finished(cfg: Any) -> bool:
     """The run's newest checkpoint is at max_steps: training it again would do nothing."""
-    from mmtool import checkpoint
+    from mmtool.train import checkpoint
 
     ckpts = checkpoint.list_checkpoints(Path(cfg.out)) if Path(cfg.out).is_dir() else []
     return bool(ckpts) and int(ckpts[-1].name.split("-")[1]) >= cfg.max_steps
@@ -391,7 +391,7 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
     Raises:
         MMToolError: the run folder holds a run with other settings, or training/evaluation fails.
     """
-    from mmtool.sweep_evals import collect_metrics, run_evaluation
+    from mmtool.experiments.sweep_evals import collect_metrics, run_evaluation
     from mmtool.train import train
 
     say = say or (lambda _m: None)
@@ -456,7 +456,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, point: int | None = None, report
         {"points": [...], "ran": [run names trained or evaluated now], "skipped": [...],
          "missing": [...], "report": the report dict or None}.
     """
-    from mmtool.sweep_report import write_report
+    from mmtool.experiments.sweep_report import write_report
 
     say = say or (lambda _m: None)
     out = Path(out)

@@ -43,7 +43,7 @@ from mmtool.data.mixture import split_entry
 from mmtool.data.preprocess import PARTIAL, PLAN, _assemble, _check_unique_ids, _count, _finished_parts, _merge
 from mmtool.data.schema import SCHEMA_VERSION, Sample, Segment, rows_to_samples, samples_to_batch
 from mmtool.errors import MMToolError
-from mmtool.frozen import POOLS, FrozenEncoder, default_device, resolve_encoder
+from mmtool.embed.frozen import POOLS, FrozenEncoder, default_device, resolve_encoder
 
 
 @dataclass

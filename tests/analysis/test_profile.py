@@ -1,4 +1,4 @@
-"""`mmtool.profile` on small real folders: the numbers agree with the batches they describe."""
+"""`mmtool.analysis.profile` on small real folders: the numbers agree with the batches they describe."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mmtool.data.index import Stream
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.errors import MMToolError
-from mmtool.profile import (DEFAULT_STRATEGIES, NO_ACCELERATOR, ProfileConfig, check_plot_path,
+from mmtool.analysis.profile import (DEFAULT_STRATEGIES, NO_ACCELERATOR, ProfileConfig, check_plot_path,
                             plot_profile, profile_strategies, step_objectives)
 
 STEPS = 5

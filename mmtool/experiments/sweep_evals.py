@@ -9,11 +9,11 @@ a metric reader. Built in:
   run's seed; settings `task`/`tasks`, `protocols`, `ks`, `episodes`, `fractions`, `steps`,
   `bootstrap`, `modalities`, `held_out`. Metrics per row: `NAME/TASK/PROTOCOL SETTING/pretrained`,
   `.../scratch`, `.../gain`, each with the row's own 95% interval.
-* `ablate`: `mmtool ablate` (`mmtool.ablate.ablate`) with the run's seed; settings `modes`,
+* `ablate`: `mmtool ablate` (`mmtool.analysis.ablate.ablate`) with the run's seed; settings `modes`,
   `batches`, `batch_samples`, `split`, `metric`, `twin`, `modalities`, `bootstrap`. Metrics:
   `NAME/MODALITY/MODE/importance` with its interval and status.
 
-Always collected, from metrics.jsonl through `mmtool.report.summarize` (the same tail rule as
+Always collected, from metrics.jsonl through `mmtool.analysis.report.summarize` (the same tail rule as
 `mmtool report`: the mean over the last 20% of steps, with an interval over those steps):
 `loss`, `loss/SOURCE` per source folder (an embedding folder under the name of the folder it was
 embedded from), `objective/NAME` per objective, `tokens_per_s` (median over steps), `grad_norm`
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtool.config import set_value
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
@@ -115,15 +115,15 @@ class AblateEvaluation(Evaluation):
     result_file = "ablation.json"
 
     def config(self, run, out, seed, settings, origin):
-        from mmtool.ablate import AblateConfig
+        from mmtool.analysis.ablate import AblateConfig
 
         cfg = self._apply(AblateConfig(run=run), settings, origin)
         cfg.run, cfg.seed = run, seed
         return cfg
 
     def run(self, cfg, out):
-        from mmtool.ablate import ablate
-        from mmtool.report import plot_ablation
+        from mmtool.analysis.ablate import ablate
+        from mmtool.analysis.report import plot_ablation
 
         result = ablate(cfg)
         atomic_write_json(out / "ablation.json", result)
@@ -203,7 +203,7 @@ def source_names(run: Path) -> dict[str, str]:
 
 def training_metrics(run: Path) -> dict[str, Metric]:
     """The always-collected metrics of a run folder (see the module docstring)."""
-    from mmtool.report import summarize
+    from mmtool.analysis.report import summarize
 
     final = summarize(Path(run)).get("final") or {}
     out: dict[str, Metric] = {}

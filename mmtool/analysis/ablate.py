@@ -45,7 +45,7 @@ construction — `cannot_change_others`, read from the batch and the model's att
 cross-modal layer, or causal attention with the modality after every other in every sample),
 negative, indistinguishable from 0, no interval (one batch), not measured.
 
-Output: a JSON-ready dict (`ablate`); `mmtool.report.plot_ablation` draws the bar chart with error bars.
+Output: a JSON-ready dict (`ablate`); `mmtool.analysis.report.plot_ablation` draws the bar chart with error bars.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from mmtool.data.index import SEPARATOR, Stream, TokenIndex
 from mmtool.data.mixture import parse_data_specs
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
-from mmtool.ablated_batches import ABLATIONS, ablated_orders, rebuild, sample_slots
+from mmtool.analysis.ablated_batches import ABLATIONS, ablated_orders, rebuild, sample_slots
 from mmtool.transfer.protocols import probe as linear_probe
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 

@@ -1,4 +1,4 @@
-"""`mmtool.embed` and `mmtool.frozen`: agreement with sentence-transformers, the cache and each of its
+"""`mmtool.embed` and `mmtool.embed.frozen`: agreement with sentence-transformers, the cache and each of its
 invalidations, resume after `kill -9`, the id join, training on embeddings, and each bad input."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mmtool.data.schema import rows_to_samples, samples_to_batch
 from mmtool.embed import (EmbedConfig, check_join, embed, resolve_training_data,
                           verify_embedding)
 from mmtool.errors import MMToolError
-from mmtool.frozen import minilm_folder
+from mmtool.embed.frozen import minilm_folder
 
 SENTENCES = [
     "A man is eating food.",
@@ -308,7 +308,7 @@ def test_checkpoint_encoder_embeds_a_modality_alone_or_whole_samples(run, tmp_pa
 
 
 def test_embeddings_strategy_profiles_embedding_folders_only(work):
-    from mmtool.profile import ProfileConfig, profile_strategies
+    from mmtool.analysis.profile import ProfileConfig, profile_strategies
 
     root, _ = work
     result = profile_strategies(ProfileConfig(data=[str(root / "emb")], strategies=["packed", "embeddings"],

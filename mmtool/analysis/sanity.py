@@ -5,7 +5,7 @@ the other is noise; each sample ends with its label token (see `mmtool.data.sour
 `known_answer_check` preprocesses it, trains a tiny model with the attention and grad-norm probes,
 runs `mmtool ablate`, and checks that every tool points at the informative modality:
 
-* **ablation**, against the untrained twin (`mmtool.ablate`: the run's initial weights measured on
+* **ablation**, against the untrained twin (`mmtool.analysis.ablate`: the run's initial weights measured on
   the same batches and masks): the informative modality is ranked first and alone, and its
   importance over the twin — by default the increase of the label token's loss when it is dropped
   (does the model use it to predict the answer) — is ≥ `margin` with a 95% interval above 0. The
@@ -109,7 +109,7 @@ def _iv(x: float, ci: list[float]) -> str:
 
 
 def importance_checks(result: dict[str, Any], informative: str, margin: float) -> list[dict[str, Any]]:
-    """The ablation checks of the known-answer control on an `mmtool.ablate.ablate` result (measured
+    """The ablation checks of the known-answer control on an `mmtool.analysis.ablate.ablate` result (measured
     with its untrained twin): the informative modality is ranked first and alone, and its
     importance over the twin (trained − twin) is ≥ `margin` with a 95% interval above 0.
 
@@ -147,7 +147,7 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
     twin), ci95, trained, trained_ci95, twin, twin_ci95, status}), gap (informative − noise
     importance), attention_contrast, grad_log_ratio, ablation (path of the full ablation JSON).
     """
-    from mmtool.ablate import AblateConfig, ablate, untrained_twin
+    from mmtool.analysis.ablate import AblateConfig, ablate, untrained_twin
     from mmtool.data.index import TokenIndex
     from mmtool.data.preprocess import PreprocessConfig, preprocess
     from mmtool.models.model import ModelConfig

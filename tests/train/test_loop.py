@@ -15,7 +15,7 @@ from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig
 from mmtool.train import TrainConfig, lr_at, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from mmtool.data.batching import assemble
 from mmtool.data.index import TokenIndex
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.models.model import ModelConfig, build_model
-from mmtool.probes import (AttentionProbe, GradNormProbe, ModalityShares, ProbeSet, hook_count,
+from mmtool.train.probes import (AttentionProbe, GradNormProbe, ModalityShares, ProbeSet, hook_count,
                            parse_probes, trunk_grad_norms)
 from mmtool.train import TrainConfig, train
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtool.data.shards import atomic_write_json, atomic_write_text
+from mmtool.io import atomic_write_json, atomic_write_text
 from mmtool.stats import bootstrap_ci, mean_ci95, verdict
 
 KIND = "mmtool-sweep"
@@ -92,7 +92,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float], direction: int, 
 
 def build_report(spec: Any, pts: list[Any], results: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     """The sweep report (JSON-ready) from each run's sweep-result.json (None: not done yet)."""
-    from mmtool.sweep import baseline_point
+    from mmtool.experiments.sweep import baseline_point
 
     names: list[str] = []
     direction: dict[str, int] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtool import checkpoint
+from mmtool.train import checkpoint
 from mmtool.errors import MMToolError
 
 

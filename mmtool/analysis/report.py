@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.plotting import save_figure
 from mmtool.stats import bootstrap_ci

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from mmtool.errors import MMToolError
-from mmtool.sweep import load_spec, points, run_sweep
-from mmtool.sweep_evals import EVALUATIONS
+from mmtool.experiments.sweep import load_spec, points, run_sweep
+from mmtool.experiments.sweep_evals import EVALUATIONS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"model": {"size": "tiny", "objectives": {"contrastive": 1, "next-token": 1}},
         "batch_samples": 16, "batch_tokens": None, "max_steps": 3, "warmup": 1, "num_workers": 0,
         "save_every": 3}
@@ -157,7 +157,7 @@ def test_list_values_labels_and_scale(tmp_path):
     labels = [p.label for p in points(spec)]
     assert labels == ["data-digits_model-mid1", "data-digits_model-late",
                       "data-with-speech_model-mid1", "data-with-speech_model-late"]
-    from mmtool.sweep import train_config
+    from mmtool.experiments.sweep import train_config
 
     cfg = train_config(spec, points(spec)[2], tmp_path)
     assert cfg.data == ["builtin:digits=1", "builtin:spoken-digits=0.25"]

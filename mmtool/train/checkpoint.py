@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmtool.data.shards import atomic_write_json, sha256_file
+from mmtool.io import atomic_write_json, sha256_file
 from mmtool.errors import MMToolError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.registry import Registry
 
 Say = Callable[[str], None]
@@ -205,7 +205,7 @@ IMPORTANCE_STEPS = 40
 @EXPERIMENTS.register("control-importance")
 def control_importance(cfg: ExperimentConfig, say: Say) -> list[ExperimentResult]:
     """known-answer (only the image carries the label): trained passes `sanity`, untrained fails."""
-    from mmtool.sanity import SanityConfig, known_answer_check
+    from mmtool.analysis.sanity import SanityConfig, known_answer_check
 
     steps = cfg.steps or IMPORTANCE_STEPS
     out = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmtool.cli.report import share_cell
-from mmtool.report import modality_shares
+from mmtool.analysis.report import modality_shares
 
 
 def lines():

@@ -7,7 +7,7 @@ import pytest
 
 from mmtool.data.sources import build_source
 from mmtool.data.sources.known_answer import NOISE_WORDS
-from mmtool.sanity import SanityConfig, known_answer_check
+from mmtool.analysis.sanity import SanityConfig, known_answer_check
 
 
 def test_source_is_deterministic_and_only_one_modality_knows_the_label():

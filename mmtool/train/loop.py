@@ -18,7 +18,7 @@ Run folder::
                          (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
                          `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`),
                          and on those steps each task's share of that gradient (`task_grad_share`)
-    RUN/checkpoints/     see `mmtool.checkpoint`
+    RUN/checkpoints/     see `mmtool.train.checkpoint`
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
 gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and saves.
@@ -39,15 +39,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmtool import checkpoint
+from mmtool.train import checkpoint
 from mmtool.config import from_dict, to_dict
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
-from mmtool.data.shards import atomic_write_json
+from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
-from mmtool.probes import ModalityShares
+from mmtool.train.probes import ModalityShares
 
 
 @dataclass
@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     names = [f.name for f in loader.index.folders]
     probes = None
     if cfg.probes:  # off by default: then nothing is built and no hook is ever registered
-        from mmtool.probes import ProbeSet
+        from mmtool.train.probes import ProbeSet
 
         probes = ProbeSet(cfg.probes, cfg.probe_every, model, names)
     # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.

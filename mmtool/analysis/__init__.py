@@ -1,0 +1,1 @@
+"""Analysis of data and trained runs: profile, ablate (+ ablated batches), report, sanity."""
