@@ -162,7 +162,8 @@ REGISTRY_HOMES = ["mmtool.data.sources", "mmtool.data.tokenizers", "mmtool.data.
                   "mmtool.models.attention", "mmtool.models.encoders", "mmtool.models.fusion",
                   "mmtool.models.objectives", "mmtool.models.tasks", "mmtool.models.builders", "mmtool.frozen",
                   "mmtool.transfer.tasks", "mmtool.transfer.protocols",
-                  "mmtool.probes", "mmtool.ablated_batches", "mmtool.experiments", "mmtool.sweep_evals"]
+                  "mmtool.probes", "mmtool.ablated_batches", "mmtool.experiments", "mmtool.sweep_evals",
+                  "mmtool.loggers"]
 
 
 def all_registries() -> dict[str, Registry]:
