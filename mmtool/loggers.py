@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -211,7 +212,7 @@ class WandbLogger(Logger):
     def __init__(self, run: Path, start_step: int | None, state: dict[str, Any]):
         super().__init__(run, start_step, state)
         wandb = require("wandb", "wandb")
-        state.setdefault("id", wandb.util.generate_id())
+        state.setdefault("id", secrets.token_hex(6))  # W&B ids: [a-z0-9]
         self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmtool"), name=self.run.name,
                              id=state["id"], resume="allow", dir=str(self.run),
                              mode=os.environ.get("WANDB_MODE") or "offline",
@@ -354,8 +355,7 @@ class Trackers:
             except Exception as exc:  # noqa: BLE001 - close the others, then report
                 errors.append(exc)
         self.loggers = {}
-        if self.state:
-            _save_state(self.run, self.state)
+        _save_state(self.run, self.state)
         if errors:
             raise errors[0]
 
@@ -367,6 +367,9 @@ class Trackers:
 
 
 def _save_state(run: Path, state: dict[str, Any]) -> None:
+    state = {k: v for k, v in state.items() if v}  # loggers with no ids to keep leave no entry
+    if not state:
+        return
     tmp = run / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     os.replace(tmp, run / STATE_FILE)
@@ -398,10 +401,7 @@ def open_trackers(run: str | Path, names: Iterable[str], start_step: int | None,
     except BaseException:
         opened.close(failed=True)
         raise
-    state = {k: v for k, v in state.items() if v}
-    opened.state = state
-    if state:
-        _save_state(run, state)  # a crash later still leaves the ids to continue from
+    _save_state(run, state)  # a crash later still leaves the ids to continue from
     return opened
 
 
@@ -415,12 +415,18 @@ def run_loggers(run: str | Path) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else ["jsonl"]
 
 
-def log_eval(run: str | Path, step: int, numbers: dict[str, float]) -> list[str]:
+def log_eval(run: str | Path, step: int | None, numbers: dict[str, float]) -> list[str]:
     """Sends eval headline numbers (flat keys) to the trackers `run` was trained with, continuing
-    their runs; returns the logger names used (jsonl ignores them: report.json is their record)."""
+    their runs, at the evaluated checkpoint's `step` (None: the newest checkpoint's); returns the
+    logger names (jsonl ignores eval numbers: the eval's own JSON report is their record)."""
     names = run_loggers(run)
     if names == ["jsonl"] or not numbers:
         return names
+    if step is None:
+        from mmtool.checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(Path(run))
+        step = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
     with open_trackers(run, names, None) as trackers:
         trackers.log_summary(step, numbers)
     return names
