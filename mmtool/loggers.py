@@ -213,7 +213,7 @@ class WandbLogger(Logger):
         super().__init__(run, start_step, state)
         wandb = require("wandb", "wandb")
         state.setdefault("id", secrets.token_hex(6))  # W&B ids: [a-z0-9]
-        self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmtool"), name=self.run.name,
+        self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT") or "mmtool", name=self.run.name,
                              id=state["id"], resume="allow", dir=str(self.run),
                              mode=os.environ.get("WANDB_MODE") or "offline",
                              settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
@@ -253,10 +253,10 @@ class MlflowLogger(Logger):
         self.client = MlflowClient(tracking_uri=uri)
         self.fresh = not self._reuse(state.get("run_id"))
         if self.fresh:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mmtool")
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "mmtool"
             exp = self.client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                name, artifact_location=None if "MLFLOW_TRACKING_URI" in os.environ
+                name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI")
                 else (self.run.resolve() / "mlartifacts").as_uri())
             state["run_id"] = self.client.create_run(exp_id, run_name=self.run.name).info.run_id
         state["tracking_uri"] = uri
@@ -274,7 +274,7 @@ class MlflowLogger(Logger):
 
     def _send(self, step: int, numbers: dict[str, float]) -> None:
         ms = int(time.time() * 1000)
-        metrics = [self.metric(_MLFLOW_KEY.sub("_", k), v, ms, step) for k, v in numbers.items()]
+        metrics = [self.metric(_safe_key(k), v, ms, step) for k, v in numbers.items()]
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
@@ -283,7 +283,7 @@ class MlflowLogger(Logger):
             return
         from mlflow.entities import Param
 
-        params = [Param(_MLFLOW_KEY.sub("_", k), str(v)[:6000]) for k, v in _leaves(config).items()]
+        params = [Param(_safe_key(k), str(v)[:6000]) for k, v in _leaves(config).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
@@ -295,6 +295,12 @@ class MlflowLogger(Logger):
 
     def close(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def _safe_key(key: str) -> str:
+    """`key` with the characters MLflow refuses in names replaced by `_`, so every tracker shows
+    the same name."""
+    return _MLFLOW_KEY.sub("_", key)
 
 
 def _leaves(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -434,12 +440,13 @@ def log_eval(run: str | Path, step: int | None, numbers: dict[str, float]) -> li
 
 def transfer_numbers(report: dict[str, Any]) -> dict[str, float]:
     """eval-transfer's headline numbers: per task/protocol/setting the gain (pretrained − scratch)
-    with its 95% interval ends, and both scores: `transfer/TASK/PROTOCOL[/SETTING]/gain`, ..."""
+    with its 95% interval ends, and both scores: `transfer/TASK/PROTOCOL[/SETTING]/gain`, ...
+    (characters some trackers refuse become `_`: setting `k=1` → `k_1`)."""
     out: dict[str, float] = {}
     for task, entry in report.get("tasks", {}).items():
         for proto, res in entry.get("results", {}).items():
             for row in res.get("rows") or []:
-                key = "/".join(p for p in ("transfer", task, proto, row.get("setting") or "") if p)
+                key = _safe_key("/".join(p for p in ("transfer", task, proto, row.get("setting") or "") if p))
                 lo, hi = row.get("gain_ci95") or (None, None)
                 for name, value in (("gain", row.get("gain")), ("gain_ci95_low", lo), ("gain_ci95_high", hi),
                                     ("pretrained", row.get("pretrained")), ("scratch", row.get("scratch"))):
@@ -459,5 +466,5 @@ def ablation_numbers(result: dict[str, Any]) -> dict[str, float]:
             for name, value in (("importance", imp.get("value")), ("importance_ci95_low", lo),
                                 ("importance_ci95_high", hi)):
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    out[f"ablation/{modality}/{mode}/{name}"] = float(value)
+                    out[_safe_key(f"ablation/{modality}/{mode}/{name}")] = float(value)
     return out
