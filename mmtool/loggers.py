@@ -19,8 +19,8 @@ Run folder additions::
 
 Resume (`mmtool train --resume`): metrics.jsonl and metrics.csv drop the lines past the checkpoint
 and the resumed run writes them again; TensorBoard purges them (`purge_step`); wandb continues the
-same run id (`resume="allow"`: online, W&B ignores steps at or below the run's last step; offline,
-the new session's file holds them again); mlflow continues the same run id and, having no way to
+same run id (`resume="allow"`: online, W&B ignores a re-logged step lower than the run's last;
+offline, the new session's file holds them again); mlflow continues the same run id and, having no way to
 delete metric points, keeps both copies of the re-done steps (equal values: resume is exact).
 """
 

@@ -19,6 +19,8 @@ Run folder::
                          `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`),
                          and on those steps each task's share of that gradient (`task_grad_share`)
     RUN/checkpoints/     see `mmtool.checkpoint`
+    RUN/trackers.json    the other trackers' run ids (`loggers`: csv, tensorboard, wandb, mlflow;
+                         their files are listed in `mmtool.loggers`)
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
 gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and saves.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import struct
 import subprocess
@@ -202,3 +203,19 @@ def test_a_missing_package_is_named_with_its_pip_command(tmp_path, package):
     assert proc.returncode == 2, proc.stderr
     assert f"logger '{package}' needs the '{package}' package: pip install {package}" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_ablate_numbers_reach_the_trackers(tracked):
+    """~25 s: `mmtool ablate RUN` logs each modality's importance and interval at the checkpoint."""
+    run, _, _ = tracked
+    proc = _mmtool("ablate", run, "--batches", "2", "--batch-samples", "8",
+                   env={"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "", "MLFLOW_EXPERIMENT_NAME": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((run / "ablation.json").read_text())
+    rows = [ln.split(",") for ln in (run / "evals.csv").read_text().splitlines()[1:]]
+    logged = {key: float(value) for step, key, value in rows if key.startswith("ablation/") and step == "4"}
+    want = {f"ablation/{m}/{mode}/importance": e["importance"]["value"]
+            for m, modes in result["results"].items() for mode, e in modes.items()
+            if math.isfinite(e["importance"]["value"])}  # NaN (nothing to score) is not logged
+    assert want and all(logged[k] == v for k, v in want.items())
