@@ -369,7 +369,13 @@ class Trackers:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failed=exc_type is not None)
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(failed=True)
+        except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
+            pass
 
 
 def _save_state(run: Path, state: dict[str, Any]) -> None:
