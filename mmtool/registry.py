@@ -162,7 +162,8 @@ REGISTRY_HOMES = ["mmtool.data.sources", "mmtool.data.tokenizers", "mmtool.data.
                   "mmtool.models.attention", "mmtool.models.encoders", "mmtool.models.fusion",
                   "mmtool.models.objectives", "mmtool.models.tasks", "mmtool.models.builders", "mmtool.embed.frozen",
                   "mmtool.transfer.tasks", "mmtool.transfer.protocols",
-                  "mmtool.train.probes", "mmtool.analysis.ablated_batches", "mmtool.experiments", "mmtool.experiments.sweep_evals"]
+                  "mmtool.train.probes", "mmtool.analysis.ablated_batches", "mmtool.experiments", "mmtool.experiments.sweep_evals",
+                  "mmtool.train.loggers"]
 
 
 def all_registries() -> dict[str, Registry]:

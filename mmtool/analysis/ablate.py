@@ -446,6 +446,9 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
             alone = {n: {"value": v[which], "ci95": v[f"{which}_ci95"], "structural_zero": v["structural_zero"]}
                      for n, v in view.items()}
             out[f"{which}_ranking_groups"] = rank(alone)[1]
+    from mmtool.train.loggers import ablation_numbers, log_eval  # headline numbers → the run's trackers
+
+    log_eval(cfg.run, None, ablation_numbers(out))
     return out
 
 

@@ -19,6 +19,8 @@ Run folder::
                          `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`),
                          and on those steps each task's share of that gradient (`task_grad_share`)
     RUN/checkpoints/     see `mmtool.train.checkpoint`
+    RUN/trackers.json    the other trackers' run ids (`loggers`: csv, tensorboard, wandb, mlflow;
+                         their files are listed in `mmtool.train.loggers`)
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
 gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and saves.
@@ -45,6 +47,8 @@ from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
 from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
+from mmtool.train.loggers import open_trackers
+from mmtool.train.loggers import resolve as resolve_loggers
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
 from mmtool.train.probes import ModalityShares
@@ -105,6 +109,9 @@ class TrainConfig:
     grad-norm, loss. Empty (default): no probe code runs and no hook is registered."""
     probe_every: int = 10
     """Probe step 1 and every N-th step; on these steps (probes or not) `grad_share` is logged too."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Experiment trackers for every step's metrics, the config and eval numbers (`mmtool ls
+    loggers`): jsonl (metrics.jsonl, always on), csv, tensorboard, wandb, mlflow."""
 
     def loader_config(self, rank: int, world: int, pin: bool) -> LoaderConfig:
         samples = self.batch_samples
@@ -226,6 +233,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             loss (after saving what is safe: metrics up to the failing step; checkpoints untouched).
     """
     _validate(cfg)
+    cfg = dataclasses.replace(cfg, loggers=resolve_loggers(cfg.loggers))  # jsonl added; packages checked
     cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     cfg = with_folder_objectives(cfg)
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -266,10 +274,6 @@ def train(cfg: TrainConfig, resume: bool = False,
         out.mkdir(parents=True, exist_ok=True)
         if start_ckpt is None:
             atomic_write_json(out / "config.json", to_dict(cfg))
-            metrics_path.write_text("")
-        else:  # drop lines past the checkpoint: the resumed run writes them again
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
         if on_start:
             on_start({"parameters": model.num_parameters(), "start_step": step,
                       "resumed_from": str(start_ckpt) if start_ckpt else None,
@@ -295,7 +299,10 @@ def train(cfg: TrainConfig, resume: bool = False,
     last_ckpt = start_ckpt
     total = float("nan")  # stays nan when a finished run is resumed: nothing left to train
     t_start = time.perf_counter()
-    with loader, open(metrics_path if ddp.main else os.devnull, "a") as log:
+    # metrics.jsonl and the other trackers drop lines past the checkpoint: the resumed run writes them again
+    trackers = open_trackers(out, cfg.loggers, step, enabled=ddp.main)
+    with loader, trackers:
+        trackers.log_config(to_dict(cfg))
         while step < cfg.max_steps:
             step += 1
             lr = lr_at(cfg, step)
@@ -366,8 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             if probing:
                 line["probes"] = probes.finish()
             if ddp.main:
-                log.write(json.dumps(line) + "\n")
-                log.flush()
+                trackers.log_step(line)
                 if on_step:
                     on_step(line)
             if step % cfg.save_every == 0 or step == cfg.max_steps:

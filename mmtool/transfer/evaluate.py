@@ -152,5 +152,8 @@ def evaluate_transfer(cfg: TransferConfig,
         if plot_task(name, entry, plot):
             report["plots"][name] = str(plot)
     atomic_write_json(out / "report.json", report)
+    from mmtool.train.loggers import log_eval, transfer_numbers  # headline numbers → the run's trackers
+
+    log_eval(cfg.run, report["step"], transfer_numbers(report))
     report["report"] = str(out / "report.json")
     return report
