@@ -9,6 +9,8 @@ checkpoint, and model and optimizer states are restored exactly, so an interrupt
 Run folder::
 
     RUN/config.json      everything needed to rebuild the run
+    RUN/streams.json     the model's streams and the mixture's folders (`mmtool.rundir`): with
+                         config.json and a checkpoint, all `rundir.load_model` needs (no data)
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source,
                          per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
                          with no targets in the step is left out, not logged as 0),
@@ -48,6 +50,7 @@ from mmtool.errors import MMToolError
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
 from mmtool.probes import ModalityShares
+from mmtool.rundir import folder_records, write_streams
 
 
 @dataclass
@@ -264,6 +267,8 @@ def train(cfg: TrainConfig, resume: bool = False,
     metrics_path = out / "metrics.jsonl"
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
+        # streams.json on every (re)start: a resumed run from before it exists gets one too
+        write_streams(out, loader.index.streams, folder_records(loader.index.folders, cfg.data))
         if start_ckpt is None:
             atomic_write_json(out / "config.json", to_dict(cfg))
             metrics_path.write_text("")
@@ -382,19 +387,10 @@ def train(cfg: TrainConfig, resume: bool = False,
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, TrainConfig, Loader]:
-    """Rebuilds a trained model from a run folder (newest checkpoint): (model, config, loader)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise MMToolError(f"{run_dir}: not a training run (no config.json)")
-    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-    ckpts = checkpoint.list_checkpoints(run_dir)
-    if not ckpts:
-        raise MMToolError(f"{run_dir}: has no checkpoint yet")
-    loader = Loader(cfg.loader_config(0, 1, pin=False))
-    model = build_model(cfg.model, loader.index.streams)
-    state, _, _ = checkpoint.load(ckpts[-1])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise MMToolError(f"checkpoint {ckpts[-1]} does not fit its run's model: {exc}") from None
-    return model.to(device).eval(), cfg, loader
+    """Deprecated: `mmtool.rundir.load_model(run)` rebuilds the model without the data. This
+    wrapper also opens the run's data (`Loader`), for callers that really need it: (model, config,
+    loader); the caller closes the loader."""
+    from mmtool.rundir import load_model
+
+    model, cfg, _ = load_model(run_dir, device=device)
+    return model, cfg, Loader(cfg.loader_config(0, 1, pin=False))
