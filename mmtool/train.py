@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from mmtool import checkpoint
-from mmtool.config import from_dict, to_dict
+from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
 from mmtool.data.shards import atomic_write_json

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.transfer.protocols import PROTOCOLS, Evaluation, ProtocolConfig
