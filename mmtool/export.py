@@ -50,6 +50,47 @@ class Pretrained:
     def __iter__(self):  # `model, tokenizers = load_pretrained(DIR)`
         return iter((self.model, self.tokenizers))
 
+    def batch(self, rows: list[dict[str, Any]]) -> Any:
+        """One packed `Batch` of raw samples in the model's stream numbering, on the model's device.
+
+        Args:
+            rows: one dict per sample, `{modality or "modality/role": raw value}` in input order
+                (a text string, an image array, ...: what that modality's tokenizer's `encode`
+                takes), e.g. `[{"image": pixels, "text/caption": "a handwritten seven"}]`.
+
+        Raises:
+            MMToolError: a modality the model has no tokenizer for.
+        """
+        import tempfile
+
+        import numpy as np
+
+        from mmtool.data import shards as store
+        from mmtool.data.batching import assemble
+        from mmtool.data.schema import SCHEMA_VERSION, Sample, samples_to_batch
+        from mmtool.transfer.tasks import ModelStreamIndex
+
+        by_modality = {t.modality: t for t in self.tokenizers.values()}
+        samples, configs = [], {}
+        for i, row in enumerate(rows):
+            segments = []
+            for key, raw in row.items():
+                modality, _, role = key.partition("/")
+                if modality not in by_modality:
+                    raise MMToolError(f"sample {i}: the model has no {modality} input "
+                                      f"(it has {', '.join(sorted(by_modality))})")
+                tok = by_modality[modality]
+                segments.append(tok.encode(raw, role or modality))
+                configs[f"{modality}/{role or modality}"] = {"name": tok.registry_name, **tok.config()}
+            samples.append(Sample(f"sample-{i}", "input", "input", "test", segments))
+        with tempfile.TemporaryDirectory(prefix="mmtool-batch-") as tmp:
+            shard = store.write_shard(Path(tmp) / "shard-00000.arrow", [samples_to_batch(samples)])
+            store.atomic_write_json(Path(tmp) / store.MANIFEST, {
+                "schema_version": SCHEMA_VERSION, "tokenizers": configs, "shards": [shard]})
+            index = ModelStreamIndex([Path(tmp)], list(self.model.streams), "load_pretrained")
+            batch = assemble(index, np.arange(len(samples)), "packed")
+        return batch.to(next(self.model.parameters()).device)
+
 
 def export(run: str | Path, out: str | Path, step: int | None = None) -> dict[str, Any]:
     """Writes the export folder `out` from the run's checkpoint; returns its config.json contents.

@@ -91,7 +91,7 @@ def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[s
     # seed, same build order), i.e. the checkpoint's own step-0 weights: pretraining is the only
     # difference between the two models.
     scratch = untrained_twin(cfg, info.streams, device)
-    folders = [{k: f.get(k) for k in ("path", "name", "source", "modalities")} for f in info.folders]
+    folders = [dict(f) for f in info.folders]  # path, name, source, modalities, preprocess, ...
     loaded = {"run": str(run), "checkpoint": str(info.checkpoint), "step": info.step,
               "model": asdict(cfg.model), "parameters": model.num_parameters(),
               "streams": [s.key for s in info.streams],
