@@ -67,6 +67,7 @@ from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 from mmtool.analysis.ablated_batches import ABLATIONS, ablated_orders, rebuild, sample_slots
 from mmtool.transfer.protocols import probe as linear_probe
+from mmtool.train.rundir import untrained_twin  # noqa: F401  (re-exported)
 from mmtool.stats import hierarchical_ci, ratio_bootstrap_ci
 
 NOT_INPUTS = ("label",)
@@ -147,28 +148,46 @@ def weighted_loss(by_stream: dict[str, float], weights: dict[str, float], keys: 
     return float(sum(weights.get(k.split("/", 1)[0], 1.0) * by_stream[k] for k in keys))
 
 
-def _folder_map(index: TokenIndex, run_data: list[str]) -> np.ndarray:
+def _folder_map(index: TokenIndex, run_folders: list[dict[str, Any]]) -> np.ndarray:
     """For each evaluation folder, the run's folder number (its task embedding): same path, else
-    same folder name, else same sources; 0 when nothing matches."""
-    run = parse_data_specs(run_data)
+    same folder name, else same sources; 0 when nothing matches. `run_folders`: the run's folder
+    records (`RunInfo.folders`: path, name, sources), so the run's data need not exist."""
     out = []
     for f in index.folders:
         mine = Path(f.path).resolve()
-        hit = next((i for i, s in enumerate(run) if Path(s.path).resolve() == mine), None)
+        hit = next((i for i, r in enumerate(run_folders) if Path(r["path"]).resolve() == mine), None)
         if hit is None:
-            hit = next((i for i, s in enumerate(run) if Path(s.path).name == mine.name), None)
+            hit = next((i for i, r in enumerate(run_folders) if Path(r["path"]).name == mine.name), None)
         if hit is None:
             srcs = set(f.manifest.get("sources", {}))
-            for i, s in enumerate(run):
-                try:
-                    other = json.loads((Path(s.path) / "manifest.json").read_text()).get("sources", {})
-                except (OSError, ValueError):
-                    continue
-                if srcs and set(other) == srcs:
-                    hit = i
-                    break
+            hit = next((i for i, r in enumerate(run_folders) if srcs and set(r.get("sources") or []) == srcs),
+                       None)
         out.append(hit or 0)
     return np.asarray(out, np.int64)
+
+
+def _records_from_data(data: list[str]) -> list[dict[str, Any]]:
+    """Folder records of `--data` entries whose manifests can be read (a model passed in directly)."""
+    records = []
+    for spec in parse_data_specs(data):
+        try:
+            sources = json.loads((Path(spec.path) / "manifest.json").read_text()).get("sources", {})
+        except (OSError, ValueError):
+            sources = {}
+        records.append({"path": str(spec.path), "name": Path(spec.path).name, "sources": sorted(sources)})
+    return records
+
+
+def _eval_data(cfg: "AblateConfig", run_cfg: Any) -> list[str]:
+    """`--data`, else the run's own data, which must still exist."""
+    if cfg.data:
+        return list(cfg.data)
+    gone = [str(s.path) for s in parse_data_specs(list(run_cfg.data))
+            if not (Path(s.path) / "manifest.json").is_file()]
+    if gone:
+        raise MMToolError(f"the run's data {', '.join(gone)} is gone (moved run?); give --data DIR: "
+                          "a preprocessed folder with the run's streams")
+    return list(run_cfg.data)
 
 
 def _split_mask(index: TokenIndex, split: str) -> np.ndarray:
@@ -179,21 +198,7 @@ def _split_mask(index: TokenIndex, split: str) -> np.ndarray:
     return index.split_mask([split])
 
 
-def untrained_twin(run_cfg: Any, streams: list[Stream], device: str | torch.device = "cpu") -> Any:
-    """The run's model as `mmtool train` builds it before step 1 (the same architecture and initial
-    weights): `torch.manual_seed(run_cfg.seed); build_model(run_cfg.model, streams)`. The global
-    torch RNG is restored afterwards."""
-    from mmtool.models.model import build_model
-
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(run_cfg.seed)
-        twin = build_model(run_cfg.model, streams)
-    finally:
-        torch.random.set_rng_state(state)
-    return twin.to(device).eval()
-
-
+# `untrained_twin` lives with the run folder (`mmtool.train.rundir`); imported here for ablate's callers.
 def cannot_change_others(slot_mod: np.ndarray, slots: list[np.ndarray], m: int, causal: bool,
                          cross: bool) -> bool:
     """True when, by construction, modality `m` cannot change the other modalities' loss in these
@@ -257,14 +262,14 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
 
     Args:
         cfg: the job. model, run_cfg: an already loaded run (tests, `mmtool sanity --steps 0`);
-            default: `load_run(cfg.run)`. The twin is always built from `run_cfg` (`untrained_twin`).
+            default: `rundir.load_model(cfg.run)`. The twin is always built from `run_cfg` (`untrained_twin`).
         on_progress: called with (batches done, batches) after each batch.
 
     Raises:
         MMToolError: bad flags, a run that does not load, data with streams the run never saw,
             or fewer than 2 samples to evaluate.
     """
-    from mmtool.train import load_run
+    from mmtool.train.rundir import load_model
 
     for mode in cfg.modes:
         ABLATIONS.get(mode)
@@ -274,16 +279,19 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
         raise MMToolError("--batches must be ≥ 1 and --batch-samples ≥ 2")
     if cfg.metric not in ("auto", "loss", "accuracy"):
         raise MMToolError(f"--metric {cfg.metric}: expected auto, loss or accuracy")
-    if model is None:
-        model, run_cfg, _ = load_run(cfg.run, cfg.device)
+    if model is None:  # the run folder alone; data is read from --data (else the run's own)
+        model, run_cfg, info = load_model(cfg.run, device=cfg.device)
+        run_folders = info.folders
+    else:
+        run_folders = _records_from_data(list(run_cfg.data))
     model.eval()
     device = next(model.parameters()).device
     models = {"trained": model}
     if cfg.twin:
         models["twin"] = untrained_twin(run_cfg, list(model.streams), device)
-    data = list(cfg.data) or list(run_cfg.data)
+    data = _eval_data(cfg, run_cfg)
     index = _RunStreamIndex([s.path for s in parse_data_specs(data)], model.streams)
-    fmap = _folder_map(index, list(run_cfg.data))
+    fmap = _folder_map(index, run_folders)
     names = list(model.modalities)
     mod_of_stream = model.modality_of_stream.cpu().numpy()
     sep = names.index(SEPARATOR) if SEPARATOR in names else -1

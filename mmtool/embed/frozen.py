@@ -309,7 +309,7 @@ class CheckpointEncoder(FrozenEncoder):
         from mmtool.models.builders import model_size
 
         self.dim = model_size(cfg.get("model", {}).get("size", "tiny")).d_model
-        trained = _run_modalities(cfg)
+        trained = _run_modalities(self.run, cfg)
         if modality is not None and trained and modality not in trained:
             raise MMToolError(f"encoder {self.name}: the run was trained on {', '.join(trained)}; "
                               f"it has no {modality} encoder")
@@ -330,10 +330,11 @@ class CheckpointEncoder(FrozenEncoder):
 
     def load(self, device: str) -> None:
         if self._model is None:
-            from mmtool.train import load_run
+            from mmtool.train.rundir import load_model
 
-            self._model, self._cfg, loader = load_run(self.run, device)
-            self._run_folders = [f.manifest for f in loader.index.folders]
+            # the run folder alone: a moved run whose data is gone still encodes
+            self._model, self._cfg, _ = load_model(self.run, step=int(self.ckpt.name.split("-")[1]),
+                                                   device=device)
             self._device = device
 
     def encode(self, samples, modality, pool, configs, batch_size):
@@ -408,8 +409,16 @@ class CheckpointEncoder(FrozenEncoder):
         index.sample_folder[:] = 0
 
 
-def _run_modalities(cfg: dict[str, Any]) -> list[str]:
-    """Modalities of a run's data folders (empty when they cannot be read: checked later)."""
+def _run_modalities(run: Path, cfg: dict[str, Any]) -> list[str]:
+    """Modalities of a run's data folders, from RUN/streams.json (else the folders' manifests;
+    empty when neither can be read: checked when the model loads)."""
+    streams = run / "streams.json"
+    if streams.is_file():
+        try:
+            folders = json.loads(streams.read_text()).get("folders", [])
+            return sorted({m for f in folders for m in f.get("modalities", [])})
+        except (OSError, ValueError):
+            return []
     found: set[str] = set()
     for entry in cfg.get("data", []):
         path = Path(str(entry).rpartition("=")[0] or str(entry))

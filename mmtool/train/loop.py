@@ -9,6 +9,8 @@ checkpoint, and model and optimizer states are restored exactly, so an interrupt
 Run folder::
 
     RUN/config.json      everything needed to rebuild the run
+    RUN/streams.json     the model's streams and the mixture's folders (`mmtool.train.rundir`): with
+                         config.json and a checkpoint, all `rundir.load_model` needs (no data)
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source,
                          per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
                          with no targets in the step is left out, not logged as 0),
@@ -42,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from mmtool.train import checkpoint
-from mmtool.config import from_dict, to_dict
+from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
 from mmtool.io import atomic_write_json
@@ -52,6 +54,7 @@ from mmtool.train.loggers import resolve as resolve_loggers
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
 from mmtool.train.probes import ModalityShares
+from mmtool.train.rundir import folder_records, write_streams
 
 
 @dataclass
@@ -272,6 +275,8 @@ def train(cfg: TrainConfig, resume: bool = False,
     metrics_path = out / "metrics.jsonl"
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
+        # streams.json on every (re)start: a resumed run from before it exists gets one too
+        write_streams(out, loader.index.streams, folder_records(loader.index.folders, cfg.data))
         if start_ckpt is None:
             atomic_write_json(out / "config.json", to_dict(cfg))
         if on_start:
@@ -388,19 +393,10 @@ def train(cfg: TrainConfig, resume: bool = False,
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, TrainConfig, Loader]:
-    """Rebuilds a trained model from a run folder (newest checkpoint): (model, config, loader)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise MMToolError(f"{run_dir}: not a training run (no config.json)")
-    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-    ckpts = checkpoint.list_checkpoints(run_dir)
-    if not ckpts:
-        raise MMToolError(f"{run_dir}: has no checkpoint yet")
-    loader = Loader(cfg.loader_config(0, 1, pin=False))
-    model = build_model(cfg.model, loader.index.streams)
-    state, _, _ = checkpoint.load(ckpts[-1])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise MMToolError(f"checkpoint {ckpts[-1]} does not fit its run's model: {exc}") from None
-    return model.to(device).eval(), cfg, loader
+    """Deprecated: `mmtool.train.rundir.load_model(run)` rebuilds the model without the data. This
+    wrapper also opens the run's data (`Loader`), for callers that really need it: (model, config,
+    loader); the caller closes the loader."""
+    from mmtool.train.rundir import load_model
+
+    model, cfg, _ = load_model(run_dir, device=device)
+    return model, cfg, Loader(cfg.loader_config(0, 1, pin=False))

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.transfer.protocols import PROTOCOLS, Evaluation, ProtocolConfig
@@ -82,33 +80,25 @@ def pretraining_splits(run: Path) -> list[str] | None:
 
 
 def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[str, Any]]:
-    """({"pretrained", "scratch"}, the run's streams, folders and splits, what was loaded)."""
-    from mmtool.train import checkpoint
-    from mmtool.models.model import build_model
-    from mmtool.train import load_run
+    """({"pretrained", "scratch"}, the run's streams, folders and splits, what was loaded).
 
-    run = Path(run)
-    if not run.is_dir():
-        raise MMToolError(f"RUN {run}: no such folder (give a `mmtool train --out` folder)")
-    model, cfg, loader = load_run(run, device=device)
-    loader.close()
+    The run folder alone is read (`rundir.load_model`): its data folders may be gone.
+    """
+    from mmtool.train.rundir import load_model, untrained_twin
+
+    model, cfg, info = load_model(Path(run), device=device)
     # The scratch twin: same config and streams, initialised as `train` initialised this run (its
     # seed, same build order), i.e. the checkpoint's own step-0 weights: pretraining is the only
     # difference between the two models.
-    torch.manual_seed(cfg.seed)
-    scratch = build_model(cfg.model, loader.index.streams).to(device).eval()
-    folders = [{"path": str(f.path), "name": f.name,
-                "source": (f.manifest.get("source") or {}).get("name", f.name),
-                "modalities": sorted(f.manifest.get("modalities", {}))} for f in loader.index.folders]
-    ckpt = checkpoint.list_checkpoints(run)[-1]
-    splits = pretraining_splits(run)
-    loaded = {"run": str(run), "checkpoint": str(ckpt), "step": int(ckpt.name.split("-")[1]),
+    scratch = untrained_twin(cfg, info.streams, device)
+    folders = [dict(f) for f in info.folders]  # path, name, source, modalities, preprocess, ...
+    loaded = {"run": str(run), "checkpoint": str(info.checkpoint), "step": info.step,
               "model": asdict(cfg.model), "parameters": model.num_parameters(),
-              "streams": [s.key for s in loader.index.streams],
+              "streams": [s.key for s in info.streams],
               "pretraining_folders": [{k: f[k] for k in ("name", "source", "modalities")} for f in folders],
-              "pretraining_splits": splits if splits is not None else "all rows (config.json has no splits)",
+              "pretraining_splits": info.splits if info.splits is not None else "all rows (config.json has no splits)",
               "scratch_init": f"the run's own initial weights (build_model under torch seed {cfg.seed})"}
-    return {"pretrained": model, "scratch": scratch}, RunData(loader.index.streams, folders, splits), loaded
+    return {"pretrained": model, "scratch": scratch}, RunData(info.streams, folders, info.splits), loaded
 
 
 def evaluate_transfer(cfg: TransferConfig,

@@ -159,15 +159,20 @@ class ModelStreamIndex(TokenIndex):
 def _source_folder(name: str, task: Task, run: RunData, out: Path) -> tuple[Path, str]:
     """(a preprocessed folder of the task's source, how it relates to pretraining: "run" (a folder
     the run pretrained on), "other records" (same source, other records) or "no")."""
-    if task.reuse_run:
-        for f in run.folders:
-            if f["source"] == task.source:
-                return Path(f["path"]), "run"
+    mine = [f for f in run.folders if f["source"] == task.source] if task.reuse_run else []
+    for f in mine:
+        if (Path(f["path"]) / store.MANIFEST).is_file():
+            return Path(f["path"]), "run"
     from mmtool.data.preprocess import PreprocessConfig, preprocess
 
     tag = hashlib.sha1(json.dumps(task.options).encode()).hexdigest()[:8] if task.options else "default"
     folder = out / "data" / f"{task.source}-{tag}"
     preprocess(PreprocessConfig(task.source, folder, options=list(task.options), num_proc=1))
+    # The run's own folder is gone (a moved run): the same source made the same way holds the same
+    # records, so pretraining's splits still say which rows it read.
+    made = store.load_manifest(folder).get("source") or {}
+    if any(f.get("preprocess") and f["preprocess"] == made for f in mine):
+        return folder, "run"
     seen = any(f["source"] == task.source for f in run.folders)
     return folder, ("this source, other records" if seen else "no")
 
