@@ -1,6 +1,7 @@
 """mmtool: experiments on unified multi-modal, multi-task transformers.
 
-The library lives in subpackages (`mmtool.data`, later `mmtool.models`, ...); the command line in
+The library lives in one subpackage per stage (`data`, `models`, `train`, `embed`, `analysis`,
+`transfer`, `experiments`); the command line in
 `mmtool.cli` is a thin layer over it. `mmtool.load_pretrained(DIR)` loads an `mmtool export` folder
 (the model and its tokenizers); importing `mmtool` stays light (torch loads on first call).
 """
