@@ -220,6 +220,72 @@ def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str
     return result
 
 
+def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, rank: int) -> int:
+    """Loads model, optimizer and this rank's loader position from `ckpt`; returns its step."""
+    model_state, opt_state, doc = checkpoint.load(ckpt)
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise MMToolError(f"checkpoint {ckpt} does not fit this model: {exc}") from None
+    loader.load_state_dict(doc["loader"][rank])
+    return int(doc["step"])
+
+
+def _nan_error(loss: torch.Tensor, output: Any, batch: Any, names: list[str], step: int,
+               metrics_path: Path, last_ckpt: Path | None) -> MMToolError:
+    """The stop message of a non-finite loss: the step, the folders of the batch, what is kept."""
+    bad = _by_source(output.by_sample_loss, batch["sample_folder"], names)
+    worst = [n for n, v in bad.items() if not math.isfinite(v)] or list(bad)
+    return MMToolError(
+        f"loss is {loss.item()} at step {step} (batch from {', '.join(worst)}); "
+        f"stopped. Metrics up to step {step - 1} are in {metrics_path}; last "
+        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter grad_clip=0.5 (an override).")
+
+
+class StepMetrics:
+    """One optimizer step's metrics, accumulated over its micro-batches (`add`), then `result`.
+
+    Losses per objective are means over the micro-batches that had the objective; per stream and per
+    source, sums of `value / grad_accum`; per task, means over the micro-batches with the task.
+    """
+
+    def __init__(self, names: list[str], grad_accum: int):
+        self.names, self.grad_accum = names, grad_accum
+        self.wait, self.tokens, self.total = 0.0, 0, 0.0
+        self.losses: dict[str, list[float]] = {}
+        self.by_stream: dict[str, float] = {}
+        self.by_source: dict[str, float] = {}
+        self.by_task: dict[str, list[float]] = {}
+        self.source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
+
+    def add(self, loss: torch.Tensor, output: Any, batch: Any) -> None:
+        """Adds one micro-batch's `ModelOutput` (after its backward)."""
+        self.total += float(loss.detach()) / self.grad_accum
+        self.tokens += output.tokens
+        for k in output.counted:  # an objective with nothing in the batch has no loss to log
+            self.losses.setdefault(k, []).append(float(output.losses[k].detach()))
+        for k, v in output.by_stream.items():
+            self.by_stream[k] = self.by_stream.get(k, 0.0) + v / self.grad_accum
+        for (f, obj), v in output.by_task.items():
+            self.by_task.setdefault(f"{self.names[f]}/{obj}", []).append(v)
+        self.source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(), batch["seqlens"].cpu().numpy(),
+                                          len(self.names)).astype(np.int64)
+        for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], self.names).items():
+            self.by_source[k] = self.by_source.get(k, 0.0) + v / self.grad_accum
+
+    def result(self, seconds: float) -> dict[str, Any]:
+        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, speed)."""
+        st = self.source_tokens
+        return {"loss": self.total,
+                "losses": {k: sum(v) / len(v) for k, v in self.losses.items()},  # mean over micro-batches with it
+                "by_stream": self.by_stream, "by_source": self.by_source,
+                "by_task": {k: sum(v) / len(v) for k, v in self.by_task.items()},
+                "tokens": self.tokens,
+                "token_share": {self.names[f]: float(st[f] / max(st.sum(), 1)) for f in np.flatnonzero(st)},
+                "tokens_per_s": self.tokens / seconds, "data_wait": self.wait / seconds}
+
+
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None,
           on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -252,16 +318,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                       [str(f.path) for f in loader.index.folders], cfg.model.mask_ratio)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(cfg.out)
-    step = 0
-    if start_ckpt is not None:
-        model_state, opt_state, doc = checkpoint.load(start_ckpt)
-        try:
-            model.load_state_dict(model_state)
-            optimizer.load_state_dict(opt_state)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise MMToolError(f"checkpoint {start_ckpt} does not fit this model: {exc}") from None
-        loader.load_state_dict(doc["loader"][ddp.rank])
-        step = int(doc["step"])
+    step = 0 if start_ckpt is None else _restore(start_ckpt, model, optimizer, loader, ddp.rank)
     names = [f.name for f in loader.index.folders]
     probes = None
     if cfg.probes:  # off by default: then nothing is built and no hook is ever registered
@@ -314,18 +371,16 @@ def train(cfg: TrainConfig, resume: bool = False,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            wait, tokens, losses, by_stream, by_source, total = 0.0, 0, {}, {}, {}, 0.0
-            source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
+            acc = StepMetrics(names, cfg.grad_accum)
             probing = probes is not None and probes.due(step)
             # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
             shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=names)
-            by_task: dict[str, list[float]] = {}
             if probing:
                 probes.start()
             for micro in range(cfg.grad_accum):
                 tw = time.perf_counter()
                 batch = next(batches).to(device)
-                wait += time.perf_counter() - tw
+                acc.wait += time.perf_counter() - tw
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
                 with autocast:
                     output = trained(batch, generator=gen)
@@ -336,25 +391,9 @@ def train(cfg: TrainConfig, resume: bool = False,
                     probes.after_forward(batch, output)
                 shares.add(output)
                 if not torch.isfinite(loss):
-                    bad = _by_source(output.by_sample_loss, batch["sample_folder"], names)
-                    worst = [n for n, v in bad.items() if not math.isfinite(v)] or list(bad)
-                    raise MMToolError(
-                        f"loss is {loss.item()} at step {step} (batch from {', '.join(worst)}); "
-                        f"stopped. Metrics up to step {step - 1} are in {metrics_path}; last "
-                        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter grad_clip=0.5 (an override).")
+                    raise _nan_error(loss, output, batch, names, step, metrics_path, last_ckpt)
                 (loss / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
-                tokens += output.tokens
-                for k in output.counted:  # an objective with nothing in the batch has no loss to log
-                    losses.setdefault(k, []).append(float(output.losses[k].detach()))
-                for k, v in output.by_stream.items():
-                    by_stream[k] = by_stream.get(k, 0.0) + v / cfg.grad_accum
-                for (f, obj), v in output.by_task.items():
-                    by_task.setdefault(f"{names[f]}/{obj}", []).append(v)
-                source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(),
-                                             batch["seqlens"].cpu().numpy(), len(names)).astype(np.int64)
-                for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], names).items():
-                    by_source[k] = by_source.get(k, 0.0) + v / cfg.grad_accum
+                acc.add(loss, output, batch)
             if probing:
                 probes.after_backward()  # gradients as backward left them: before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -363,18 +402,12 @@ def train(cfg: TrainConfig, resume: bool = False,
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             if ddp.world > 1:
-                reduced = torch.tensor([total, tokens], dtype=torch.float64)
+                reduced = torch.tensor([acc.total, acc.tokens], dtype=torch.float64)
                 dist.all_reduce(reduced)
-                total, tokens = float(reduced[0]) / ddp.world, int(reduced[1])
-            losses = {k: sum(v) / len(v) for k, v in losses.items()}  # mean over micro-batches with it
-            line = {"step": step, "loss": total, "losses": losses, "by_stream": by_stream,
-                    "by_source": by_source, "by_task": {k: sum(v) / len(v) for k, v in by_task.items()},
-                    "tokens": tokens,
-                    "token_share": {names[f]: float(source_tokens[f] / max(source_tokens.sum(), 1))
-                                    for f in np.flatnonzero(source_tokens)},
-                    "tokens_per_s": tokens / seconds, "data_wait": wait / seconds, "lr": lr,
-                    "grad_norm": float(grad_norm), "epoch": loader.epoch, "seconds": seconds,
-                    **shares.result()}
+                acc.total, acc.tokens = float(reduced[0]) / ddp.world, int(reduced[1])
+            total = acc.total
+            line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
+                    "epoch": loader.epoch, "seconds": seconds, **shares.result()}
             if probing:
                 line["probes"] = probes.finish()
             if ddp.main:
