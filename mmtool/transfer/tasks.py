@@ -258,6 +258,56 @@ def _bin(values: np.ndarray, train: np.ndarray, n: int) -> tuple[np.ndarray, lis
     return np.searchsorted(edges, values, side="right").astype(np.int64), [float(e) for e in edges]
 
 
+def _targets(spec: str, folder: Path, samples: list[Sample], target: str,
+             notes: list[str]) -> tuple[list[Sample], np.ndarray]:
+    """The samples that have the task's target, and the raw targets (class labels or a meta value)."""
+    if target == "label":
+        kept = [s for s in samples if s.label is not None and s.label >= 0]
+        if not kept:
+            raise MMToolError(f"task {spec}: {folder} has no labelled samples (the label column is empty)")
+        if len(kept) < len(samples):
+            notes.append(f"{len(samples) - len(kept)} samples without a label left out")
+        return kept, np.asarray([s.label for s in kept], np.int64)
+    kept = [s for s in samples if target in s.meta]
+    return kept, np.asarray([s.meta[target] for s in kept], np.float64)
+
+
+def _inputs(spec: str, task: Task | None, have: list[str], modalities: list[str] | None,
+            notes: list[str]) -> list[str]:
+    """The input modalities: the requested (or the task's default) ones that the data has."""
+    default = list(task.modalities) if task else have
+    wanted = list(modalities) if modalities else default
+    used = [m for m in wanted if m in have]
+    if not used:
+        raise MMToolError(f"task {spec}: none of --modalities {','.join(wanted)} is in its data "
+                          f"(it has {', '.join(have)})")
+    if len(used) < len(wanted):
+        notes.append(f"--modalities {', '.join(m for m in wanted if m not in have)}: not in this task's data")
+    if task is None and not modalities:
+        notes.append("inputs: every modality of the folder; drop any that names the label with --modalities")
+    return used
+
+
+def _labels_and_split(spec: str, task: Task | None, samples: list[Sample], raw: np.ndarray, target: str,
+                      seed: int, notes: list[str]):
+    """(samples, split name per sample, labels, bin edges or None, class names): classes with fewer
+    than 3 samples left out, a stratified split; a continuous target binned on the train split."""
+    if target != "label":
+        split = stratified_split(np.zeros(len(raw), np.int64), seed)
+        labels, edges = _bin(raw, split == "train", len(task.classes))
+        return samples, split, labels, edges, list(task.classes)
+    counts = np.bincount(raw)
+    rare = [c for c in np.flatnonzero(counts) if counts[c] < 3]
+    if rare:
+        notes.append(f"classes {rare} have fewer than 3 samples and are left out")
+        ok = ~np.isin(raw, rare)
+        samples, raw = [s for s, k in zip(samples, ok) if k], raw[ok]
+    if len(np.unique(raw)) < 2:
+        raise MMToolError(f"task {spec}: needs at least two classes with 3+ samples each")
+    names = list(task.classes) if task else [str(c) for c in range(int(raw.max()) + 1)]
+    return samples, stratified_split(raw, seed), raw, None, names
+
+
 def prepare_task(spec: str, run: RunData, out: Path, seed: int, modalities: list[str] | None,
                  zeroshot: bool, held_out: bool = True) -> TaskData:
     """Reads, labels, splits and restricts task `spec`, and indexes it in the checkpoint's streams.
@@ -289,48 +339,9 @@ def prepare_task(spec: str, run: RunData, out: Path, seed: int, modalities: list
     have = sorted({g.modality for s in samples for g in s.segments})
 
     target = task.target if task else "label"
-    if target == "label":
-        kept = [s for s in samples if s.label is not None and s.label >= 0]
-        if not kept:
-            raise MMToolError(f"task {spec}: {folder} has no labelled samples (the label column is empty)")
-        if len(kept) < len(samples):
-            notes.append(f"{len(samples) - len(kept)} samples without a label left out")
-        raw = np.asarray([s.label for s in kept], np.int64)
-    else:
-        kept = [s for s in samples if target in s.meta]
-        raw = np.asarray([s.meta[target] for s in kept], np.float64)
-    samples = kept
-
-    # Inputs: the requested modalities that the task has.
-    default = list(task.modalities) if task else have
-    wanted = list(modalities) if modalities else default
-    used = [m for m in wanted if m in have]
-    if not used:
-        raise MMToolError(f"task {spec}: none of --modalities {','.join(wanted)} is in its data "
-                          f"(it has {', '.join(have)})")
-    if len(used) < len(wanted):
-        notes.append(f"--modalities {', '.join(m for m in wanted if m not in have)}: not in this task's data")
-    if task is None and not modalities:
-        notes.append("inputs: every modality of the folder; drop any that names the label with --modalities")
-
-    # Labels and split.
-    if target == "label":
-        counts = np.bincount(raw)
-        rare = [c for c in np.flatnonzero(counts) if counts[c] < 3]
-        if rare:
-            notes.append(f"classes {rare} have fewer than 3 samples and are left out")
-            ok = ~np.isin(raw, rare)
-            samples, raw = [s for s, k in zip(samples, ok) if k], raw[ok]
-        present = np.unique(raw)
-        if len(present) < 2:
-            raise MMToolError(f"task {spec}: needs at least two classes with 3+ samples each")
-        split = stratified_split(raw, seed)
-        labels, edges = raw, None
-        names = list(task.classes) if task else [str(c) for c in range(int(raw.max()) + 1)]
-    else:
-        split = stratified_split(np.zeros(len(raw), np.int64), seed)
-        labels, edges = _bin(raw, split == "train", len(task.classes))
-        names = list(task.classes)
+    samples, raw = _targets(spec, folder, samples, target, notes)
+    used = _inputs(spec, task, have, modalities, notes)
+    samples, split, labels, edges, names = _labels_and_split(spec, task, samples, raw, target, seed, notes)
     for s, name in zip(samples, split):
         s.split = name
 
