@@ -93,6 +93,7 @@ class SanityConfig:
     """Importance metric of the ablation (`mmtool ablate --metric`): loss (the label token's loss
     increase: does the model use the modality to predict the answer), accuracy, auto."""
     seed: int = 0
+    """Seed of the data, training and ablation."""
 
 
 def _contrast(line: dict[str, Any], inf: str, noise: str) -> tuple[float, float]:

@@ -87,11 +87,13 @@ class TrainConfig:
     warmup: int = 10
     """Linear warmup steps."""
     weight_decay: float = 0.01
+    """AdamW weight decay, applied to every parameter."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seed: int = 0
+    """Seed of the initial weights, the mixture order and every step's masks and negatives."""
     save_every: int = 50
     """Checkpoint every N steps (and at the end)."""
     keep_last: int = 3
