@@ -47,16 +47,32 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if annotation is Path:
             return Path(value)
         if origin in (list, tuple):
-            items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
-            inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
-            return origin(_coerce(v, inner, key) for v in items)
+            return _coerce_items(value, annotation, key)
         if origin is dict:
             if isinstance(value, dict):
                 return {str(k): float(v) for k, v in value.items()}
             return parse_weights(str(value), key)
     except (TypeError, ValueError):
-        raise MMToolError(f"{key}={value!r}: expected {getattr(annotation, '__name__', annotation)}") from None
+        raise MMToolError(f"{_label(key, value)}: expected {getattr(annotation, '__name__', annotation)}") from None
     return value
+
+
+def _label(key: str, value: Any) -> str:
+    """`--flag 'value'` for a flag, `origin key='value'` for a file or override setting."""
+    return f"{key} {value!r}" if key.startswith("--") else f"{key}={value!r}"
+
+
+def _coerce_items(value: Any, annotation: Any, key: str) -> list | tuple:
+    """A list/tuple field: a YAML list, or text split at commas (`1,5,10`)."""
+    origin = typing.get_origin(annotation)
+    inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
+    if isinstance(value, (list, tuple)):
+        return origin(_coerce(v, inner, key) for v in value)
+    try:
+        return origin(_coerce(v.strip(), inner, key) for v in str(value).split(",") if v.strip())
+    except MMToolError:
+        name = getattr(inner, "__name__", str(inner))
+        raise MMToolError(f"{_label(key, value)}: expected comma-separated {name}s") from None
 
 
 def parse_value(text: str) -> Any:
@@ -106,7 +122,8 @@ def set_value(obj: Any, dotted: str, value: Any, origin: str, _prefix: str = "")
             raise MMToolError(f"{origin}: {_prefix + head!r} has no sub-settings")
         set_value(child, rest, value, origin, f"{_prefix}{head}.")
     else:
-        setattr(obj, head, _coerce(value, types[head], f"{origin} {full}"))
+        label = origin if origin == "--" + full.replace("_", "-") else f"{origin} {full}"
+        setattr(obj, head, _coerce(value, types[head], label))
 
 
 def _flatten(doc: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

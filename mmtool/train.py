@@ -331,7 +331,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                     raise MMToolError(
                         f"loss is {loss.item()} at step {step} (batch from {', '.join(worst)}); "
                         f"stopped. Metrics up to step {step - 1} are in {metrics_path}; last "
-                        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter grad_clip=0.5 (an override).")
+                        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter --grad-clip 0.5.")
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
                 tokens += output.tokens
