@@ -38,6 +38,8 @@ CONFIGS = {
 NOT_A_COMMAND_CONFIG = {
     "LoaderConfig": "built by TrainConfig.loader_config and ProfileConfig from their own fields",
     "SweepSpec": "read from a sweep YAML; its flags are checked by test_sweep_spec_fields_reach_mmtool_sweep",
+    "DataSpec": "one --data entry, parsed from its text (DIR=WEIGHT:key=value)",
+    "FieldSpec": "the layout of a batch field, not a setting",
 }
 """Config-like dataclasses that no command takes field by field, with the reason."""
 
@@ -204,7 +206,7 @@ def _command(spec: ConfigFlags) -> click.Command:
 
 
 def _run(spec: ConfigFlags, *args: str) -> str:
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     result = CliRunner().invoke(_command(spec), list(args))
     assert result.exit_code == 0, result.output
@@ -240,7 +242,7 @@ def test_flags_not_given_leave_the_config_file_alone(tmp_path):
 
 
 def test_a_required_field_is_a_required_flag():
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     result = CliRunner().invoke(_command(SPEC), ["--steps", "2"])
     assert result.exit_code == 2 and "--name" in result.output
