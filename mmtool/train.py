@@ -52,7 +52,8 @@ from mmtool.probes import ModalityShares
 
 @dataclass
 class TrainConfig:
-    """A training run. Every field is a flag of `mmtool train` and a key of `--config` files."""
+    """A training run. Every field is a key of `--config` files and, but `fault_nan_step` (a testing
+    aid), a flag of `mmtool train` (`--model.size` for the nested model's; generated)."""
 
     data: list[str] = field(default_factory=list)
     """Preprocessed folders `DIR[=WEIGHT]`, or a mixture YAML file."""
