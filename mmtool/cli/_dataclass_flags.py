@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 import inspect
 import textwrap
@@ -98,6 +99,7 @@ class ConfigFlags:
         return getattr(importlib.import_module(module), name)
 
 
+@functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """Field name → its docstring (the string literal right after the field), read with `ast`."""
     docs: dict[str, str] = {}
@@ -153,8 +155,8 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def walk_fields(cls: type, prefix: str = "") -> list[tuple[str, str, dataclasses.Field, Any]]:
-    """(dotted key, owner.field id, field, annotation) of every leaf field, nested ones flattened."""
+def walk_fields(cls: type, prefix: str = "") -> list[tuple[str, type, dataclasses.Field, Any]]:
+    """(dotted key, owning dataclass, field, annotation) of every leaf field, nested ones flattened."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -162,15 +164,16 @@ def walk_fields(cls: type, prefix: str = "") -> list[tuple[str, str, dataclasses
         if dataclasses.is_dataclass(hint):
             out += walk_fields(hint, f"{prefix}{f.name}.")
         else:
-            out.append((prefix + f.name, f"{cls.__name__}.{f.name}", f, hint))
+            out.append((prefix + f.name, cls, f, hint))
     return out
 
 
 def build_flags(spec: ConfigFlags) -> list[Flag]:
     """The options of `spec`'s config class, in field order."""
     cls = spec.config_class()
-    leaves = [leaf for leaf in walk_fields(cls) if leaf[0] not in spec.positional
-              and leaf[1] not in INTERNAL_FIELDS and leaf[0] not in spec.exclude]
+    leaves = [(key, owner, f, hint) for key, owner, f, hint in walk_fields(cls)
+              if key not in spec.positional and key not in spec.exclude
+              and f"{owner.__name__}.{f.name}" not in INTERNAL_FIELDS]
     taken = {"--" + key.replace("_", "-") for key, *_ in leaves if "." not in key}
     taken |= {name for names in spec.aliases.values() for name in names}
     leaf_names = [("--" + key.rpartition(".")[2].replace("_", "-")) for key, *_ in leaves]
@@ -187,28 +190,12 @@ def build_flags(spec: ConfigFlags) -> list[Flag]:
             off = spec.negatives.get(key, "--no-" + decls[0][2:])
             default = (decls[0] if default else off)[2:] if isinstance(default, bool) else default
             decls = [f"{decls[0]}/{off}"]
-        owner_cls = owner.partition(".")[0]
-        doc = _docs(cls, owner_cls).get(f.name, "")
+        doc = field_docs(owner).get(f.name, "")
         shown = False if default is dataclasses.MISSING else show_value(default)
         text = " ".join(filter(None, [doc, f"[default: {shown}]" if shown is not False else ""]))
         flags.append(Flag(key=key, param=key.replace(".", "__"), decls=tuple(decls), annotation=kind,
                           help=escape(text), show_default=shown))
     return flags
-
-
-def _docs(root: type, owner: str) -> dict[str, str]:
-    for klass in _dataclasses_in(root):
-        if klass.__name__ == owner:
-            return field_docs(klass)
-    return {}
-
-
-def _dataclasses_in(cls: type) -> list[type]:
-    found = [cls]
-    for hint in typing.get_type_hints(cls).values():
-        if dataclasses.is_dataclass(hint):
-            found += _dataclasses_in(hint)
-    return found
 
 
 def _click_options(flags: list[Flag], required: set[str]) -> list[click.Parameter]:

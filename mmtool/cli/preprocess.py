@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import typer
 from rich.console import Console
 
-from mmtool.cli._render import preprocess_summary, run_preprocess
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
+from mmtool.cli._render import preprocess_summary, run_preprocess
 from mmtool.cli.app import app
 from mmtool.config import build_config
 from mmtool.data.preprocess import PreprocessConfig

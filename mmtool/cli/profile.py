@@ -14,8 +14,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from mmtool.cli._render import human_bytes
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
+from mmtool.cli._render import human_bytes
 from mmtool.cli.app import app
 from mmtool.config import build_config
 from mmtool.data.shards import atomic_write_json
