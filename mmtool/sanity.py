@@ -74,7 +74,7 @@ class SanityConfig:
     """The label-carrying modality: image (digit images, noise captions) or text (class-naming
     captions, noise images: its probe signals are weak — see the module docstring)."""
     steps: int = 40
-    """Training steps."""
+    """Training steps of the tiny model; 0 checks the untrained model, which must fail."""
     samples: int = 400
     """Records of the known-answer source."""
     classes: int = 4

@@ -18,6 +18,7 @@ from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli.app import app
 from mmtool.config import build_config
 
+
 def _interval(ci: list[float] | None, signed: bool = False) -> str:
     if not ci or ci[0] != ci[0]:
         return ""
