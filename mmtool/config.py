@@ -46,17 +46,33 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return annotation(value)
         if annotation is Path:
             return Path(value)
-        if origin is list:
-            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-            inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
-            return [_coerce(v, inner, key) for v in items]
+        if origin in (list, tuple):
+            return _coerce_items(value, annotation, key)
         if origin is dict:
             if isinstance(value, dict):
                 return {str(k): float(v) for k, v in value.items()}
             return parse_weights(str(value), key)
     except (TypeError, ValueError):
-        raise MMToolError(f"{key}={value!r}: expected {getattr(annotation, '__name__', annotation)}") from None
+        raise MMToolError(f"{_label(key, value)}: expected {getattr(annotation, '__name__', annotation)}") from None
     return value
+
+
+def _label(key: str, value: Any) -> str:
+    """`--flag 'value'` for a flag, `origin key='value'` for a file or override setting."""
+    return f"{key} {value!r}" if key.startswith("--") else f"{key}={value!r}"
+
+
+def _coerce_items(value: Any, annotation: Any, key: str) -> list | tuple:
+    """A list/tuple field: a YAML list, or text split at commas (`1,5,10`)."""
+    origin = typing.get_origin(annotation)
+    inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else str
+    if isinstance(value, (list, tuple)):
+        return origin(_coerce(v, inner, key) for v in value)
+    try:
+        return origin(_coerce(v.strip(), inner, key) for v in str(value).split(",") if v.strip())
+    except MMToolError:
+        name = getattr(inner, "__name__", str(inner))
+        raise MMToolError(f"{_label(key, value)}: expected comma-separated {name}s") from None
 
 
 def parse_value(text: str) -> Any:
@@ -106,7 +122,8 @@ def set_value(obj: Any, dotted: str, value: Any, origin: str, _prefix: str = "")
             raise MMToolError(f"{origin}: {_prefix + head!r} has no sub-settings")
         set_value(child, rest, value, origin, f"{_prefix}{head}.")
     else:
-        setattr(obj, head, _coerce(value, types[head], f"{origin} {full}"))
+        label = origin if origin == "--" + full.replace("_", "-") else f"{origin} {full}"
+        setattr(obj, head, _coerce(value, types[head], label))
 
 
 def _flatten(doc: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -119,10 +136,36 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def _instantiate(cls: type, flags: dict[str, Any]) -> Any:
+    """`cls()` with its required fields (no default) taken from `flags`."""
+    types = _field_types(cls)
+    required = {}
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            flag = "--" + f.name.replace("_", "-")
+            if flags.get(f.name) is None:
+                raise MMToolError(f"{flag}: required")
+            required[f.name] = _coerce(flags[f.name], types[f.name], flag)
+    return cls(**required)
+
+
 def build_config(cls: type, yaml_path: Path | None = None, flags: dict[str, Any] | None = None,
                  overrides: list[str] | None = None) -> Any:
-    """Defaults → YAML file → flags that were given (not None) → `key=value` overrides."""
-    cfg = cls()
+    """Defaults → YAML file → flags that were given (not None) → `key=value` overrides.
+
+    Args:
+        cls: The config dataclass. Its fields without a default must be among `flags`.
+        yaml_path: A `--config` file: a mapping of settings (nested mappings for nested configs).
+        flags: Dotted key → value of the flags given on the command line (None and [] are skipped).
+        overrides: `key=value` strings (`model.size=small`).
+
+    Returns:
+        The config.
+
+    Raises:
+        MMToolError: Unknown keys, values of the wrong type, a missing required flag, a bad file.
+    """
+    cfg = _instantiate(cls, flags or {})
     if yaml_path is not None:
         try:
             doc = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
@@ -134,7 +177,7 @@ def build_config(cls: type, yaml_path: Path | None = None, flags: dict[str, Any]
             set_value(cfg, key, value, f"--config {yaml_path}")
     for key, value in (flags or {}).items():
         if value is not None and value != []:
-            set_value(cfg, key, value, f"--{key.split('.')[-1].replace('_', '-')}")
+            set_value(cfg, key, value, "--" + key.replace("_", "-"))
     for item in overrides or []:
         key, eq, value = item.partition("=")
         if not eq:

@@ -39,3 +39,61 @@ def test_parse_weights():
     assert parse_weights("contrastive", "x") == {"contrastive": 1.0}
     with pytest.raises(MMToolError, match="masked-patch"):
         parse_weights("masked-patch=lots", "--objectives")
+
+
+def test_tuples_lists_and_required_fields_from_flags():
+    from mmtool.transfer import TransferConfig
+
+    cfg = build_config(TransferConfig, flags={"run": "r", "protocol.ks": "1, 3", "protocols": "kshot",
+                                              "protocol.lrs": "1e-3"})
+    assert cfg.run == Path("r") and cfg.protocol.ks == (1, 3) and cfg.protocol.lrs == (1e-3,)
+    assert cfg.protocols == ["kshot"]
+    with pytest.raises(MMToolError, match="--protocol.ks '1,x': expected comma-separated ints"):
+        build_config(TransferConfig, flags={"run": "r", "protocol.ks": "1,x"})
+    with pytest.raises(MMToolError, match="--run: required"):
+        build_config(TransferConfig, flags={"tasks": "digits"})
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_there():
+    assert {p.stem for p in SHIPPED} >= {"quickstart", "fusion", "sample-weights", "frozen-vs-learned"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_is_a_train_config(path):
+    cfg = build_config(TrainConfig, path)
+    assert cfg.data and all(entry.startswith("data/") for entry in cfg.data)  # relative to the repo
+    assert cfg.model.size == "tiny" and str(cfg.out).startswith("runs/")
+    assert path.read_text(encoding="utf-8").startswith("#")  # says what it is for and how to run it
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_is_a_sweep(path):
+    from mmtool.experiments.sweep import load_spec, points
+
+    spec = load_spec(path)
+    assert spec.name == path.stem and len(points(spec)) >= 2
+
+
+def test_quickstart_config_is_what_quickstart_trains():
+    from mmtool.cli.quickstart import BUILTIN_MIXTURE, PROFILE_BATCH_TOKENS, QUICKSTART_MODEL
+
+    cfg = build_config(TrainConfig, REPO / "configs" / "quickstart.yaml")
+    assert cfg.data == [f"data/{source}=1" for source in BUILTIN_MIXTURE]
+    assert {k: getattr(cfg.model, k) for k in QUICKSTART_MODEL} == QUICKSTART_MODEL
+    assert cfg.batch_tokens == PROFILE_BATCH_TOKENS and cfg.splits == ["train"]
+    assert (cfg.max_steps, cfg.warmup, cfg.save_every) == (150, 10, 75)  # quickstart --train-steps 150
+
+
+def test_sample_weights_config_is_the_sweeps_middle_point():
+    from mmtool.experiments.sweep import load_spec
+
+    spec = load_spec(REPO / "configs" / "experiments" / "sample-weight.yaml")
+    cfg = build_config(TrainConfig, REPO / "configs" / "sample-weights.yaml")
+    middle = [e.replace("builtin:", "data/") for e in spec.grid["data"][1]]
+    assert cfg.data == middle
+    for key in ("batch_tokens", "max_steps", "warmup", "save_every"):
+        assert getattr(cfg, key) == spec.train[key], key

@@ -108,6 +108,7 @@ class AblateConfig:
     """Importance metric: accuracy (probe accuracy drop), loss (remaining-modality loss increase),
     or auto (accuracy when every ablation could be scored by the probe, else loss)."""
     device: str = "cpu"
+    """cpu or cuda."""
 
 
 class _RunStreamIndex(TokenIndex):

@@ -50,7 +50,8 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 @dataclass
 class ProfileConfig:
-    """What `mmtool profile` measures; the CLI flags map one to one onto these fields."""
+    """What `mmtool profile` measures; every field but `step_fn` (built from `--model SIZE`) is a
+    flag of `mmtool profile`."""
 
     data: list[str]
     """`DIR[=WEIGHT]` entries or a mixture YAML file (`--data`), as for the loader."""

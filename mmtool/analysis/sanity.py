@@ -74,7 +74,7 @@ class SanityConfig:
     """The label-carrying modality: image (digit images, noise captions) or text (class-naming
     captions, noise images: its probe signals are weak — see the module docstring)."""
     steps: int = 40
-    """Training steps."""
+    """Training steps of the tiny model; 0 checks the untrained model, which must fail."""
     samples: int = 400
     """Records of the known-answer source."""
     classes: int = 4
@@ -93,6 +93,7 @@ class SanityConfig:
     """Importance metric of the ablation (`mmtool ablate --metric`): loss (the label token's loss
     increase: does the model use the modality to predict the answer), accuracy, auto."""
     seed: int = 0
+    """Seed of the data, training and ablation."""
 
 
 def _contrast(line: dict[str, Any], inf: str, noise: str) -> tuple[float, float]:

@@ -4,14 +4,16 @@ and `mmtool sanity`: the known-answer check of the ablation and the probes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli.app import app
+from mmtool.config import build_config
 from mmtool.io import atomic_write_json
 from mmtool.errors import MMToolError
 
@@ -74,23 +76,15 @@ def ablation_table(result: dict[str, Any]) -> Table:
     return table
 
 
-@app.command("ablate")
+ABLATE_FLAGS = ConfigFlags("mmtool.analysis.ablate:AblateConfig", positional=("run",),
+                          aliases={"data": ("-d",)}, repeatable=("data",))
+"""`mmtool ablate`'s flags: every `AblateConfig` field."""
+
+
+@app.command("ablate", cls=config_command(ABLATE_FLAGS))
 def ablate_cmd(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Training run folder (`mmtool train --out`)."),
-    data: List[str] = typer.Option([], "--data", "-d", help="Preprocessed folders to evaluate on (default: the run's own --data)."),
-    modes: str = typer.Option("drop,permute", help="Ablation modes (`mmtool ls ablations`); the first ranks the modalities."),
-    modalities: Optional[str] = typer.Option(None, help="Modalities to ablate, comma-separated (default: all but label tokens)."),
-    batches: int = typer.Option(20, help="Evaluation batches (the intervals resample them)."),
-    batch_samples: int = typer.Option(32, help="Samples per batch."),
-    split: str = typer.Option("all", help="all, train, validation or test."),
-    seed: int = typer.Option(0, help="Sample order, permutations, masks, probe split, bootstrap."),
-    probe_c: float = typer.Option(1.0, help="Inverse L2 strength of the linear probe (fixed)."),
-    twin: bool = typer.Option(True, "--twin/--no-twin",
-                              help="Also measure the untrained twin (the run's initial weights) on the same "
-                                   "batches; importance = trained − twin."),
-    metric: str = typer.Option("auto", help="Importance metric: accuracy (probe), loss (remaining modalities), "
-                                            "auto (accuracy when every ablation has it)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Result JSON (default RUN/ablation.json)."),
     plot: Optional[Path] = typer.Option(None, help="Bar chart with error bars (default RUN/ablation.png)."),
 ) -> None:
@@ -98,11 +92,7 @@ def ablate_cmd(
     against the untrained twin; ties and structural zeros flagged, not ranked."""
     from mmtool.analysis.ablate import AblateConfig
 
-    split_list = lambda t: [s.strip() for s in t.split(",") if s.strip()]  # noqa: E731
-    cfg = AblateConfig(run=run, data=list(data), modes=split_list(modes),
-                       modalities=split_list(modalities) if modalities else None, batches=batches,
-                       batch_samples=batch_samples, split=split, seed=seed, probe_c=probe_c, device=device,
-                       twin=twin, metric=metric)
+    cfg = build_config(AblateConfig, flags={"run": run, **given_flags(ctx)})
     run_ablate(cfg, Console(highlight=False), json_out, plot)
 
 
@@ -126,26 +116,21 @@ def run_ablate(cfg: "AblateConfig", console: Console, json_out: Path | None = No
     return result
 
 
-@app.command("sanity")
-def sanity_cmd(
-    workdir: Path = typer.Option(Path("mmtool-sanity"), help="Folder for the data, run and ablation."),
-    informative: str = typer.Option("image", help="The label-carrying modality: image or text."),
-    steps: int = typer.Option(40, help="Training steps of the tiny model; 0 checks the untrained model (must fail)."),
-    metric: str = typer.Option("loss", help="Importance metric: loss (label-token loss increase), accuracy, auto."),
-    margin: float = typer.Option(0.15, help="Smallest importance over the untrained twin (units of --metric)."),
-    seed: int = typer.Option(0, help="Seed of the data, training and ablation."),
-    text_tokenizer: str = typer.Option("bytes", help="Caption tokenizer: bytes (fast) or wordpiece."),
-) -> None:
+SANITY_FLAGS = ConfigFlags("mmtool.analysis.sanity:SanityConfig")
+"""`mmtool sanity`'s flags: every `SanityConfig` field."""
+
+
+@app.command("sanity", cls=config_command(SANITY_FLAGS))
+def sanity_cmd(ctx: typer.Context) -> None:
     """Known-answer check: only one modality carries the label; ablation (over the untrained twin) and
     probes must find it. --steps 0 checks the untrained model, which must fail (exit 2)."""
     from mmtool.analysis.sanity import SanityConfig, known_answer_check
 
+    cfg = build_config(SanityConfig, flags=given_flags(ctx))
+    workdir, steps = cfg.workdir, cfg.steps
     console = Console(highlight=False)
     with console.status("known-answer check") as status:
-        out = known_answer_check(SanityConfig(workdir=workdir, informative=informative, steps=steps,
-                                              seed=seed, text_tokenizer=text_tokenizer, metric=metric,
-                                              margin=margin),
-                                 say=lambda m: status.update(m))
+        out = known_answer_check(cfg, say=lambda m: status.update(m))
     table = Table(title=f"known-answer check: {out['informative']} carries the label, {out['noise']} is noise "
                         f"({out['steps']} steps)", title_justify="left", show_edge=False)
     table.add_column("check")

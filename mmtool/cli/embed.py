@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -12,8 +12,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli._render import human_bytes
 from mmtool.cli.app import app
+from mmtool.config import build_config
 
 
 def run_embed(cfg, console: Console) -> dict[str, Any]:
@@ -50,27 +52,23 @@ def embed_summary(manifest: dict[str, Any], out: str) -> Group:
     return Group(Text(f"{out}: {status}{rate}", style="bold"), table, Text(caption))
 
 
-@app.command("embed")
+EMBED_FLAGS = ConfigFlags("mmtool.embed:EmbedConfig", positional=("data",),
+                         aliases={"encoder": ("-e",), "out": ("-o",)})
+"""`mmtool embed`'s flags: every `EmbedConfig` field."""
+
+
+@app.command("embed", cls=config_command(EMBED_FLAGS))
 def embed_cmd(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Preprocessed folder to embed."),
-    encoder: str = typer.Option(..., "--encoder", "-e", help="Frozen encoder: minilm-l6, hf:PATH, checkpoint:RUN[:MODALITY] (`mmtool ls frozen-encoders`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Embedding folder to write (a cache: reruns reuse it)."),
-    modality: Optional[str] = typer.Option(None, help="Modality to embed (default: the one the encoder serves)."),
-    pool: str = typer.Option("mean", help="mean: one vector per segment; tokens: one per token."),
-    keep_original: bool = typer.Option(False, help="Keep the original segments next to their embeddings."),
-    batch_size: int = typer.Option(64, help="Segments per encoder forward pass."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    overwrite: bool = typer.Option(False, help="Replace an --out that holds something other than embeddings."),
 ) -> None:
     """Embed a modality of a preprocessed folder with a frozen encoder (cached, resumable)."""
     from mmtool.embed import EmbedConfig
 
-    cfg = EmbedConfig(data=data, encoder=encoder, out=out, modality=modality, pool=pool,
-                      keep_original=keep_original, batch_size=batch_size, device=device,
-                      overwrite=overwrite)
+    cfg = build_config(EmbedConfig, flags={"data": data, **given_flags(ctx)})
     console = Console(highlight=False)
     manifest = run_embed(cfg, console)
-    console.print(embed_summary(manifest, str(out)))
+    console.print(embed_summary(manifest, str(cfg.out)))
 
 
 QUICKSTART_ENCODER = "minilm-l6"

@@ -8,27 +8,15 @@ of `mmtool --help`). Prints one table row per task × protocol setting: pretrain
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli.app import app
-from mmtool.errors import MMToolError
-
-DEFAULT_PROTOCOLS = "linear-probe,finetune,kshot,zeroshot"
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _numbers(text: str, flag: str, cast: type) -> tuple:
-    try:
-        return tuple(cast(t) for t in _names(text))
-    except ValueError:
-        raise MMToolError(f"{flag} {text!r}: expected comma-separated {cast.__name__}s") from None
+from mmtool.config import build_config
 
 
 def _interval(ci: list[float] | None, signed: bool = False) -> str:
@@ -99,36 +87,26 @@ def run_eval_transfer(cfg, console: Console) -> dict[str, Any]:
     return report
 
 
-@app.command("eval-transfer")
-def eval_transfer_cmd(
-    run: Path = typer.Argument(..., help="Training run folder (`mmtool train --out`)."),
-    task: str = typer.Option("digits", "--task", "-t", help="Tasks, comma-separated (`mmtool ls tasks`) or label:DIR."),
-    protocol: str = typer.Option(DEFAULT_PROTOCOLS, "--protocol", "-p", help="Protocols, comma-separated (`mmtool ls protocols`)."),
-    modalities: Optional[str] = typer.Option(None, help="Modalities the model sees, e.g. image,text (default: each task's own; digits: image, spoken-digits: audio)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default RUN/transfer)."),
-    seed: int = typer.Option(0, help="Seed of the split, subsets, episodes, fine-tuning and the scratch model."),
-    fractions: str = typer.Option("0.1,0.25,0.5,1", help="Fractions of the labelled data for the data-efficiency curve."),
-    k: Optional[str] = typer.Option(None, "--k", help="k-shot examples per class [default: 1,5,10, skipping k above the smallest class]."),
-    episodes: int = typer.Option(100, help="k-shot episodes per k."),
-    steps: int = typer.Option(100, help="Fine-tuning steps per run (each lr, each fraction, each model)."),
-    batch_size: int = typer.Option(32, help="Fine-tuning batch size."),
-    lrs: str = typer.Option("1e-4,3e-4,1e-3", help="Fine-tuning learning rates, chosen on validation."),
-    bootstrap: int = typer.Option(1000, help="Bootstrap resamples behind every 95% interval."),
-    held_out: bool = typer.Option(True, "--held-out/--all-rows", help="On a folder the run pretrained on (digits, spoken-digits): evaluate only the rows pretraining never read (split not in the run's `splits`), or every row."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-) -> None:
-    """Measure transfer: linear probe, fine-tune, k-shot and zero-shot, pretrained vs from scratch."""
-    from mmtool.transfer import TransferConfig
-    from mmtool.transfer.protocols import ProtocolConfig
+TRANSFER_FLAGS = ConfigFlags(
+    "mmtool.transfer.evaluate:TransferConfig", positional=("run",),
+    aliases={"tasks": ("--task", "-t"), "protocols": ("--protocol", "-p"), "out": ("-o",),
+             "protocol.ks": ("--k",)},
+    negatives={"held_out": "--all-rows"},
+)
+"""`mmtool eval-transfer`'s flags: every `TransferConfig` field, its `ProtocolConfig` as `--protocol.NAME`."""
 
-    budget = ProtocolConfig(fractions=_numbers(fractions, "--fractions", float),
-                            ks=_numbers(k, "--k", int) if k else (1, 5, 10), ks_given=k is not None,
-                            episodes=episodes, steps=steps, batch_size=batch_size,
-                            lrs=_numbers(lrs, "--lrs", float), bootstrap=bootstrap, seed=seed,
-                            device=device)
-    cfg = TransferConfig(run=run, tasks=_names(task), protocols=_names(protocol),
-                         modalities=_names(modalities) if modalities else None, out=out,
-                         held_out=held_out, protocol=budget)
+
+@app.command("eval-transfer", cls=config_command(TRANSFER_FLAGS))
+def eval_transfer_cmd(
+    ctx: typer.Context,
+    run: Path = typer.Argument(..., help="Training run folder (`mmtool train --out`)."),
+) -> None:
+    """Measure transfer: linear probe, fine-tune, k-shot and zero-shot, pretrained vs scratch."""
+    from mmtool.transfer import TransferConfig
+
+    flags = given_flags(ctx)
+    cfg = build_config(TransferConfig, flags={"run": run, **flags})
+    cfg.protocol.ks_given = "protocol.ks" in flags
     run_eval_transfer(cfg, Console(highlight=False))
 
 

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli.app import app
+from mmtool.config import build_config
 from mmtool.errors import MMToolError
 
 
-@app.command("experiment")
+EXPERIMENT_FLAGS = ConfigFlags("mmtool.experiments:ExperimentConfig")
+"""`mmtool experiment`'s flags: every `ExperimentConfig` field."""
+
+
+@app.command("experiment", cls=config_command(EXPERIMENT_FLAGS))
 def experiment(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="Experiment (`mmtool ls experiments`), e.g. controls."),
-    workdir: Path = typer.Option(Path("mmtool-experiments"), help="Folder for data, runs and results (reused)."),
-    seed: int = typer.Option(0, help="Seed of the split, training and evaluation."),
-    steps: int = typer.Option(None, help="Training steps (default: each experiment's calibrated setting)."),
-    episodes: int = typer.Option(100, help="k-shot episodes per k."),
 ) -> None:
     """Run a shipped experiment; a positive control exits 2 when its instrument misses the known answer."""
     from mmtool.experiments import ExperimentConfig, run_experiment
 
+    cfg = build_config(ExperimentConfig, flags=given_flags(ctx))
+    workdir = cfg.workdir
     console = Console(highlight=False)
     with console.status(f"experiment {name}") as status:
-        results = run_experiment(name, ExperimentConfig(workdir=workdir, seed=seed, steps=steps,
-                                                        episodes=episodes),
-                                 say=lambda m: status.update(m))
+        results = run_experiment(name, cfg, say=lambda m: status.update(m))
     for r in results:
         table = Table(title=f"{r.name}: {'[green]passed[/]' if r.passed else '[red]FAILED[/]'}",
                       title_justify="left", show_edge=False)

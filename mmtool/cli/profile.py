@@ -7,28 +7,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli._render import human_bytes
 from mmtool.cli.app import app
+from mmtool.config import build_config
 from mmtool.io import atomic_write_json
 
 if TYPE_CHECKING:
     from mmtool.analysis.profile import ProfileConfig
-
-DEFAULT_STRATEGIES = "per-sample,by-modality,by-modality-sorted,padded,packed"
-"""`--strategies` default; equal to `mmtool.analysis.profile.DEFAULT_STRATEGIES` (a test checks)."""
-
-
-def parse_strategies(text: str) -> list[str]:
-    """"per-sample, packed" → ["per-sample", "packed"] (names are checked by the library)."""
-    return [s.strip() for s in text.split(",") if s.strip()]
-
 
 def _rate(x: float) -> str:
     return f"{x / 1e6:,.2f}M" if x >= 1e6 else f"{x:,.0f}"
@@ -121,20 +114,14 @@ def run_profile(cfg: "ProfileConfig", console: Console, json_path: Path | None =
     return result
 
 
-@app.command("profile")
+PROFILE_FLAGS = ConfigFlags("mmtool.analysis.profile:ProfileConfig", aliases={"data": ("-d",)},
+                           repeatable=("data",))
+"""`mmtool profile`'s flags: every `ProfileConfig` field."""
+
+
+@app.command("profile", cls=config_command(PROFILE_FLAGS))
 def profile_cmd(
-    data: List[str] = typer.Option(..., "--data", help="Preprocessed folder, DIR[=WEIGHT] (repeatable), or a mixture YAML."),
-    strategies: str = typer.Option(DEFAULT_STRATEGIES, help="Comma-separated strategies (`mmtool ls strategies`)."),
-    batch_tokens: Optional[int] = typer.Option(None, help="Token budget per batch (≥ the longest sample)."),
-    batch_samples: Optional[int] = typer.Option(None, help="Fixed samples per batch: strategies compared on identical content."),
-    steps: int = typer.Option(50, help="Batches measured per strategy (after 2 warm-up batches)."),
-    num_workers: int = typer.Option(0, help="Loader workers (0: assemble in the main thread)."),
-    worker_type: str = typer.Option("thread", help="thread or process."),
-    device: str = typer.Option("cpu", help="cpu or cuda (cuda also times the host-to-device copies)."),
-    samples_per_epoch: Optional[int] = typer.Option(None, help="Mixture draws per epoch (default: every sample once)."),
-    mix_by: Optional[str] = typer.Option(None, help="What a --data weight is a share of: tokens (default) or samples."),
-    splits: str = typer.Option("train,validation,test", help="Rows to profile, by their split column."),
-    seed: int = typer.Option(0, help="Mixture seed, the same for every strategy."),
+    ctx: typer.Context,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every measurement to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write a bar chart comparing the strategies (.png, .svg, .pdf)."),
     model: Optional[str] = typer.Option(None, help="Also run a training step of this model size (tiny, small, base) on each batch: step tokens/s and data-wait fraction."),
@@ -142,11 +129,7 @@ def profile_cmd(
     """Measure each batching strategy: samples/s, real tokens/s, padding, H2D copies, memory."""
     from mmtool.analysis.profile import ProfileConfig, model_step
 
-    cfg = ProfileConfig(data=list(data), strategies=parse_strategies(strategies),
-                        batch_tokens=batch_tokens, batch_samples=batch_samples, steps=steps,
-                        num_workers=num_workers, worker_type=worker_type, device=device, seed=seed,
-                        samples_per_epoch=samples_per_epoch, mix_by=mix_by,
-                        splits=[p.strip() for p in splits.split(",") if p.strip()])
+    cfg = build_config(ProfileConfig, flags=given_flags(ctx))
     if model is not None:
         cfg.step_fn = model_step(cfg, model)
     run_profile(cfg, Console(highlight=False), json_out, plot)

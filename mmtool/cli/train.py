@@ -10,59 +10,35 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mmtool.cli.app import app
-from mmtool.config import build_config, parse_weights
+from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
+from mmtool.config import build_config
 
 
-@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+TRAIN_FLAGS = ConfigFlags(
+    "mmtool.train:TrainConfig",
+    aliases={"data": ("-d",), "out": ("-o",), "model.size": ("--model",), "loggers": ("--logger",)},
+    repeatable=("data",),
+    parsers={"probes": lambda text: __import__("mmtool.train.probes", fromlist=["parse_probes"]).parse_probes(text)},
+)
+"""`mmtool train`'s flags: every `TrainConfig` field (and `ModelConfig`'s, as `--model.NAME`)."""
+
+
+@app.command("train", cls=config_command(TRAIN_FLAGS),
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_cmd(
     ctx: typer.Context,
-    data: List[str] = typer.Option([], "--data", "-d", help="Preprocessed folder DIR[=WEIGHT][:objectives=SPEC][:fraction=F] (repeatable) or a mixture YAML."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags and key=value override it)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Size preset: tiny, small, base."),
-    fusion: Optional[str] = typer.Option(None, help="early, mid or late (`mmtool ls fusions`)."),
-    fusion_layer: Optional[int] = typer.Option(None, help="mid fusion: per-modality layers before joint ones."),
-    attention: Optional[str] = typer.Option(None, help="Attention backend (`mmtool ls attention`); default: fastest correct for the device."),
-    objectives: Optional[str] = typer.Option(None, help="Weighted objectives (or task presets: `mmtool ls task-presets`), e.g. next-token=1,masked-patch=0.5; a folder's own: --data DIR=W:objectives=caption,contrastive=0.5."),
-    task_balance: Optional[str] = typer.Option(None, help="Even out the tasks' loss scales: none (default), loss-scale or uncertainty (`mmtool ls balancers`)."),
-    strategy: Optional[str] = typer.Option(None, help="Batching strategy (`mmtool ls strategies`)."),
-    mix_by: Optional[str] = typer.Option(None, help="What a --data weight is a share of: tokens (default; the norm for LLM mixtures) or samples (draws)."),
-    splits: Optional[str] = typer.Option(None, help="Rows to pretrain on by their split column, e.g. train (default) or train,validation; held-out rows stay free for evaluation."),
-    batch_tokens: Optional[int] = typer.Option(None, help="Token budget per micro-batch."),
-    batch_samples: Optional[int] = typer.Option(None, help="Fixed samples per micro-batch (instead of --batch-tokens)."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warmup steps."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    num_workers: Optional[int] = typer.Option(None, help="Loader threads assembling batches ahead."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    keep_last: Optional[int] = typer.Option(None, help="Checkpoints to keep."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags and key=value override it), e.g. configs/quickstart.yaml."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint."),
-    probes: Optional[str] = typer.Option(None, help="Training probes logged to metrics.jsonl, e.g. attention,grad-norm,loss (`mmtool ls probes`)."),
-    probe_every: Optional[int] = typer.Option(None, help="Probe step 1 and every N-th step (default 10); these steps also log each modality's trunk-gradient share (grad_share)."),
     embeddings: List[str] = typer.Option([], "--embeddings", help="Embedding folder (`mmtool embed`) to train on instead of the --data folder it was made from (repeatable)."),
     text_encoder: str = typer.Option("learned", help="learned (text ids, embeddings trained from scratch) or frozen:NAME (e.g. frozen:minilm-l6: text embedded once, cached in OUT/embeddings)."),
 ) -> None:
-    """Train the unified multi-modal model (extra KEY=VALUE arguments override settings)."""
-    flags = {"data": data, "out": out, "model.size": model, "model.fusion": fusion,
-             "model.fusion_layer": fusion_layer, "model.attention": attention,
-             "model.objectives": parse_weights(objectives, "--objectives") if objectives else None,
-             "model.task_balance": task_balance,
-             "strategy": strategy, "mix_by": mix_by,
-             "splits": [p.strip() for p in splits.split(",") if p.strip()] if splits else None,
-             "batch_tokens": batch_tokens, "batch_samples": batch_samples,
-             "max_steps": max_steps, "lr": lr, "warmup": warmup, "grad_accum": grad_accum,
-             "seed": seed, "num_workers": num_workers, "device": device,
-             "save_every": save_every, "keep_last": keep_last, "probe_every": probe_every}
-    if probes is not None:
-        from mmtool.train.probes import parse_probes
+    """Train the unified multi-modal model (extra KEY=VALUE arguments override settings).
 
-        flags["probes"] = parse_probes(probes)
+    Settings apply in order: the defaults, --config FILE, the flags, then KEY=VALUE arguments.
+    """
     from mmtool.train import TrainConfig  # imports torch and the model: only when training
 
-    cfg = build_config(TrainConfig, config, flags, list(ctx.args))
+    cfg = build_config(TrainConfig, config, given_flags(ctx), list(ctx.args))
     console = Console(highlight=False)
     if embeddings or text_encoder != "learned":
         from mmtool.embed import resolve_training_data

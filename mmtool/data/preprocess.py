@@ -72,7 +72,8 @@ class PreprocessConfig:
     on_error: str = "skip"
     """"skip": log bad records to rejected.jsonl; "raise": stop at the first one."""
     max_rejected: float = 0.01
-    """Fail when more than this fraction of records is rejected."""
+    """Fail when more than this fraction of records is rejected (on the command line also a
+    percentage: `--max-rejected 1%`)."""
     tokenizers: list[str] = field(default_factory=list)
     """Tokenizer overrides, `MODALITY=NAME[:key=value,...]` (`--tokenizer`)."""
 

@@ -59,7 +59,8 @@ from mmtool.train.rundir import folder_records, write_streams
 
 @dataclass
 class TrainConfig:
-    """A training run. Every field is a flag of `mmtool train` and a key of `--config` files."""
+    """A training run. Every field is a key of `--config` files and, but `fault_nan_step` (a testing
+    aid), a flag of `mmtool train` (`--model.size` for the nested model's; generated)."""
 
     data: list[str] = field(default_factory=list)
     """Preprocessed folders `DIR[=WEIGHT]`, or a mixture YAML file."""
@@ -94,11 +95,13 @@ class TrainConfig:
     warmup: int = 10
     """Linear warmup steps."""
     weight_decay: float = 0.01
+    """AdamW weight decay, applied to every parameter."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seed: int = 0
+    """Seed of the initial weights, the mixture order and every step's masks and negatives."""
     save_every: int = 50
     """Checkpoint every N steps (and at the end)."""
     keep_last: int = 3
@@ -240,7 +243,7 @@ def _nan_error(loss: torch.Tensor, output: Any, batch: Any, names: list[str], st
     return MMToolError(
         f"loss is {loss.item()} at step {step} (batch from {', '.join(worst)}); "
         f"stopped. Metrics up to step {step - 1} are in {metrics_path}; last "
-        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter grad_clip=0.5 (an override).")
+        f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter --grad-clip 0.5.")
 
 
 class StepMetrics:

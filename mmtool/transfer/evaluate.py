@@ -37,7 +37,7 @@ class TransferConfig:
     """Report folder (default RUN/transfer)."""
     held_out: bool = True
     """On a folder the run pretrained on, evaluate only the rows pretraining did not read (the
-    rows whose split is not in the run's `splits`); False: every row, as before held-out splits."""
+    rows whose split is not in the run's `splits`); False (`--all-rows`): every row."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Budgets: fractions, ks, episodes, fine-tune steps, seed, device."""
 

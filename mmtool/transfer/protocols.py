@@ -73,7 +73,8 @@ class ProtocolConfig:
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
     """Shares of the labelled train/validation data for the data-efficiency curve."""
     ks: tuple[int, ...] = (1, 5, 10)
-    """k-shot: labelled examples per class."""
+    """k-shot: labelled examples per class (a k above the smallest class is skipped, unless --k
+    named it: then it is an error)."""
     ks_given: bool = False
     """ks came from the user (a k above the smallest class is then an error, not skipped)."""
     episodes: int = 100
@@ -91,7 +92,9 @@ class ProtocolConfig:
     bootstrap: int = RESAMPLES
     """Bootstrap resamples behind every interval."""
     seed: int = 0
+    """Seed of the split, subsets, episodes, fine-tuning and the scratch model."""
     device: str = "cpu"
+    """cpu or cuda."""
 
 
 @dataclass

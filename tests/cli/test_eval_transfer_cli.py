@@ -45,7 +45,7 @@ def test_eval_transfer_prints_the_table_and_writes_report_and_plot(cli, run, tmp
     (["--task", "spoken-digits", "--protocol", "linear-probe"], "stream the checkpoint never saw"),
     (["--task", "digits", "--protocol", "kshot", "--k", "1,100"], "smallest class has only"),
     (["--task", "digits", "--protocol", "probe"], "unknown protocol 'probe'"),
-    (["--task", "digits", "--k", "a"], "--k 'a': expected comma-separated ints"),
+    (["--task", "digits", "--k", "a"], "--protocol.ks 'a': expected comma-separated ints"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, run, tmp_path, args, message):
     proc = cli("eval-transfer", run, *args, "--out", tmp_path, check=False)
