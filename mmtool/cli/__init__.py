@@ -10,7 +10,8 @@ import sys
 
 from rich.console import Console
 
-from mmtool.cli import ablate, embed, eval_transfer, experiment, export, ls, preprocess, profile, quickstart, report, sweep, train  # noqa: F401  (each registers its command)
+from mmtool.cli import (ablate, embed, eval_transfer, experiment, export, ls, preprocess, profile,  # noqa: F401
+                        quickstart, report, sanity, sweep, train)  # each registers its command
 from mmtool.cli.app import app
 from mmtool.errors import MMToolError
 
