@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtool.io import atomic_write_json
+from mmtool.io import atomic_write_json, read_json_object
 from mmtool.errors import MMToolError
 from mmtool.plotting import save_figure
 from mmtool.stats import bootstrap_ci
@@ -51,19 +51,11 @@ def _find(path: Path, name: str, depth: int = 2) -> list[Path]:
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def _is_eval(path: Path) -> bool:
     """Holds an ablation.json, or an eval-transfer report.json (not one of our own reports)."""
     if (path / "ablation.json").is_file():
         return True
-    doc = _read_json(path / "report.json") if (path / "report.json").is_file() else None
+    doc = read_json_object(path / "report.json") if (path / "report.json").is_file() else None
     return doc is not None and doc.get("kind") != KIND and "tasks" in doc
 
 
@@ -315,11 +307,11 @@ def summarize(folder: Path) -> dict[str, Any]:
             entry["shares"] = modality_shares(lines)
             entry["task_shares"] = task_shares(lines)
     for path in _find(folder, "ablation.json"):
-        doc = _read_json(path)
+        doc = read_json_object(path)
         if doc and "results" in doc:
             entry.setdefault("ablation", ablation_summary(doc, path))
     for path in _find(folder, "report.json"):
-        doc = _read_json(path)
+        doc = read_json_object(path)
         if doc and doc.get("kind") != KIND and "tasks" in doc:
             entry.setdefault("transfer", transfer_summary(doc, path))
     return entry

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from mmtool.data.schema import MODALITIES, Sample, Segment
-from mmtool.io import sha256_file
+from mmtool.io import read_json_object, sha256_file
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
@@ -414,11 +414,8 @@ def _run_modalities(run: Path, cfg: dict[str, Any]) -> list[str]:
     empty when neither can be read: checked when the model loads)."""
     streams = run / "streams.json"
     if streams.is_file():
-        try:
-            folders = json.loads(streams.read_text()).get("folders", [])
-            return sorted({m for f in folders for m in f.get("modalities", [])})
-        except (OSError, ValueError):
-            return []
+        folders = (read_json_object(streams) or {}).get("folders", [])
+        return sorted({m for f in folders for m in f.get("modalities", [])})
     found: set[str] = set()
     for entry in cfg.get("data", []):
         path = Path(str(entry).rpartition("=")[0] or str(entry))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtool.config import set_value
-from mmtool.io import atomic_write_json
+from mmtool.io import atomic_write_json, read_json_object
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
 
@@ -158,10 +158,7 @@ def run_evaluation(ev: dict[str, Any], run: Path, seed: int) -> Path:
     out = Path(run) / "evals" / ev["name"]
     record = {"kind": ev["kind"], "settings": ev["settings"], "seed": seed}
     result = out / impl.result_file
-    try:
-        same = json.loads((out / "evaluation.json").read_text()) == record and result.is_file()
-    except (OSError, ValueError):
-        same = False
+    same = read_json_object(out / "evaluation.json") == record and result.is_file()
     if not same:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").unlink(missing_ok=True)
@@ -191,9 +188,8 @@ def source_names(run: Path) -> dict[str, str]:
         return {}
     names = {}
     for spec in specs:
-        try:
-            manifest = json.loads((Path(spec.path) / "manifest.json").read_text())
-        except (OSError, ValueError):
+        manifest = read_json_object(Path(spec.path) / "manifest.json")
+        if manifest is None:
             continue
         source = ((manifest.get("embedding") or {}).get("source") or {}).get("path")
         if source:
@@ -231,10 +227,9 @@ def collect_metrics(run: Path, evaluations: list[dict[str, Any]]) -> dict[str, M
     for ev in evaluations:
         impl = EVALUATIONS.get(ev["kind"])()
         path = Path(run) / "evals" / ev["name"] / impl.result_file
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise MMToolError(f"{path}: the {ev['name']} result is missing or unreadable; rerun the sweep") from None
+        doc = read_json_object(path)
+        if doc is None:
+            raise MMToolError(f"{path}: the {ev['name']} result is missing or unreadable; rerun the sweep")
         out.update(impl.metrics(ev["name"], doc))
     return out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtool.errors import MMToolError
+from mmtool.io import read_json_object
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -126,10 +127,7 @@ def export(run: str | Path, out: str | Path, step: int | None = None) -> dict[st
 
 
 def _is_export(folder: Path) -> bool:
-    try:
-        return json.loads((folder / CONFIG).read_text()).get("model_type") == "mmtool"
-    except (OSError, ValueError):
-        return False
+    return (read_json_object(folder / CONFIG) or {}).get("model_type") == "mmtool"
 
 
 def _transfer_report(run: Path) -> dict[str, Any] | None:

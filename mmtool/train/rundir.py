@@ -27,6 +27,7 @@ from typing import Any
 from mmtool.data.index import Stream
 from mmtool.data.shards import atomic_write_json, sha256_file
 from mmtool.errors import MMToolError
+from mmtool.io import read_json_object
 
 STREAMS = "streams.json"
 FORMAT = 1
@@ -229,10 +230,7 @@ def load_model(run: str | Path, step: int | None = None, device: str = "cpu") ->
 
 def _has_splits(run: Path) -> bool:
     """Whether config.json records `splits` (runs before held-out splits read every row)."""
-    try:
-        return isinstance(json.loads((run / "config.json").read_text()).get("splits"), list)
-    except (OSError, ValueError):
-        return False
+    return isinstance((read_json_object(run / "config.json") or {}).get("splits"), list)
 
 
 def untrained_twin(run_cfg: Any, streams: list[Stream], device: Any = "cpu") -> Any:
