@@ -149,6 +149,22 @@ def _instantiate(cls: type, flags: dict[str, Any]) -> Any:
     return cls(**required)
 
 
+def load_yaml_mapping(path: str | Path, where: str, expected: str, unreadable: str = "cannot read") -> dict[str, Any]:
+    """The mapping in YAML file `path` (an empty file is {}).
+
+    Raises:
+        MMToolError: "WHERE: UNREADABLE (reason)" when the file cannot be read or parsed, or
+            "WHERE: expected EXPECTED" when it holds something other than a mapping.
+    """
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MMToolError(f"{where}: {unreadable} ({exc})") from None
+    if not isinstance(doc, dict):
+        raise MMToolError(f"{where}: expected {expected}")
+    return doc
+
+
 def build_config(cls: type, yaml_path: Path | None = None, flags: dict[str, Any] | None = None,
                  overrides: list[str] | None = None) -> Any:
     """Defaults → YAML file → flags that were given (not None) → `key=value` overrides.
@@ -167,12 +183,7 @@ def build_config(cls: type, yaml_path: Path | None = None, flags: dict[str, Any]
     """
     cfg = _instantiate(cls, flags or {})
     if yaml_path is not None:
-        try:
-            doc = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise MMToolError(f"--config {yaml_path}: cannot read ({exc})") from None
-        if not isinstance(doc, dict):
-            raise MMToolError(f"--config {yaml_path}: expected a mapping of settings")
+        doc = load_yaml_mapping(yaml_path, f"--config {yaml_path}", "a mapping of settings")
         for key, value in _flatten(doc):
             set_value(cfg, key, value, f"--config {yaml_path}")
     for key, value in (flags or {}).items():

@@ -52,10 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
-from mmtool.config import _flatten, parse_value, set_value, to_dict
-from mmtool.io import atomic_write_json
+from mmtool.config import _flatten, load_yaml_mapping, parse_value, set_value, to_dict
+from mmtool.io import atomic_write_json, read_json_object
 from mmtool.errors import MMToolError
 
 Say = Callable[[str], None]
@@ -111,12 +109,8 @@ class SweepSpec:
 
 # -- the spec ------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise MMToolError(f"{path}: cannot read the sweep file ({exc})") from None
-    if not isinstance(doc, dict):
-        raise MMToolError(f"{path}: expected a mapping with train:, sweep: and evaluate:")
+    doc = load_yaml_mapping(path, str(path), "a mapping with train:, sweep: and evaluate:",
+                            unreadable="cannot read the sweep file")
     unknown = set(doc) - {"train", "sweep", "evaluate"}
     if unknown:
         raise MMToolError(f"{path}: unknown block(s) {', '.join(sorted(unknown))} (blocks: train, sweep, evaluate)")
@@ -365,14 +359,6 @@ def resolve_data(data: list[str], text_encoder: str, out: Path, say: Say) -> lis
 
 
 # -- one point -----------------------------------------------------------------------------------
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def _finished(cfg: Any) -> bool:
     """The run's newest checkpoint is at max_steps: training it again would do nothing."""
     from mmtool.train import checkpoint
@@ -400,11 +386,11 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
     run = Path(cfg.out)
     settings = point_settings(spec, point)
     ident = identity(spec, point)
-    prev = _read(run / RESULT)
+    prev = read_json_object(run / RESULT)
     if prev is not None and prev.get("settings") == ident and prev.get("evaluate") == spec.evaluate:
         say(f"[{point.index}] {point.run_name}: done already, skipped")
         return {**prev, "status": "skipped"}
-    marker = _read(run / "sweep-point.json")
+    marker = read_json_object(run / "sweep-point.json")
     if marker is not None and marker.get("settings") != ident:
         diff = sorted(k for k in set(marker["settings"]) | set(ident)
                       if marker["settings"].get(k) != ident.get(k))
@@ -443,7 +429,7 @@ def load_results(spec: SweepSpec, out: Path) -> dict[str, dict[str, Any] | None]
     """run name → its sweep-result.json when present and of this spec's settings, else None."""
     res: dict[str, dict[str, Any] | None] = {}
     for p in points(spec):
-        doc = _read(Path(out) / "runs" / p.run_name / RESULT)
+        doc = read_json_object(Path(out) / "runs" / p.run_name / RESULT)
         res[p.run_name] = doc if doc and doc.get("settings") == identity(spec, p) else None
     return res
 
