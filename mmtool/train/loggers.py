@@ -41,6 +41,7 @@ from typing import Any, Iterable
 
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
+from mmtool.io import read_json_object
 
 LOGGERS: Registry[type["Logger"]] = Registry(
     "loggers", "experiment trackers for training metrics and eval numbers (`loggers=jsonl,tensorboard`)")
@@ -81,8 +82,11 @@ class Logger:
     """
 
     package: str | None = None
+    """The optional package this logger needs: checked (with the pip command) before it opens."""
 
     def __init__(self, run: Path, start_step: int | None, state: dict[str, Any]):
+        if self.package:
+            require(self.package, getattr(type(self), "registry_name", self.package))
         self.run, self.start_step, self.state = Path(run), start_step, state
 
     def log_config(self, config: dict[str, Any]) -> None:
@@ -179,7 +183,6 @@ class TensorBoardLogger(Logger):
 
     def __init__(self, run: Path, start_step: int | None, state: dict[str, Any]):
         super().__init__(run, start_step, state)
-        require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         folder = self.run / "tensorboard"
@@ -211,7 +214,8 @@ class WandbLogger(Logger):
 
     def __init__(self, run: Path, start_step: int | None, state: dict[str, Any]):
         super().__init__(run, start_step, state)
-        wandb = require("wandb", "wandb")
+        import wandb
+
         state.setdefault("id", secrets.token_hex(6))  # W&B ids: [a-z0-9]
         self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT") or "mmtool", name=self.run.name,
                              id=state["id"], resume="allow", dir=str(self.run),
@@ -242,7 +246,6 @@ class MlflowLogger(Logger):
 
     def __init__(self, run: Path, start_step: int | None, state: dict[str, Any]):
         super().__init__(run, start_step, state)
-        require("mlflow", "mlflow")
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
@@ -419,11 +422,7 @@ def open_trackers(run: str | Path, names: Iterable[str], start_step: int | None,
 
 def run_loggers(run: str | Path) -> list[str]:
     """The loggers a run was trained with (RUN/config.json `loggers`; ["jsonl"] when absent)."""
-    try:
-        doc = json.loads((Path(run) / "config.json").read_text())
-    except (OSError, ValueError):
-        return ["jsonl"]
-    names = doc.get("loggers")
+    names = (read_json_object(Path(run) / "config.json") or {}).get("loggers")
     return [str(n) for n in names] if isinstance(names, list) else ["jsonl"]
 
 
