@@ -50,7 +50,6 @@ Output: a JSON-ready dict (`ablate`); `mmtool.analysis.report.plot_ablation` dra
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ import torch
 
 from mmtool.data.batch import Batch
 from mmtool.data.batching import assemble
-from mmtool.data.index import SEPARATOR, Stream, TokenIndex
+from mmtool.data.index import SEPARATOR, RunStreamIndex, Stream, TokenIndex
 from mmtool.data.mixture import parse_data_specs
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
@@ -111,25 +110,15 @@ class AblateConfig:
     """cpu or cuda."""
 
 
-class _RunStreamIndex(TokenIndex):
-    """A `TokenIndex` numbered with the run's streams, so stream k means the model's encoder k."""
+class _RunStreamIndex(RunStreamIndex):
+    """The `--data` folders numbered with the run's streams (stream k means the model's encoder k)."""
 
-    def __init__(self, folders: list[Path], streams: list[Stream]):
-        self._run_streams = streams
-        super().__init__(folders, verify=False)
+    def unknown_stream(self, stream: Stream, known: str) -> str:
+        return f"--data: stream {stream.key} is one the run never trained on (it knows {known})"
 
-    def _merge_streams(self, folders, manifests) -> list[Stream]:
-        known = {s.key: s for s in self._run_streams}
-        for s in super()._merge_streams(folders, manifests):
-            if s.key == SEPARATOR:
-                continue
-            if s.key not in known:
-                raise MMToolError(f"--data: stream {s.key} is one the run never trained on (it knows "
-                                  f"{', '.join(k for k in known if k != SEPARATOR)})")
-            if known[s.key].config != s.config:
-                raise MMToolError(f"--data: {s.key} is tokenized with other settings than in the run; "
-                                  "preprocess it with the run's --tokenizer options")
-        return [copy.copy(s) for s in self._run_streams]
+    def retokenized(self, stream: Stream, trained: Stream) -> str:
+        return (f"--data: {stream.key} is tokenized with other settings than in the run; "
+                "preprocess it with the run's --tokenizer options")
 
 
 # -- measuring -----------------------------------------------------------------------------------

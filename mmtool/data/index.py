@@ -16,6 +16,7 @@ other segments (e.g. a prompt). Separators are tokens of the data-less `separato
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,3 +347,37 @@ class TokenIndex:
         """Folders, sizes and streams, JSON-ready."""
         return {"folders": [{"path": str(f.path), "samples": f.n} for f in self.folders],
                 "streams": [json.loads(json.dumps(s.__dict__, default=str)) for s in self.streams]}
+
+
+class RunStreamIndex(TokenIndex):
+    """A `TokenIndex` over other folders whose stream list is a trained model's (same numbers, so
+    stream k means the model's encoder k), refusing a stream the model never saw or saw tokenized
+    differently. Subclasses word the two refusals for their command (`unknown_stream`, `retokenized`).
+
+    Args:
+        folders: preprocessed folders (not sha256-verified: they are read for evaluation).
+        streams: the model's streams (`UnifiedModel.streams`, `streams.json`).
+    """
+
+    def __init__(self, folders: list[str | Path], streams: list[Stream]):
+        self._run_streams = list(streams)
+        super().__init__(folders, verify=False)
+
+    def unknown_stream(self, stream: Stream, known: str) -> str:
+        """The error for a stream of the folders that the model never saw (`known`: its streams)."""
+        return f"stream {stream.key} is one the model never trained on (it knows {known})"
+
+    def retokenized(self, stream: Stream, trained: Stream) -> str:
+        """The error for a stream the model saw with other tokenizer settings."""
+        return f"{stream.key} is tokenized with other settings than the model's"
+
+    def _merge_streams(self, folders, manifests) -> list[Stream]:
+        known = {s.key: s for s in self._run_streams}
+        for s in super()._merge_streams(folders, manifests):
+            if s.key == SEPARATOR:
+                continue
+            if s.key not in known:
+                raise MMToolError(self.unknown_stream(s, ", ".join(k for k in known if k != SEPARATOR)))
+            if known[s.key].config != s.config:
+                raise MMToolError(self.retokenized(s, known[s.key]))
+        return [copy.copy(s) for s in self._run_streams]

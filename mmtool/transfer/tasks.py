@@ -34,7 +34,6 @@ Decisions (the "why"):
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from mmtool.data import shards as store
-from mmtool.data.index import SEPARATOR, Stream, TokenIndex
+from mmtool.data.index import RunStreamIndex, Stream, TokenIndex
 from mmtool.data.schema import SCHEMA_VERSION, Sample, Segment, rows_to_samples, samples_to_batch
 from mmtool.data.sources.digits import DIGIT_WORDS
 from mmtool.data.tokenizers import build_tokenizer
@@ -126,7 +125,7 @@ class TaskData:
         return float(np.bincount(test).max() / len(test))
 
 
-class ModelStreamIndex(TokenIndex):
+class ModelStreamIndex(RunStreamIndex):
     """A `TokenIndex` over task folders whose stream list is a checkpoint's (same numbers, same encoders).
 
     Raises:
@@ -134,25 +133,17 @@ class ModelStreamIndex(TokenIndex):
     """
 
     def __init__(self, folders: list[Path], streams: list[Stream], task: str):
-        self._model_streams, self._task = streams, task
-        super().__init__(folders, verify=False)
+        self._task = task
+        super().__init__(folders, streams)
 
-    def _merge_streams(self, folders, manifests) -> list[Stream]:
-        known = {s.key: s for s in self._model_streams}
-        for s in super()._merge_streams(folders, manifests):
-            if s.key == SEPARATOR:
-                continue
-            if s.key not in known:
-                have = ", ".join(k for k in known if k != SEPARATOR)
-                raise MMToolError(
-                    f"task {self._task}: its {s.modality} input ({s.key}) is a stream the checkpoint "
-                    f"never saw (it knows {have}); pick --modalities it knows or pretrain on {s.modality}")
-            if known[s.key].config != s.config:
-                raise MMToolError(
-                    f"task {self._task}: {s.key} is tokenized with other settings than in pretraining "
-                    f"({s.config} vs {known[s.key].config}); preprocess the task's source with the run's "
-                    "--tokenizer options")
-        return [copy.copy(s) for s in self._model_streams]
+    def unknown_stream(self, stream: Stream, known: str) -> str:
+        return (f"task {self._task}: its {stream.modality} input ({stream.key}) is a stream the checkpoint "
+                f"never saw (it knows {known}); pick --modalities it knows or pretrain on {stream.modality}")
+
+    def retokenized(self, stream: Stream, trained: Stream) -> str:
+        return (f"task {self._task}: {stream.key} is tokenized with other settings than in pretraining "
+                f"({stream.config} vs {trained.config}); preprocess the task's source with the run's "
+                "--tokenizer options")
 
 
 # -- resolving the data ------------------------------------------------------------------------
