@@ -26,3 +26,12 @@ class RecordError(MMToolError):
             self.location = location
             self.args = (f"{location}: {self.reason}",)
         return self
+
+
+class Interrupted(MMToolError):
+    """A job stopped by SIGINT or SIGTERM after saving its state; the CLI exits 130.
+
+    Args:
+        message: what was saved and how to continue, e.g. "interrupted at step 7; rerun the same
+            command with --resume".
+    """

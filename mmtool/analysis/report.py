@@ -24,7 +24,6 @@ does not mistake it for an eval-transfer one), `loss_curves.png` (one smoothed c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -275,13 +274,12 @@ def summarize(folder: Path) -> dict[str, Any]:
     """One entry of the report (see the module docstring)."""
     entry: dict[str, Any] = {"name": folder.name, "path": str(folder), "kind": "run" if _is_run(folder) else "eval"}
     if _is_run(folder):
-        cfg = json.loads((folder / "config.json").read_text())
-        lines = []
-        for ln in (folder / "metrics.jsonl").read_text().splitlines():
-            try:
-                lines.append(json.loads(ln))
-            except ValueError:
-                continue  # a line cut by a crash
+        from mmtool.train.rundir import read_config_doc
+
+        cfg = read_config_doc(folder)
+        from mmtool.train.loggers import read_metrics
+
+        lines, _ = read_metrics(folder)  # a line cut by a crash is skipped
         model = cfg.get("model", {})
         entry["config"] = {"fusion": model.get("fusion"), "fusion_layer": model.get("fusion_layer"),
                            "size": model.get("size"), "objectives": model.get("objectives"),

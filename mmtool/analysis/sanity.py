@@ -153,6 +153,7 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
     from mmtool.data.preprocess import PreprocessConfig, preprocess
     from mmtool.models.model import ModelConfig
     from mmtool.train import TrainConfig, train
+    from mmtool.train.loggers import read_metrics
 
     say = say or (lambda _m: None)
     if cfg.informative not in ("image", "text"):
@@ -185,7 +186,7 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
         train(tcfg)
         say("ablating (trained model and its untrained twin)")
         result = ablate(acfg)
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        lines, _ = read_metrics(run)
     else:
         say("ablating the untrained model (its initial weights)")
         run.mkdir()

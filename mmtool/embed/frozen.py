@@ -305,8 +305,10 @@ class CheckpointEncoder(FrozenEncoder):
             raise MMToolError(f"encoder {self.name}: {self.run} has no checkpoint yet")
         self.ckpt = ckpts[-1]
         self.slug = _slug(f"ckpt-{self.run.resolve().name}" + (f"-{modality}" if modality else ""))
-        cfg = json.loads((self.run / "config.json").read_text())
         from mmtool.models.builders import model_size
+        from mmtool.train.rundir import read_config_doc
+
+        cfg = read_config_doc(self.run)
 
         self.dim = model_size(cfg.get("model", {}).get("size", "tiny")).d_model
         trained = _run_modalities(self.run, cfg)

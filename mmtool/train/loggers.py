@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 from mmtool.errors import MMToolError
 from mmtool.registry import Registry
-from mmtool.io import read_json_object
+from mmtool.io import atomic_write_text, read_json_object
 
 LOGGERS: Registry[type["Logger"]] = Registry(
     "loggers", "experiment trackers for training metrics and eval numbers (`loggers=jsonl,tensorboard`)")
@@ -88,6 +88,7 @@ class Logger:
         if self.package:
             require(self.package, getattr(type(self), "registry_name", self.package))
         self.run, self.start_step, self.state = Path(run), start_step, state
+        self.notes: list[str] = []  # what opening found and repaired, for the user to read
 
     def log_config(self, config: dict[str, Any]) -> None:
         """Records the run config (once per session)."""
@@ -102,6 +103,33 @@ class Logger:
         """Flushes and closes; `failed`: the session ended with an error."""
 
 
+def read_metrics(run: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """(the step lines of RUN/metrics.jsonl, how many lines were unreadable): a line cut by a crash
+    (the torn tail of a killed run) or otherwise not a JSON object with an integer `step` is
+    skipped and counted, never a traceback. A missing file reads as no lines."""
+    pairs, bad = _metric_lines(Path(run) / "metrics.jsonl")
+    return [line for _, line in pairs], bad
+
+
+def _metric_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """([(raw line, parsed)], unreadable count) of a metrics.jsonl file (see `read_metrics`)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return [], 0
+    pairs, bad = [], 0
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        if isinstance(line, dict) and isinstance(line.get("step"), int) and not isinstance(line["step"], bool):
+            pairs.append((raw, line))
+        elif raw.strip():
+            bad += 1
+    return pairs, bad
+
+
 @LOGGERS.register("jsonl")
 class JsonlLogger(Logger):
     """RUN/metrics.jsonl, one JSON line per step: the source of truth, always on."""
@@ -113,9 +141,13 @@ class JsonlLogger(Logger):
         if start_step is None:
             return
         keep = []
-        if self.path.exists() and start_step > 0:  # drop lines past the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        if start_step > 0:  # drop lines past the checkpoint, and torn ones (a killed run's tail)
+            pairs, torn = _metric_lines(self.path)
+            keep = [raw for raw, line in pairs if line["step"] <= start_step]
+            if torn:
+                self.notes.append(f"{self.path}: dropped {torn} torn or unreadable line(s) "
+                                  "(an interrupted write); the steps they held are trained again")
+        atomic_write_text(self.path, "".join(raw + "\n" for raw in keep))
         self.file = open(self.path, "a")
 
     def log_step(self, step: int, line: dict[str, Any], flat: dict[str, float]) -> None:
@@ -341,6 +373,11 @@ class Trackers:
 
     def __init__(self, run: Path, loggers: dict[str, Logger], state: dict[str, Any]):
         self.run, self.loggers, self.state = Path(run), loggers, state
+
+    @property
+    def notes(self) -> list[str]:
+        """What the loggers found and repaired when they opened (e.g. a torn metrics line)."""
+        return [n for logger in self.loggers.values() for n in logger.notes]
 
     def log_config(self, config: dict[str, Any]) -> None:
         for logger in self.loggers.values():

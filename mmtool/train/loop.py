@@ -31,7 +31,6 @@ gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -48,13 +47,15 @@ from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
 from mmtool.io import atomic_write_json
-from mmtool.errors import MMToolError
-from mmtool.train.loggers import open_trackers
+from mmtool.errors import Interrupted, MMToolError
+from mmtool.train.loggers import open_trackers, read_metrics
 from mmtool.train.loggers import resolve as resolve_loggers
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
 from mmtool.train.probes import ModalityShares
-from mmtool.train.rundir import folder_records, write_streams
+from mmtool.train import resume as resume_rules
+from mmtool.train.rundir import folder_records, read_config_doc, write_streams
+from mmtool.train.stop import StopSignals
 
 
 @dataclass
@@ -168,36 +169,42 @@ def _init_distributed(device_kind: str) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
 def _device(name: str, local_rank: int) -> torch.device:
+    """The torch device of `--device` (auto: cuda when available); a one-line error otherwise."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MMToolError(f"--device {name}: CUDA is not available on this machine")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device(name)
+    try:
+        device = torch.device(name if name != "cuda" else f"cuda:{local_rank}")
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise MMToolError(f"--device {name!r}: not a device mmtool trains on ({', '.join(DEVICES)})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MMToolError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MMToolError(f"--device {name}: MPS is not available on this machine")
+    return device
 
 
-def _prepare_run(cfg: TrainConfig, resume: bool) -> Path | None:
-    """Checks the run folder; returns the checkpoint to resume from (None: fresh start)."""
+def _prepare_run(cfg: TrainConfig, resume: bool) -> tuple[Path | None, dict[str, Any]]:
+    """Checks the run folder: (the checkpoint to resume from or None for a fresh start, the
+    amendable settings this command changes, `mmtool.train.resume.settings_changes`)."""
     out = Path(cfg.out)
     saved = out / "config.json"
     if not resume:
         if saved.exists():
             raise MMToolError(f"--out {out}: already holds a run; pass --resume to continue it or "
                               "choose another --out")
-        return None
+        return None, {}
     if not saved.exists():
         raise MMToolError(f"--resume: {out} holds no run (no config.json)")
-    old = json.loads(saved.read_text())
-    mine = to_dict(cfg)
-    for key in ("model", "data", "strategy", "batch_tokens", "batch_samples", "seed", "grad_accum",
-                "mix_by", "splits"):
-        if old.get(key) != mine.get(key):
-            raise MMToolError(f"--resume: {out} was trained with {key}={old.get(key)!r}, this command "
-                              f"gives {mine.get(key)!r}; use the same settings or a new --out")
+    old = {k: v for k, v in read_config_doc(out).items() if k != resume_rules.AMENDMENTS}
+    changes = resume_rules.settings_changes(old, to_dict(cfg))
     ckpts = checkpoint.list_checkpoints(out)
-    return ckpts[-1] if ckpts else None
+    return (ckpts[-1] if ckpts else None), changes
 
 
 def with_folder_objectives(cfg: TrainConfig) -> TrainConfig:
@@ -223,15 +230,25 @@ def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str
     return result
 
 
-def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, rank: int) -> int:
-    """Loads model, optimizer and this rank's loader position from `ckpt`; returns its step."""
+def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "_Dist",
+             data: list[dict[str, str]]) -> int:
+    """Loads model, optimizer and this rank's loader position from `ckpt` after checking that it
+    was trained on the same data (`data`: the folders' manifest sha256) by as many ranks; returns
+    its step."""
     model_state, opt_state, doc = checkpoint.load(ckpt)
+    resume_rules.check_data(doc.get("data"), data, ckpt)
+    if len(doc["loader"]) != ddp.world:
+        raise MMToolError(f"--resume: checkpoint {ckpt} was written by {len(doc['loader'])} rank(s), "
+                          f"this run has {ddp.world}; resume with the same number of processes")
     try:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise MMToolError(f"checkpoint {ckpt} does not fit this model: {exc}") from None
-    loader.load_state_dict(doc["loader"][rank])
+    try:
+        loader.load_state_dict(doc["loader"][ddp.rank])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MMToolError(f"checkpoint {ckpt}: loader state does not fit this data ({exc!r})") from None
     return int(doc["step"])
 
 
@@ -289,29 +306,144 @@ class StepMetrics:
                 "tokens_per_s": self.tokens / seconds, "data_wait": self.wait / seconds}
 
 
+class _Session:
+    """The objects of one training process between setup and return: model, optimizer, loader,
+    trackers, probes, and the step counter. `run_step` trains one optimizer step; `save` writes a
+    checkpoint (collective under DDP: every rank calls it)."""
+
+    def __init__(self, cfg: TrainConfig, ddp: _Dist, device: torch.device, loader: Loader,
+                 model: Any, optimizer: Any, data: list[dict[str, str]]):
+        self.cfg, self.ddp, self.device, self.loader = cfg, ddp, device, loader
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.out = Path(cfg.out)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.names = [f.name for f in loader.index.folders]
+        self.step, self.saved_step, self.last_ckpt = 0, -1, None
+        self.probes = None
+        if cfg.probes:  # off by default: then nothing is built and no hook is ever registered
+            from mmtool.train.probes import ProbeSet
+
+            self.probes = ProbeSet(cfg.probes, cfg.probe_every, model, self.names)
+        # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.
+        self.trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
+            if ddp.world > 1 else model
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        self.batches = loader.forever()
+
+    def save(self) -> None:
+        """Checkpoints the current step (all ranks call it; rank 0 writes)."""
+        states = [None] * self.ddp.world
+        if self.ddp.world > 1:
+            dist.all_gather_object(states, self.loader.state_dict())
+        else:
+            states = [self.loader.state_dict()]
+        if self.ddp.main:
+            self.last_ckpt = checkpoint.save(
+                self.out, self.step, self.model, self.optimizer,
+                {"loader": states, "config": to_dict(self.cfg), "data": self.data}, self.cfg.keep_last)
+        self.saved_step = self.step
+
+    def run_step(self) -> dict[str, Any]:
+        """Trains step `self.step + 1` and returns its metrics line."""
+        cfg, step = self.cfg, self.step + 1
+        self.step = step
+        lr = lr_at(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        acc = StepMetrics(self.names, cfg.grad_accum)
+        probing = self.probes is not None and self.probes.due(step)
+        # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
+        shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=self.names)
+        if probing:
+            self.probes.start()
+        for micro in range(cfg.grad_accum):
+            tw = time.perf_counter()
+            batch = next(self.batches).to(self.device)
+            acc.wait += time.perf_counter() - tw
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
+            with self.autocast:
+                output = self.trained(batch, generator=gen)
+            loss = output.loss
+            if cfg.fault_nan_step == step:
+                loss = loss * float("nan")
+            if probing:
+                self.probes.after_forward(batch, output)
+            shares.add(output)
+            if not torch.isfinite(loss):
+                raise _nan_error(loss, output, batch, self.names, step, self.metrics_path, self.last_ckpt)
+            (loss / cfg.grad_accum).backward()
+            acc.add(loss, output, batch)
+        if probing:
+            self.probes.after_backward()  # gradients as backward left them: before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        if self.ddp.world > 1:
+            reduced = torch.tensor([acc.total, acc.tokens], dtype=torch.float64)
+            dist.all_reduce(reduced)
+            acc.total, acc.tokens = float(reduced[0]) / self.ddp.world, int(reduced[1])
+        line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
+                "epoch": self.loader.epoch, "seconds": seconds, **shares.result()}
+        if probing:
+            line["probes"] = self.probes.finish()
+        return line
+
+
+def _write_run_files(session: _Session, start_ckpt: Path | None, changes: dict[str, Any]) -> None:
+    """streams.json on every (re)start (a resumed run from before it gets one too); config.json on a
+    fresh start, or with the resume's amendments appended."""
+    cfg, out, loader = session.cfg, session.out, session.loader
+    out.mkdir(parents=True, exist_ok=True)
+    write_streams(out, loader.index.streams, folder_records(loader.index.folders, cfg.data))
+    if start_ckpt is None:
+        atomic_write_json(out / "config.json", to_dict(cfg))
+    elif changes:
+        atomic_write_json(out / "config.json",
+                          resume_rules.amend(read_config_doc(out), to_dict(cfg), changes, session.step))
+
+
+def _interrupted(session: _Session, stop: StopSignals) -> Interrupted:
+    """Saves the current step (unless just saved) and returns the error the CLI exits 130 with."""
+    if session.saved_step != session.step and session.step > 0:
+        session.save()
+    where = f"step {session.step}" + (f" (checkpoint {session.last_ckpt})" if session.last_ckpt else "")
+    return Interrupted(f"interrupted by {stop.name} at {where}; rerun the same command with --resume")
+
+
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None,
           on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Trains (or resumes) a run and returns a summary.
 
+    SIGINT/SIGTERM (Ctrl-C, a cluster's preemption) stop it cleanly between steps: the step in
+    flight finishes, a checkpoint is saved and `Interrupted` is raised (`mmtool.train.stop`).
+
     Args:
         cfg: the run.
-        resume: continue from the newest checkpoint in `cfg.out`.
+        resume: continue from the newest checkpoint in `cfg.out` (same data and shaping settings;
+            other settings are amended, `mmtool.train.resume`).
         on_step: called on rank 0 with each step's metrics line.
-        on_start: called on rank 0 once the model is built (parameters, resume point).
+        on_start: called on rank 0 once the model is built (parameters, resume point, warnings,
+            `amended`: the settings this resume changed, or None).
 
     Raises:
-        MMToolError: bad settings, unusable data, an incompatible or corrupt checkpoint, or a NaN
-            loss (after saving what is safe: metrics up to the failing step; checkpoints untouched).
+        MMToolError: bad settings, unusable data, data or settings that changed since the
+            checkpoint, an incompatible, edited or corrupt checkpoint, or a NaN loss (after saving
+            what is safe: metrics up to the failing step; checkpoints untouched).
+        Interrupted: a stop signal, after the checkpoint was saved.
     """
     _validate(cfg)
     cfg = dataclasses.replace(cfg, loggers=resolve_loggers(cfg.loggers))  # jsonl added; packages checked
     cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     cfg = with_folder_objectives(cfg)
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     ddp = _init_distributed(kind)
-    device = _device(cfg.device, ddp.local_rank)
-    start_ckpt = _prepare_run(cfg, resume)
+    start_ckpt, changes = _prepare_run(cfg, resume)
     loader = Loader(cfg.loader_config(ddp.rank, ddp.world, pin=device.type == "cuda"))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, loader.index.streams).to(device)
@@ -320,111 +452,45 @@ def train(cfg: TrainConfig, resume: bool = False,
                       [loader.index.folder_streams(f) for f in range(len(loader.index.folders))],
                       [str(f.path) for f in loader.index.folders], cfg.model.mask_ratio)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out = Path(cfg.out)
-    step = 0 if start_ckpt is None else _restore(start_ckpt, model, optimizer, loader, ddp.rank)
-    names = [f.name for f in loader.index.folders]
-    probes = None
-    if cfg.probes:  # off by default: then nothing is built and no hook is ever registered
-        from mmtool.train.probes import ProbeSet
-
-        probes = ProbeSet(cfg.probes, cfg.probe_every, model, names)
-    # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.
-    trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
-        if ddp.world > 1 else model
-
-    metrics_path = out / "metrics.jsonl"
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        # streams.json on every (re)start: a resumed run from before it exists gets one too
-        write_streams(out, loader.index.streams, folder_records(loader.index.folders, cfg.data))
-        if start_ckpt is None:
-            atomic_write_json(out / "config.json", to_dict(cfg))
-        if on_start:
-            on_start({"parameters": model.num_parameters(), "start_step": step,
-                      "resumed_from": str(start_ckpt) if start_ckpt else None,
-                      "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
-                      "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
-                      "warnings": loader.warnings()})
-
-    def save() -> Path | None:
-        states = [None] * ddp.world
-        if ddp.world > 1:
-            dist.all_gather_object(states, loader.state_dict())
-        else:
-            states = [loader.state_dict()]
-        path = None
-        if ddp.main:
-            path = checkpoint.save(out, step, model, optimizer,
-                                   {"loader": states, "config": to_dict(cfg)}, cfg.keep_last)
-        return path
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
-    batches = loader.forever()
-    last_ckpt = start_ckpt
+    session = _Session(cfg, ddp, device, loader, model, optimizer,
+                       resume_rules.data_digests(loader.index.folders))
+    if start_ckpt is not None:
+        session.step = session.saved_step = _restore(start_ckpt, model, optimizer, loader, ddp, session.data)
+        session.last_ckpt = start_ckpt
+    start_step = session.step
     total = float("nan")  # stays nan when a finished run is resumed: nothing left to train
     t_start = time.perf_counter()
+    if ddp.main:
+        _write_run_files(session, start_ckpt, changes)
     # metrics.jsonl and the other trackers drop lines past the checkpoint: the resumed run writes them again
-    trackers = open_trackers(out, cfg.loggers, step, enabled=ddp.main)
-    with loader, trackers:
+    trackers = open_trackers(session.out, cfg.loggers, start_step, enabled=ddp.main)
+    if ddp.main and on_start:
+        on_start({"parameters": model.num_parameters(), "start_step": start_step,
+                  "resumed_from": str(start_ckpt) if start_ckpt else None,
+                  "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
+                  "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
+                  "warnings": loader.warnings() + trackers.notes,
+                  "amended": resume_rules.describe(changes) if start_ckpt and changes else None})
+    with loader, trackers, StopSignals() as stop:
         trackers.log_config(to_dict(cfg))
-        while step < cfg.max_steps:
-            step += 1
-            lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            acc = StepMetrics(names, cfg.grad_accum)
-            probing = probes is not None and probes.due(step)
-            # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
-            shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=names)
-            if probing:
-                probes.start()
-            for micro in range(cfg.grad_accum):
-                tw = time.perf_counter()
-                batch = next(batches).to(device)
-                acc.wait += time.perf_counter() - tw
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-                with autocast:
-                    output = trained(batch, generator=gen)
-                loss = output.loss
-                if cfg.fault_nan_step == step:
-                    loss = loss * float("nan")
-                if probing:
-                    probes.after_forward(batch, output)
-                shares.add(output)
-                if not torch.isfinite(loss):
-                    raise _nan_error(loss, output, batch, names, step, metrics_path, last_ckpt)
-                (loss / cfg.grad_accum).backward()
-                acc.add(loss, output, batch)
-            if probing:
-                probes.after_backward()  # gradients as backward left them: before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - t0
-            if ddp.world > 1:
-                reduced = torch.tensor([acc.total, acc.tokens], dtype=torch.float64)
-                dist.all_reduce(reduced)
-                acc.total, acc.tokens = float(reduced[0]) / ddp.world, int(reduced[1])
-            total = acc.total
-            line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
-                    "epoch": loader.epoch, "seconds": seconds, **shares.result()}
-            if probing:
-                line["probes"] = probes.finish()
+        while session.step < cfg.max_steps:
+            if stop.requested(ddp.world):
+                raise _interrupted(session, stop)
+            line = session.run_step()
+            total = line["loss"]
             if ddp.main:
                 trackers.log_step(line)
                 if on_step:
                     on_step(line)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                last_ckpt = save() or last_ckpt
+            if session.step % cfg.save_every == 0 or session.step == cfg.max_steps:
+                session.save()
     if ddp.world > 1:
         dist.barrier()
-    if math.isnan(total) and ddp.main and metrics_path.stat().st_size:
-        total = json.loads(metrics_path.read_text().splitlines()[-1])["loss"]
-    return {"steps": step, "final_loss": total, "parameters": model.num_parameters(),
-            "seconds": time.perf_counter() - t_start, "checkpoint": str(last_ckpt),
+    if math.isnan(total) and ddp.main:
+        lines, _ = read_metrics(session.out)
+        total = lines[-1]["loss"] if lines else total
+    return {"steps": session.step, "final_loss": total, "parameters": model.num_parameters(),
+            "seconds": time.perf_counter() - t_start, "checkpoint": str(session.last_ckpt),
             "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank}
 
 

@@ -4,8 +4,8 @@
     RUN/streams.json     what the model was built for, written atomically at train start:
                          {"format": 1, "streams": [Stream fields: key, modality, kind, vocab_size,
                          dim, config], "folders": [{"path", "name", "source", "sources",
-                         "modalities", "weight", "preprocess": the manifest's source block} per
-                         `--data` entry, in `--data` order]}
+                         "modalities", "weight", "preprocess": the manifest's source block,
+                         "manifest_sha256"} per `--data` entry, in `--data` order]}
     RUN/metrics.jsonl    one line per step (`mmtool.train`)
     RUN/checkpoints/     `mmtool.train.checkpoint`
 
@@ -72,7 +72,8 @@ def folder_records(folders: list[Any], data: list[str]) -> list[dict[str, Any]]:
             "sources": sorted(manifest.get("sources", {})),
             "modalities": sorted(manifest.get("modalities", {})),
             "weight": specs[i].weight if i < len(specs) else None,
-            "preprocess": manifest.get("source") or {}})
+            "preprocess": manifest.get("source") or {},
+            "manifest_sha256": sha256_file(Path(f.path) / "manifest.json")})
     return records
 
 
@@ -84,8 +85,25 @@ def write_streams(run: str | Path, streams: list[Stream], folders: list[dict[str
     return path
 
 
+def read_config_doc(run: str | Path) -> dict[str, Any]:
+    """RUN/config.json as a JSON object (settings plus `amendments`, see `mmtool.train.resume`).
+
+    Raises:
+        MMToolError: not a run folder, or a config.json that is torn, not JSON or not an object.
+    """
+    run = Path(run)
+    path = run / "config.json"
+    if not path.is_file():
+        raise MMToolError(f"{run}: not a training run (no config.json; give a `mmtool train --out` folder)")
+    doc = read_json_object(path)
+    if doc is None:
+        raise MMToolError(f"{path}: not a JSON object (torn or edited); restore it from the newest "
+                          "checkpoint's state.json `config`")
+    return doc
+
+
 def read_config(run: str | Path) -> Any:
-    """The run's `TrainConfig`, from RUN/config.json alone.
+    """The run's `TrainConfig` (its current settings, amendments applied), from RUN/config.json alone.
 
     Raises:
         MMToolError: not a run folder, or a config.json that does not parse.
@@ -93,13 +111,11 @@ def read_config(run: str | Path) -> Any:
     from mmtool.config import from_dict
     from mmtool.train import TrainConfig
 
-    run = Path(run)
-    path = run / "config.json"
-    if not path.is_file():
-        raise MMToolError(f"{run}: not a training run (no config.json; give a `mmtool train --out` folder)")
+    path = Path(run) / "config.json"
+    doc = {k: v for k, v in read_config_doc(run).items() if k != "amendments"}
     try:
-        return from_dict(TrainConfig, json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as exc:
+        return from_dict(TrainConfig, doc)
+    except (ValueError, TypeError, MMToolError) as exc:
         raise MMToolError(f"{path}: cannot be read as a training config ({exc})") from None
 
 
@@ -173,22 +189,18 @@ def checkpoint_at(run: str | Path, step: int | None = None) -> Path:
 
 
 def model_state(ckpt: Path) -> dict[str, Any]:
-    """The model weights of a checkpoint folder, sha256-checked (the optimizer is not read).
+    """The model weights of a checkpoint folder, integrity-checked (`checkpoint.read_state`: shape,
+    digest, step; then the weights' sha256). The optimizer is not read.
 
     Raises:
-        MMToolError: a missing or corrupt file.
+        MMToolError: a missing, edited or corrupt file.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = Path(ckpt) / "model.safetensors"
-    try:
-        doc = json.loads((Path(ckpt) / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MMToolError(f"checkpoint {ckpt}: state.json is missing or corrupt ({exc})") from None
-    digest = doc.get("sha256", {}).get("model.safetensors")
-    if not file.is_file() or (digest and sha256_file(file) != digest):
-        raise MMToolError(f"checkpoint {ckpt}: model.safetensors is missing or corrupt (sha256 mismatch)")
+    from mmtool.train import checkpoint
+
+    file = checkpoint.check_file(ckpt, checkpoint.read_state(ckpt), "model.safetensors")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as exc:

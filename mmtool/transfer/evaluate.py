@@ -10,12 +10,11 @@ The report holds no timings, so two runs with the same seed give identical files
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mmtool.io import atomic_write_json
+from mmtool.io import atomic_write_json, read_json_object
 from mmtool.errors import MMToolError
 from mmtool.transfer.protocols import PROTOCOLS, Evaluation, ProtocolConfig
 from mmtool.transfer.tasks import RunData, prepare_task, resolve_task
@@ -72,10 +71,7 @@ def _validate(cfg: TransferConfig) -> None:
 def pretraining_splits(run: Path) -> list[str] | None:
     """The `split` values of the rows the run pretrained on, read raw from its config.json
     (`splits`); None when the key is missing: such runs read every row."""
-    try:
-        splits = json.loads((Path(run) / "config.json").read_text()).get("splits")
-    except (OSError, ValueError):
-        return None
+    splits = (read_json_object(Path(run) / "config.json") or {}).get("splits")
     return [str(s) for s in splits] if isinstance(splits, list) else None
 
 

@@ -53,3 +53,47 @@ def test_corruption_is_detected(tmp_path):
     (path / "state.json").write_text("{not json")
     with pytest.raises(MMToolError, match="state.json"):
         checkpoint.load(path)
+
+
+def _edit_state(path, **changes):
+    """Rewrites state.json with `changes` (None deletes a key), leaving the digest as it was."""
+    import json
+
+    doc = json.loads((path / "state.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    (path / "state.json").write_text(json.dumps(doc))
+    return doc
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"sha256": None}, "has no 'sha256'.*integrity is mandatory"),
+    ({"digest": None}, "has no 'digest'.*integrity is mandatory"),
+    ({"step": 8}, "modified after it was written"),
+    ({"loader": [{"epoch": 1, "batch": 999}]}, "modified after it was written"),
+    ({"optimizer": []}, "'optimizer' is list, expected dict"),
+])
+def test_integrity_is_mandatory(tmp_path, changes, message):
+    model, opt = tiny()
+    path = checkpoint.save(tmp_path, 7, model, opt, {"loader": [{"epoch": 1, "batch": 3}]})
+    doc = _edit_state(path, **changes)
+    with pytest.raises(MMToolError, match=message):
+        checkpoint.load(path)
+    if "sha256" not in doc:  # and a flipped byte that nothing could then catch is never loaded
+        data = bytearray((path / "model.safetensors").read_bytes())
+        data[-3] ^= 0xFF
+        (path / "model.safetensors").write_bytes(bytes(data))
+        with pytest.raises(MMToolError, match="integrity is mandatory"):
+            checkpoint.load(path)
+
+
+def test_step_must_match_its_folder(tmp_path):
+    model, opt = tiny()
+    path = checkpoint.save(tmp_path, 7, model, opt, {})
+    moved = path.with_name("step-00000009")
+    path.rename(moved)  # state.json is intact (digest holds) but names another step
+    with pytest.raises(MMToolError, match="says step 7, its folder step 9"):
+        checkpoint.load(moved)

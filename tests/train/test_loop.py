@@ -90,7 +90,7 @@ def test_nan_stop_names_step_and_keeps_checkpoints(folders, tmp_path):
 def test_resume_refuses_other_model_and_corrupt_checkpoint(folders, tmp_path):
     run = tmp_path / "run"
     train(config(folders, run, max_steps=3))
-    with pytest.raises(MMToolError, match="was trained with model="):
+    with pytest.raises(MMToolError, match=r"model.fusion=.early. then, .late. now"):
         train(config(folders, run, max_steps=6, model=ModelConfig(size="tiny", fusion="late")), resume=True)
     with pytest.raises(MMToolError, match="already holds a run"):
         train(config(folders, run, max_steps=6))
