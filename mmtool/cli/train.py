@@ -63,6 +63,9 @@ def run_training(cfg, resume: bool, console: Console) -> dict:
                           f"streams {', '.join(info['streams'])}"
                           + (f"; resuming {info['resumed_from']}" if info["resumed_from"] else ""))
             console.print(f"mixture: weights are shares of {info['mix_by']}; splits {','.join(info['splits'])}")
+            if info.get("amended"):
+                console.print(f"resumed with amended settings: {info['amended']} (recorded in config.json "
+                              "`amendments`)")
             for line in info["warnings"]:
                 console.print(f"[yellow]warning:[/] {line}")
 
