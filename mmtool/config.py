@@ -149,17 +149,35 @@ def _instantiate(cls: type, flags: dict[str, Any]) -> Any:
     return cls(**required)
 
 
-def load_yaml_mapping(path: str | Path, where: str, expected: str, unreadable: str = "cannot read") -> dict[str, Any]:
+def read_yaml(path: str | Path, where: str | None = None) -> Any:
+    """The document in YAML file `path`.
+
+    Raises:
+        MMToolError: one line, "WHERE: not valid YAML (PROBLEM at line L, column C)" or
+            "WHERE: cannot read (REASON)".
+    """
+    where = where or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MMToolError(f"{where}: cannot read ({exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise MMToolError(f"{where}: not valid YAML ({problem}{at})") from None
+
+
+def load_yaml_mapping(path: str | Path, where: str, expected: str) -> dict[str, Any]:
     """The mapping in YAML file `path` (an empty file is {}).
 
     Raises:
-        MMToolError: "WHERE: UNREADABLE (reason)" when the file cannot be read or parsed, or
+        MMToolError: one line naming WHERE when the file cannot be read or parsed (`read_yaml`), or
             "WHERE: expected EXPECTED" when it holds something other than a mapping.
     """
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise MMToolError(f"{where}: {unreadable} ({exc})") from None
+    doc = read_yaml(path, where) or {}
     if not isinstance(doc, dict):
         raise MMToolError(f"{where}: expected {expected}")
     return doc

@@ -144,6 +144,9 @@ class TokenIndex:
         self.folders: list[Folder] = []
         names = [Path(f).name or str(f) for f in folders]
         for path, manifest, name in zip(folders, manifests, names):
+            if not manifest["shards"]:
+                raise MMToolError(f"{path}: holds no samples (its manifest lists no shard: every record "
+                                  "was rejected or the source was empty); leave it out of --data")
             shards = [self._open_shard(Path(path) / s["path"]) for s in manifest["shards"]]
             self.folders.append(Folder(Path(path), manifest, shards, name))
         # Global sample numbering: folder-major, then shard, then row.

@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from mmtool.config import parse_weights
 from mmtool.errors import MMToolError
@@ -193,10 +192,13 @@ def check_mix_by(value: str, where: str = "--mix-by") -> str:
 
 
 def _load_yaml(path: Path):
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise MMToolError(f"{path}: not valid YAML ({exc})") from None
+    from mmtool.config import read_yaml
+
+    return read_yaml(path)
+
+
+MIXTURE_KEYS = ("datasets", "mix_by")
+"""The top-level keys of a mixture YAML file."""
 
 
 def _read_mixture_file(path: Path) -> list[DataSpec]:
@@ -204,10 +206,16 @@ def _read_mixture_file(path: Path) -> list[DataSpec]:
     entries = doc.get("datasets") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries:
         raise MMToolError(f"{path}: expected a 'datasets:' list of {{path, weight}} entries")
+    unknown = sorted(map(str, set(doc) - set(MIXTURE_KEYS)))
+    if unknown:
+        raise MMToolError(f"{path}: unknown key {', '.join(unknown)} (keys: {', '.join(MIXTURE_KEYS)})")
     out = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "path" not in e:
             raise MMToolError(f"{path}: datasets[{i}] needs a 'path'")
+        if not isinstance(e["path"], str) or not e["path"]:
+            raise MMToolError(f"{path}: datasets[{i}] path must be a folder path (text), "
+                              f"got {e['path']!r}")
         folder = Path(e["path"])
         if not folder.is_absolute():
             folder = path.parent / folder

@@ -109,8 +109,7 @@ class SweepSpec:
 
 # -- the spec ------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict[str, Any]:
-    doc = load_yaml_mapping(path, str(path), "a mapping with train:, sweep: and evaluate:",
-                            unreadable="cannot read the sweep file")
+    doc = load_yaml_mapping(path, str(path), "a mapping with train:, sweep: and evaluate:")
     unknown = set(doc) - {"train", "sweep", "evaluate"}
     if unknown:
         raise MMToolError(f"{path}: unknown block(s) {', '.join(sorted(unknown))} (blocks: train, sweep, evaluate)")

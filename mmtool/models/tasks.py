@@ -115,7 +115,7 @@ def build_table(defaults: dict[str, float], per_folder: list[dict[str, float] | 
         per_folder: per data folder (in `--data` order), its own {spec: weight}, or None.
 
     Raises:
-        MMToolError: a negative weight, or one name given two different specs (e.g.
+        MMToolError: a negative or non-finite weight, all weights 0 for a folder, or one name given two different specs (e.g.
             `next-token` on one folder and `next-token:observations=true` on another).
     """
     per_folder = list(per_folder or [])
@@ -126,8 +126,8 @@ def build_table(defaults: dict[str, float], per_folder: list[dict[str, float] | 
     for i, row in enumerate(([defaults] if used_defaults else []) + [r for r in rows if r is not defaults]):
         for spec, weight in row.items():
             name, full = task_name(spec), expand(spec)
-            if weight < 0:
-                raise MMToolError(f"objective {name!r} has a negative weight ({weight})")
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise MMToolError(f"objective {name!r}: weight must be a finite number ≥ 0, got {weight!r}")
             if name in specs and specs[name] != full:
                 raise MMToolError(f"objective {name!r} is given twice with different options "
                                   f"({specs[name]!r} and {full!r}); give it once")
@@ -141,6 +141,11 @@ def build_table(defaults: dict[str, float], per_folder: list[dict[str, float] | 
         for spec, weight in row.items():
             o = names.index(task_name(spec))
             weights[f, o], member[f, o] = float(weight), True
+    idle = [f for f in range(len(rows)) if not weights[f].gt(0).any()]
+    if idle:
+        where = "--objectives" if rows[idle[0]] is defaults else f"folder {idle[0]} (--data order) objectives="
+        raise MMToolError(f"{where}: every weight is 0, so the loss is identically 0 and nothing trains; "
+                          "give at least one objective a positive weight (0 keeps an objective logged only)")
     return TaskTable(specs, weights, member)
 
 
