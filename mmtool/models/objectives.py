@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmtool.models.keyed_random import keyed_uniform, stream_token_keys
 from mmtool.data.batch import Batch
 from mmtool.data.index import SEPARATOR, Stream
 from mmtool.config import parse_value
@@ -180,28 +181,34 @@ def build_objective(spec: str, streams: list[Stream], d_model: int, mask_ratio: 
 
 def stream_masks(batch, targets: list[int], ratio: float, generator: torch.Generator | None):
     """Yields (stream k, bool mask [n_k]) for each target stream present in `batch`: per segment,
-    round(ratio · n) of its tokens, drawn in the stream's token order (the same in every layout)."""
+    round(ratio · n) of its tokens. With a generator, each token's draw is keyed by the sample's
+    number, the segment's and the token's place (`keyed_random`): the same tokens are masked in
+    every layout (packed or padded) and for every shard size."""
     for k in targets:
         if k in batch.streams:
-            seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]  # [n_k]
-            yield k, segment_mask(seg, batch["seg_sample"].shape[0], ratio, generator)  # [n_k]
+            seg, *keys = stream_token_keys(batch, k)  # [n_k] each
+            noise = keyed_uniform(generator, *keys) if generator is not None else None
+            yield k, segment_mask(seg, batch["seg_sample"].shape[0], ratio, generator, noise)  # [n_k]
 
 
 def segment_mask(segment: Tensor, n_segments: int, ratio: float,
-                 generator: torch.Generator | None) -> Tensor:
+                 generator: torch.Generator | None, noise: Tensor | None = None) -> Tensor:
     """MAE-style masks: in every segment, exactly round(ratio · n) of its n tokens (at least one).
 
-    Which tokens is random: one uniform draw per token from `generator`, in the order given (a
-    stream's token order, the same for packed and padded batches), and the lowest draws of each
-    segment are masked.
+    Which tokens is random: the lowest `noise` values of each segment are masked. `noise` defaults
+    to one uniform draw per token from `generator` in the order given (`stream_masks` passes draws
+    keyed by what each token is instead).
 
     Args:
         segment: long [n] segment of each token (batch-local segment numbers < `n_segments`).
+        noise: float [n] in [0, 1), or None.
     Returns:
         bool [n].
     """
     n, device = segment.shape[0], segment.device
-    if generator is not None:
+    if noise is not None:
+        noise = noise.to(device)  # [n]
+    elif generator is not None:
         noise = torch.rand(n, generator=generator, device=generator.device).to(device)  # [n]
     else:
         noise = torch.rand(n, device=device)  # [n]

@@ -318,7 +318,6 @@ def test_silent_patches_are_never_masked_nor_scored(av_index):
     out = m(batch, torch.Generator().manual_seed(2))
     assert out.losses["masked-patch"].item() == pytest.approx((x[mask] ** 2).mean(1).mean().item(), rel=1e-5)
     # The mask draws are the same as without the silence rule: masked = drawn ∧ not silent.
-    from mmtool.models.objectives import segment_mask
-    seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]
-    drawn = segment_mask(seg, batch["seg_sample"].shape[0], 0.5, torch.Generator().manual_seed(2))
+    from mmtool.models.objectives import stream_masks
+    [(_, drawn)] = list(stream_masks(batch, [k], 0.5, torch.Generator().manual_seed(2)))
     assert torch.equal(mask, drawn & ~silent)
