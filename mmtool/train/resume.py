@@ -1,8 +1,10 @@
 """What binds a run folder to its data and settings, checked on every `--resume`.
 
-- **Data.** Every checkpoint records the sha256 of each `--data` folder's manifest.json (which
-  lists every shard's sha256). `--resume` recomputes them and refuses, naming the folder, when one
-  differs: a rebuilt or edited folder would silently change what the rest of the run reads.
+- **Data.** Every checkpoint records each `--data` folder's content sha256: the hash of what its
+  manifest says the data is (schema version, tokenizers, and every shard's path and sha256; shards
+  are verified against these when the loader opens them). `--resume` recomputes it and refuses,
+  naming the folder, when one differs: a rebuilt or edited folder would silently change what the
+  rest of the run reads. Bookkeeping in the manifest (timings, input stat caches) is not part of it.
 - **Settings that shape the run** (`SHAPING`: the model, the data and how it is drawn and batched,
   the seed, gradient accumulation) cannot change on resume: the losses logged so far would not
   belong to the run config.json describes. `--resume` with another value is refused by name.
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from mmtool.errors import MMToolError
-from mmtool.io import sha256_file
 
 SHAPING = ("model", "data", "strategy", "batch_tokens", "batch_samples", "temperature",
            "samples_per_epoch", "mix_by", "splits", "seed", "grad_accum")
@@ -31,10 +34,17 @@ SHAPING = ("model", "data", "strategy", "batch_tokens", "batch_samples", "temper
 AMENDMENTS = "amendments"
 
 
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """The sha256 of what a manifest says its folder holds: schema version, tokenizers, and each
+    shard's path and sha256 (canonical JSON)."""
+    body = {"schema_version": manifest.get("schema_version"), "tokenizers": manifest.get("tokenizers"),
+            "shards": [[s.get("path"), s.get("sha256")] for s in manifest.get("shards", [])]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def data_digests(folders: list[Any]) -> list[dict[str, str]]:
-    """[{"path", "manifest_sha256"}] of a loader's folders (`TokenIndex.folders`), in order."""
-    return [{"path": str(f.path), "manifest_sha256": sha256_file(Path(f.path) / "manifest.json")}
-            for f in folders]
+    """[{"path", "content_sha256"}] of a loader's folders (`TokenIndex.folders`), in order."""
+    return [{"path": str(f.path), "content_sha256": content_sha256(f.manifest)} for f in folders]
 
 
 def check_data(saved: Any, current: list[dict[str, str]], ckpt: Path) -> None:
@@ -56,11 +66,11 @@ def check_data(saved: Any, current: list[dict[str, str]], ckpt: Path) -> None:
         raise MMToolError(f"--resume: checkpoint {ckpt} was trained on {len(saved)} data folder(s), "
                           f"this command gives {len(current)}")
     for old, new in zip(saved, current):
-        if old.get("manifest_sha256") != new["manifest_sha256"]:
+        if old.get("content_sha256") != new["content_sha256"]:
             raise MMToolError(
                 f"--resume: data folder {new['path']} changed since checkpoint {ckpt.name} (its "
-                "manifest sha256 differs: rebuilt or edited); resume with the data the run was "
-                "trained on, or start a new --out")
+                "shards differ: rebuilt or edited); resume with the data the run was trained on, "
+                "or start a new --out")
 
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,8 @@
                          {"format": 1, "streams": [Stream fields: key, modality, kind, vocab_size,
                          dim, config], "folders": [{"path", "name", "source", "sources",
                          "modalities", "weight", "preprocess": the manifest's source block,
-                         "manifest_sha256"} per `--data` entry, in `--data` order]}
+                         "content_sha256": `train.resume.content_sha256`} per `--data` entry,
+                         in `--data` order]}
     RUN/metrics.jsonl    one line per step (`mmtool.train`)
     RUN/checkpoints/     `mmtool.train.checkpoint`
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtool.data.index import Stream
-from mmtool.data.shards import atomic_write_json, sha256_file
+from mmtool.data.shards import atomic_write_json
 from mmtool.errors import MMToolError
 from mmtool.io import read_json_object
 
@@ -61,6 +62,7 @@ class RunInfo:
 def folder_records(folders: list[Any], data: list[str]) -> list[dict[str, Any]]:
     """JSON records of a loader's folders (`TokenIndex.folders`) beside their `--data` entries."""
     from mmtool.data.mixture import parse_data_specs
+    from mmtool.train.resume import content_sha256
 
     specs = parse_data_specs(list(data))
     records = []
@@ -73,7 +75,7 @@ def folder_records(folders: list[Any], data: list[str]) -> list[dict[str, Any]]:
             "modalities": sorted(manifest.get("modalities", {})),
             "weight": specs[i].weight if i < len(specs) else None,
             "preprocess": manifest.get("source") or {},
-            "manifest_sha256": sha256_file(Path(f.path) / "manifest.json")})
+            "content_sha256": content_sha256(manifest)})
     return records
 
 
