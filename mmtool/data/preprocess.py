@@ -41,6 +41,7 @@ from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, samples_to_batch
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
+from mmtool.data.tokenizers.text import check_unicode
 from mmtool.config import parse_value
 from mmtool.errors import MMToolError, RecordError
 
@@ -121,7 +122,13 @@ class TokenizerSet:
         key = json.dumps([name, options], sort_keys=True, default=str)
         tok = self._cache.get(key)
         if tok is None:
-            tok = self._cache[key] = build_tokenizer(name, **options)
+            try:
+                tok = build_tokenizer(name, **options)
+            except RecordError:
+                raise
+            except MMToolError as exc:  # options that came from the record, e.g. num_classes=1e12
+                raise RecordError(str(exc)) from None
+            self._cache[key] = tok
         role_key = f"{field_.modality}/{field_.role}"
         if self.configs.get(role_key, {}).get("name", name) != name:
             # One role, two tokenizers (e.g. discrete and mulaw actions in one jsonl): describe
@@ -149,25 +156,59 @@ def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet]:
     return _WORKER_CACHE[key]
 
 
+RECORD_FAILURES = (RecursionError, OverflowError, UnicodeError, ValueError, TypeError, MemoryError)
+"""Exceptions that, raised while one record is read or tokenized, mean "this record is bad" (JSON
+nested thousands deep, integers beyond int64, lone surrogates, malformed fields, a size that
+cannot be allocated): each becomes a `RecordError` for that record, so the job goes on."""
+
+MAX_LABEL = 2**63 - 1
+"""Labels are class indices stored as int64."""
+
+
+def _record_failure(exc: BaseException) -> RecordError:
+    """A `RecordError` whose one-line reason names the exception type and message."""
+    text = " ".join(str(exc).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return RecordError(f"{type(exc).__name__}: {text[:200] or 'no message'}")
+
+
+def _checked_label(label: Any) -> int | None:
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label <= MAX_LABEL:
+        raise RecordError(f"label must be an integer class index in [0, 2^63), got {label!r:.40}")
+    return int(label)
+
+
 def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
-    """Reads record `index` and tokenizes it; a `RecordError` names the record's location."""
+    """Reads record `index` and tokenizes it; a `RecordError` names the record's location.
+
+    Any failure within the record (see `RECORD_FAILURES`) becomes a `RecordError`, and so does a
+    record whose id, task or meta could not be stored (lone surrogates, unserialisable meta).
+    """
     location = source.location(index)
     try:
-        record: Record = source.read(index)
-        segments = [tokenizers.encode(f) for f in record.fields]
-        if not segments:
-            raise RecordError("record has no fields")
+        try:
+            record: Record = source.read(index)
+            segments = [tokenizers.encode(f) for f in record.fields]
+            if not segments:
+                raise RecordError("record has no fields")
+            sample = Sample(id=check_unicode(str(record.id), "id"), source=source.name,
+                            task=check_unicode(str(record.task), "task"),
+                            split=source.split_of(index), segments=segments,
+                            label=_checked_label(record.label), meta=record.meta)
+            json.dumps(sample.meta, sort_keys=True)  # what the shard will store; fails here if at all
+        except RECORD_FAILURES as exc:
+            raise _record_failure(exc) from None
     except RecordError as exc:
         raise exc.at(location)
-    label = None if record.label is None else int(record.label)
-    return Sample(id=str(record.id), source=source.name, task=record.task,
-                  split=source.split_of(index), segments=segments, label=label, meta=record.meta)
+    return sample
 
 
 def _count(stats: dict[str, Any], sample: Sample) -> None:
-    src = stats["sources"].setdefault(sample.source, {"rows": 0, "tokens": 0})
+    src = stats["sources"].setdefault(sample.source, {"rows": 0, "tokens": 0, "truncated": 0})
     src["rows"] += 1
     src["tokens"] += sample.n_tokens
+    src["truncated"] += any(seg.truncated for seg in sample.segments)
     stats["splits"][sample.split] = stats["splits"].get(sample.split, 0) + 1
     seen = set()
     for seg in sample.segments:

@@ -106,6 +106,8 @@ class Segment:
     shape: tuple[int, ...]
     ids: np.ndarray | None = None  # int32 [prod(shape)]
     values: np.ndarray | None = None  # float32 [prod(shape)]
+    truncated: bool = False
+    """True when the tokenizer cut the field to its token cap (counted in the manifest, not stored)."""
 
     def __post_init__(self) -> None:
         if (self.ids is None) == (self.values is None):
@@ -260,7 +262,9 @@ def assign_split(source: str, record_id: str, fractions=(0.8, 0.1, 0.1)) -> str:
     """Assigns a record to train/validation/test by a stable hash of its id (same on every run)."""
     import hashlib
 
-    h = int.from_bytes(hashlib.sha1(f"{source}/{record_id}".encode()).digest()[:8], "big") / 2**64
+    # surrogatepass: an id with a lone surrogate is rejected by preprocess, but splitting comes first
+    key = f"{source}/{record_id}".encode("utf-8", "surrogatepass")
+    h = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2**64
     if h < fractions[0]:
         return "train"
     return "validation" if h < fractions[0] + fractions[1] else "test"

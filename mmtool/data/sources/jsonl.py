@@ -45,6 +45,9 @@ from mmtool.errors import MMToolError, RecordError
 
 MODALITY_KEYS = ("image", "audio", "text", "observations", "actions", "rewards", "trajectory")
 OTHER_KEYS = ("id", "task", "label", "num_actions", "meta")
+MAX_NUM_ACTIONS = 2**20
+"""The most discrete actions a record (or `--opt num_actions`) may declare: the action vocabulary
+becomes an embedding table, and 1e12 classes would make training allocate terabytes."""
 
 
 @dataclass
@@ -56,6 +59,11 @@ class JsonlOptions:
                 "wins); 0 = unknown, left to the action tokenizer"})
     max_pixels: int = field(default=media.DEFAULT_MAX_PIXELS, metadata={
         "help": "reject images with more pixels than this (checked before decoding)"})
+    media_root: Path | None = field(default=None, metadata={
+        "help": "the data root: media paths (relative to the manifest's folder, or absolute) must "
+                "resolve inside it, symlinks followed; default: the manifest's folder"})
+    allow_outside: bool = field(default=False, metadata={
+        "help": "follow media paths that lead outside the data root (absolute, '..', symlinks)"})
     text_role: str = field(default="", metadata={
         "help": "role of the text field; default: caption with an image, transcript with audio, "
                 "document otherwise"})
@@ -75,6 +83,12 @@ class JsonlSource(Source):
         if not self.path.is_file():
             raise MMToolError(f"--opt path={self.path}: no such file")
         self.base_dir = self.path.parent
+        self.media_root = Path(options.media_root) if options.media_root else self.base_dir
+        if not self.media_root.is_dir():
+            raise MMToolError(f"--opt media_root={options.media_root}: no such folder")
+        if not 0 <= options.num_actions <= MAX_NUM_ACTIONS:
+            raise MMToolError(f"--opt num_actions={options.num_actions}: expected 0 (unknown) to "
+                              f"{MAX_NUM_ACTIONS} (2^20)")
         offsets, lines = [], []
         with open(self.path, "rb") as f:
             pos = 0
@@ -104,6 +118,10 @@ class JsonlSource(Source):
         except json.JSONDecodeError as exc:
             raise RecordError(f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}") \
                 from None
+        except RecursionError:
+            raise RecordError("invalid JSON: nested too deeply for Python's parser") from None
+        except (ValueError, MemoryError) as exc:  # e.g. an integer literal of over 4300 digits
+            raise RecordError(f"invalid JSON: {' '.join(str(exc).split())[:200]}") from None
         if not isinstance(obj, dict):
             raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
         return obj
@@ -123,6 +141,11 @@ class JsonlSource(Source):
         except RecordError as err:
             raise err.at(self.location(index))
 
+    def _media(self, value: Any, key: str) -> media.PathOrBytes:
+        """The confined path of a record's `image`/`audio`/`trajectory` value."""
+        return media.confined_path(_path_value(value, key), self.base_dir, self.media_root,
+                                   self.options.allow_outside)
+
     # -- decoding one line ------------------------------------------------------------------------
     def _read(self, index: int) -> Record:
         obj = self._parse(index)
@@ -133,10 +156,10 @@ class JsonlSource(Source):
                               f"{', '.join(MODALITY_KEYS)}")
         fields: list[Field] = []
         if "image" in obj:
-            src = media.media_input(_path_value(obj["image"], "image"), self.base_dir)
+            src = self._media(obj["image"], "image")
             fields.append(Field("image", "image", media.load_image(src, self.options.max_pixels)))
         if "audio" in obj:
-            src = media.media_input(_path_value(obj["audio"], "audio"), self.base_dir)
+            src = self._media(obj["audio"], "audio")
             fields.append(Field("audio", "speech" if "text" in obj else "audio", media.load_audio(src)))
         if "text" in obj:
             text = obj["text"]
@@ -167,7 +190,7 @@ class JsonlSource(Source):
             if arrays:
                 raise RecordError("give either a trajectory file or inline "
                                   f"{'/'.join(arrays)}, not both")
-            src = media.media_input(_path_value(obj["trajectory"], "trajectory"), self.base_dir)
+            src = self._media(obj["trajectory"], "trajectory")
             arrays = media.load_npz(src, keys=("observations", "actions", "rewards"))
             if not arrays:
                 raise RecordError("trajectory npz has none of the arrays observations, actions, "
@@ -196,14 +219,18 @@ def action_field(value: Any, num_actions: Any = None, default_num_actions: int =
     `num_actions`, else `default_num_actions`, else left out); floats → float32 `[T, k]` for "mulaw".
     """
     if is_integer_data(value):
-        acts = np.asarray(value, np.int64)
+        try:
+            acts = np.asarray(value, np.int64)
+        except OverflowError:
+            raise RecordError("actions must be integers in the int64 range") from None
         if acts.ndim == 1:
             acts = acts[:, None]
         if acts.ndim != 2 or acts.shape[0] == 0:
             raise RecordError(f"actions must be T ints or T lists of ints, got shape {list(acts.shape)}")
         if num_actions is not None and (not isinstance(num_actions, int) or isinstance(num_actions, bool)
-                                        or num_actions < 1):
-            raise RecordError(f"num_actions must be a positive integer, got {num_actions!r}")
+                                        or not 1 <= num_actions <= MAX_NUM_ACTIONS):
+            raise RecordError(f"num_actions must be an integer from 1 to {MAX_NUM_ACTIONS} (2^20), "
+                              f"got {num_actions!r:.40}")
         n = num_actions or default_num_actions
         if acts.min() < 0 or (n and acts.max() >= n):
             bad = int(acts.min() if acts.min() < 0 else acts.max())
