@@ -104,10 +104,12 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise MMToolError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MMToolError(f"{path}: schema_version must be an integer, got {version!r:.40}")
+    if version > SCHEMA_VERSION:
         raise MMToolError(
-            f"{path}: schema_version {version!r} is not one this mmtool understands "
-            f"(an integer up to {SCHEMA_VERSION}); upgrade mmtool or preprocess again"
+            f"{path}: schema_version {version} is newer than this mmtool understands "
+            f"({SCHEMA_VERSION}); upgrade mmtool or preprocess again"
         )
     shards = manifest.get("shards")
     if not isinstance(shards, list):

@@ -173,7 +173,7 @@ def test_jsonl_rejects_outside_paths_per_record(outside, tmp_path):
      '"sha256": "x"}]}', r"'\.\.' climbs outside"),
     ('{"schema_version": 1, "shards": [{"path": "/etc/passwd", "rows": 1, "bytes": 1, '
      '"sha256": "x"}]}', r"is absolute"),
-    ('{"schema_version": "1", "shards": []}', r"schema_version '1' is not one"),
+    ('{"schema_version": "1", "shards": []}', r"schema_version must be an integer, got '1'"),
 ])
 def test_malformed_manifests_are_one_line_errors(tmp_path, body, message):
     (tmp_path / "manifest.json").write_text(body)

@@ -10,12 +10,15 @@ One JSON object per line; every key is optional, but a record needs at least one
 
 * `text`: a non-empty string. Its role is "caption" next to an image, "transcript" next to audio,
   "document" alone (`--opt text_role=...` overrides).
-* `image`, `audio`, `trajectory`: file paths, relative to the manifest's folder (or absolute).
+* `image`, `audio`, `trajectory`: file paths, relative to the manifest's folder (or absolute),
+  confined to the data root (the manifest's folder, or `--opt media_root=DIR`): a path that
+  resolves outside it — absolute, `..` climbing out, or a symlink leading out — rejects its record
+  unless `--opt allow_outside=true`.
   Audio must be integer PCM WAV (role "speech" next to text, else "audio"); trajectories are
   `.npz` files, never unpickled.
 * `observations`: T rows of k floats → float32 `[T, k]`.
 * `actions`: T ints (or T lists of ints) → discrete int64 `[T, 1]` (`[T, k]`), with
-  `num_classes` from the record's `num_actions` or `--opt num_actions`; T floats or float lists →
+  `num_classes` from the record's `num_actions` or `--opt num_actions` (at most 2^20); T floats or float lists →
   continuous float32 `[T, k]` tokenized with "mulaw".
 * `rewards`: T floats → float32 `[T]`. Observations, actions and rewards must agree on T.
 * `id` (default: the line number), `task` (default: the modalities joined by "+", e.g.
@@ -25,7 +28,8 @@ One JSON object per line; every key is optional, but a record needs at least one
 Records are read by index: `__init__` stores the byte offset of every non-blank line and `read`
 decodes just that line, so parallel and resumed runs are exact. Every problem with a line (invalid
 JSON or UTF-8, no modality, missing or undecodable files, ragged or NaN arrays, mismatched lengths)
-is a `RecordError` located at `manifest:line`.
+is a `RecordError` located at `manifest:line`; so is JSON nested too deeply to parse or an
+integer beyond int64 (`preprocess.to_sample` turns any other failure within a record into one too).
 """
 
 from __future__ import annotations
