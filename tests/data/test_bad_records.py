@@ -86,6 +86,14 @@ def test_long_text_is_cut_before_tokenizing_and_counted(tmp_path):
     assert ids[1:511] == full.tolist()
 
 
+def test_line_limit_and_blank_lines(tmp_path):
+    lines = [GOOD[0], "", "   ", json.dumps({"id": "big", "text": "y" * 5000}), GOOD[1]]
+    manifest = _run(tmp_path, lines, "max_line_bytes=4096")
+    assert (manifest["records"], manifest["rows"], manifest["rejected"]) == (3, 2, 1)
+    [rej] = _rejected(tmp_path)
+    assert rej["location"].endswith("d.jsonl:4") and "max_line_bytes=4096" in rej["reason"]
+
+
 def test_bound_text_cuts_at_whitespace():
     text, cut = bound_text("ab " * 100, 2)
     assert cut and len(text) <= 2 * CHARS_PER_TOKEN and not text.endswith(" ") and text.endswith("ab")
@@ -208,3 +216,14 @@ def test_hf_source_rows_are_bounded_and_contained(tmp_path):
     assert manifest["sources"]["hf"]["truncated"] == 1
     [rej] = _rejected(tmp_path)
     assert rej["location"].endswith("row 2") and "empty text" in rej["reason"]
+
+
+def test_line_scan_in_small_chunks_matches_whole_lines(tmp_path):
+    from mmtool.data.sources.jsonl import _scan_lines
+
+    text = b'{"a": 1}\n\n  \n' + b"x" * 37 + b"\n" + b" " * 20 + b"\n{}"
+    (tmp_path / "f.jsonl").write_bytes(text)
+    whole = [(text.index(line), n) for n, line in enumerate(text.split(b"\n"), 1) if line.strip()]
+    for chunk in (1, 3, 4, 1000):
+        offsets, lines = _scan_lines(tmp_path / "f.jsonl", chunk)
+        assert list(zip(offsets, lines)) == [(0, 1), (13, 4), (72, 6)] == whole

@@ -68,6 +68,8 @@ class JsonlOptions:
                 "resolve inside it, symlinks followed; default: the manifest's folder"})
     allow_outside: bool = field(default=False, metadata={
         "help": "follow media paths that lead outside the data root (absolute, '..', symlinks)"})
+    max_line_bytes: int = field(default=64 * 2**20, metadata={
+        "help": "reject lines longer than this many bytes (64 MiB) before reading them whole"})
     text_role: str = field(default="", metadata={
         "help": "role of the text field; default: caption with an image, transcript with audio, "
                 "document otherwise"})
@@ -93,14 +95,9 @@ class JsonlSource(Source):
         if not 0 <= options.num_actions <= MAX_NUM_ACTIONS:
             raise MMToolError(f"--opt num_actions={options.num_actions}: expected 0 (unknown) to "
                               f"{MAX_NUM_ACTIONS} (2^20)")
-        offsets, lines = [], []
-        with open(self.path, "rb") as f:
-            pos = 0
-            for n, raw in enumerate(f, 1):
-                if raw.strip():
-                    offsets.append(pos)
-                    lines.append(n)
-                pos += len(raw)
+        if options.max_line_bytes < 1:
+            raise MMToolError(f"--opt max_line_bytes={options.max_line_bytes}: must be positive")
+        offsets, lines = _scan_lines(self.path)
         self._offsets = np.asarray(offsets, np.int64)
         self._lines = np.asarray(lines, np.int64)
 
@@ -111,9 +108,13 @@ class JsonlSource(Source):
         return f"{self.path}:{int(self._lines[index])}"
 
     def _raw(self, index: int) -> bytes:
+        limit = self.options.max_line_bytes
         with open(self.path, "rb") as f:
             f.seek(int(self._offsets[index]))
-            return f.readline()
+            raw = f.readline(limit + 1)
+        if len(raw.rstrip(b"\r\n")) > limit:
+            raise RecordError(f"line is longer than max_line_bytes={limit} (--opt max_line_bytes)")
+        return raw
 
     def _parse(self, index: int) -> dict[str, Any]:
         line = media.decode_text(self._raw(index), "line").rstrip("\r\n")
@@ -216,6 +217,24 @@ class JsonlSource(Source):
             raise RecordError("trajectory lengths differ: " + ", ".join(
                 f"{k} has {v} timesteps" for k, v in lengths.items()))
         return fields
+
+
+def _scan_lines(path: Path, chunk: int = 2**20) -> tuple[list[int], list[int]]:
+    """Byte offsets and 1-based numbers of the non-blank lines, reading at most `chunk` bytes at a
+    time, so one enormous line costs no more memory than a short one."""
+    offsets, lines = [], []
+    with open(path, "rb") as f:
+        pos, n = 0, 0
+        while raw := f.readline(chunk):
+            start, n, blank = pos, n + 1, not raw.strip()
+            pos += len(raw)
+            while not raw.endswith(b"\n") and (raw := f.readline(chunk)):
+                pos += len(raw)
+                blank = blank and not raw.strip()
+            if not blank:
+                offsets.append(start)
+                lines.append(n)
+    return offsets, lines
 
 
 def action_field(value: Any, num_actions: Any = None, default_num_actions: int = 0) -> Field:
