@@ -37,13 +37,13 @@ import pyarrow.compute as pc
 
 from mmtool import __version__
 from mmtool.data import shards as store
-from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, samples_to_batch
+from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
 from mmtool.data.tokenizers.text import check_unicode
 from mmtool.config import parse_value
-from mmtool.errors import MMToolError, RecordError
+from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 
 PARTIAL = ".partial"
 PLAN = "plan.json"
@@ -156,29 +156,6 @@ def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet]:
     return _WORKER_CACHE[key]
 
 
-RECORD_FAILURES = (RecursionError, OverflowError, UnicodeError, ValueError, TypeError, MemoryError)
-"""Exceptions that, raised while one record is read or tokenized, mean "this record is bad" (JSON
-nested thousands deep, integers beyond int64, lone surrogates, malformed fields, a size that
-cannot be allocated): each becomes a `RecordError` for that record, so the job goes on."""
-
-MAX_LABEL = 2**63 - 1
-"""Labels are class indices stored as int64."""
-
-
-def _record_failure(exc: BaseException) -> RecordError:
-    """A `RecordError` whose one-line reason names the exception type and message."""
-    text = " ".join(str(exc).split()).encode("utf-8", "backslashreplace").decode("utf-8")
-    return RecordError(f"{type(exc).__name__}: {text[:200] or 'no message'}")
-
-
-def _checked_label(label: Any) -> int | None:
-    if label is None:
-        return None
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label <= MAX_LABEL:
-        raise RecordError(f"label must be an integer class index in [0, 2^63), got {label!r:.40}")
-    return int(label)
-
-
 def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
     """Reads record `index` and tokenizes it; a `RecordError` names the record's location.
 
@@ -195,10 +172,10 @@ def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
             sample = Sample(id=check_unicode(str(record.id), "id"), source=source.name,
                             task=check_unicode(str(record.task), "task"),
                             split=source.split_of(index), segments=segments,
-                            label=_checked_label(record.label), meta=record.meta)
+                            label=check_label(record.label), meta=record.meta)
             json.dumps(sample.meta, sort_keys=True)  # what the shard will store; fails here if at all
         except RECORD_FAILURES as exc:
-            raise _record_failure(exc) from None
+            raise RecordError.from_exception(exc) from None
     except RecordError as exc:
         raise exc.at(location)
     return sample

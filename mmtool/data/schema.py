@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mmtool.errors import RecordError
+
 SCHEMA_VERSION = 1
 """Bumped whenever the Arrow schema or the meaning of a field changes."""
 
@@ -39,6 +41,9 @@ MODALITIES = ("text", "image", "audio", "observation", "action", "reward", "labe
 """Modality names: they pick the default tokenizer and, later, the model's encoder."""
 
 SPLITS = ("train", "validation", "test")
+
+MAX_LABEL = 2**63 - 1
+"""Labels are class indices stored as int64."""
 
 
 @dataclass
@@ -256,6 +261,16 @@ def timestep_layout(sample: Sample) -> list[tuple[str, int, int]]:
         if reward is not None:
             order += [("reward", t, k) for k in range(reward.n_tokens // reward.shape[0])]
     return order
+
+
+def check_label(label: Any) -> int | None:
+    """Returns a record's label as an int, or raises `RecordError` unless it is None or an integer
+    class index in [0, 2^63) (the int64 column)."""
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label <= MAX_LABEL:
+        raise RecordError(f"label must be an integer class index in [0, 2^63), got {label!r:.40}")
+    return int(label)
 
 
 def assign_split(source: str, record_id: str, fractions=(0.8, 0.1, 0.1)) -> str:
