@@ -7,6 +7,12 @@ class MMToolError(Exception):
     """An error caused by input or flags, with a message that says what to change."""
 
 
+RECORD_FAILURES = (RecursionError, OverflowError, UnicodeError, ValueError, TypeError, MemoryError)
+"""Exceptions that, raised while one record is read or tokenized, mean "this record is bad" (JSON
+nested thousands deep, integers beyond int64, lone surrogates, malformed fields, a size that
+cannot be allocated): `preprocess.to_sample` turns each into a `RecordError` for that record."""
+
+
 class RecordError(MMToolError):
     """One input record cannot be turned into a sample.
 
@@ -26,6 +32,12 @@ class RecordError(MMToolError):
             self.location = location
             self.args = (f"{location}: {self.reason}",)
         return self
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> "RecordError":
+        """A RecordError whose one-line reason names the exception's type and message."""
+        text = " ".join(str(exc).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+        return cls(f"{type(exc).__name__}: {text[:200] or 'no message'}")
 
 
 class Interrupted(MMToolError):

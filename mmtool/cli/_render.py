@@ -47,5 +47,8 @@ def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:
     table.caption = (f"records {manifest['records']:,} = rows {manifest['rows']:,} + rejected "
                      f"{manifest['rejected']:,} · splits {manifest['splits']} · "
                      f"{len(manifest['shards'])} shard(s), {human_bytes(shard_bytes)}")
+    truncated = sum(c.get("truncated", 0) for c in manifest["sources"].values())
+    if truncated:
+        table.caption += f" · {truncated:,} row(s) with text cut to the token cap"
     table.caption_justify = "left"
     return table

@@ -70,6 +70,47 @@ def media_input(value: Any, base_dir: str | os.PathLike | None = None) -> PathOr
     raise RecordError(f"expected a file path or bytes, got {type(value).__name__}: {value!r:.80}")
 
 
+def confined_path(value: str, base_dir: str | os.PathLike, root: str | os.PathLike | None = None,
+                  allow_outside: bool = False) -> Path:
+    """Resolves a media path from a record and refuses it unless it lies inside the data root.
+
+    Relative paths are taken relative to `base_dir` (e.g. the JSONL's folder); the resolved file,
+    symlinks followed, must then lie inside `root` (default: `base_dir`). An absolute path is
+    accepted only when it points inside the root, like any other.
+
+    Args:
+        value: the path as written in the record.
+        base_dir: the folder relative paths start from.
+        root: the data root that paths must stay inside; None means `base_dir`.
+        allow_outside: skip the check (`--opt allow_outside=true`).
+
+    Raises:
+        RecordError: naming the path and why it is outside: absolute, `..` climbing out, or a
+            symlink leading out.
+    """
+    path = Path(value)
+    full = path if path.is_absolute() else Path(base_dir) / path
+    if allow_outside:
+        return full
+    top = Path(root if root is not None else base_dir).resolve()
+    try:
+        inside = full.resolve().is_relative_to(top)
+    except (OSError, RuntimeError) as exc:  # symlink loops
+        raise RecordError(f"media path {value!r} cannot be resolved: {exc}") from None
+    if inside:
+        return full
+    lexical = Path(os.path.normpath(os.path.abspath(full)))
+    lexical_top = Path(os.path.normpath(os.path.abspath(root if root is not None else base_dir)))
+    if path.is_absolute() and not lexical.is_relative_to(lexical_top):
+        why = "is an absolute path"
+    elif not lexical.is_relative_to(lexical_top):
+        why = "climbs out with '..'"
+    else:
+        why = "is a symlink (or under one) that leads"
+    raise RecordError(f"media path {value!r} {why} outside the data root {top}; keep media inside "
+                      "it, set --opt media_root=DIR, or pass --opt allow_outside=true")
+
+
 # -- images ---------------------------------------------------------------------------------------
 
 def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:

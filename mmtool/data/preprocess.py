@@ -37,12 +37,13 @@ import pyarrow.compute as pc
 
 from mmtool import __version__
 from mmtool.data import shards as store
-from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, samples_to_batch
+from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
+from mmtool.data.tokenizers.text import check_unicode
 from mmtool.config import parse_value
-from mmtool.errors import MMToolError, RecordError
+from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 
 PARTIAL = ".partial"
 PLAN = "plan.json"
@@ -121,7 +122,13 @@ class TokenizerSet:
         key = json.dumps([name, options], sort_keys=True, default=str)
         tok = self._cache.get(key)
         if tok is None:
-            tok = self._cache[key] = build_tokenizer(name, **options)
+            try:
+                tok = build_tokenizer(name, **options)
+            except RecordError:
+                raise
+            except MMToolError as exc:  # options that came from the record, e.g. num_classes=1e12
+                raise RecordError(str(exc)) from None
+            self._cache[key] = tok
         role_key = f"{field_.modality}/{field_.role}"
         if self.configs.get(role_key, {}).get("name", name) != name:
             # One role, two tokenizers (e.g. discrete and mulaw actions in one jsonl): describe
@@ -150,24 +157,35 @@ def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet]:
 
 
 def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
-    """Reads record `index` and tokenizes it; a `RecordError` names the record's location."""
+    """Reads record `index` and tokenizes it; a `RecordError` names the record's location.
+
+    Any failure within the record (see `RECORD_FAILURES`) becomes a `RecordError`, and so does a
+    record whose id, task or meta could not be stored (lone surrogates, unserialisable meta).
+    """
     location = source.location(index)
     try:
-        record: Record = source.read(index)
-        segments = [tokenizers.encode(f) for f in record.fields]
-        if not segments:
-            raise RecordError("record has no fields")
+        try:
+            record: Record = source.read(index)
+            segments = [tokenizers.encode(f) for f in record.fields]
+            if not segments:
+                raise RecordError("record has no fields")
+            sample = Sample(id=check_unicode(str(record.id), "id"), source=source.name,
+                            task=check_unicode(str(record.task), "task"),
+                            split=source.split_of(index), segments=segments,
+                            label=check_label(record.label), meta=record.meta)
+            json.dumps(sample.meta, sort_keys=True)  # what the shard will store; fails here if at all
+        except RECORD_FAILURES as exc:
+            raise RecordError.from_exception(exc) from None
     except RecordError as exc:
         raise exc.at(location)
-    label = None if record.label is None else int(record.label)
-    return Sample(id=str(record.id), source=source.name, task=record.task,
-                  split=source.split_of(index), segments=segments, label=label, meta=record.meta)
+    return sample
 
 
 def _count(stats: dict[str, Any], sample: Sample) -> None:
-    src = stats["sources"].setdefault(sample.source, {"rows": 0, "tokens": 0})
+    src = stats["sources"].setdefault(sample.source, {"rows": 0, "tokens": 0, "truncated": 0})
     src["rows"] += 1
     src["tokens"] += sample.n_tokens
+    src["truncated"] += any(seg.truncated for seg in sample.segments)
     stats["splits"][sample.split] = stats["splits"].get(sample.split, 0) + 1
     seen = set()
     for seg in sample.segments:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mmtool.errors import RecordError
+
 SCHEMA_VERSION = 1
 """Bumped whenever the Arrow schema or the meaning of a field changes."""
 
@@ -39,6 +41,9 @@ MODALITIES = ("text", "image", "audio", "observation", "action", "reward", "labe
 """Modality names: they pick the default tokenizer and, later, the model's encoder."""
 
 SPLITS = ("train", "validation", "test")
+
+MAX_LABEL = 2**63 - 1
+"""Labels are class indices stored as int64."""
 
 
 @dataclass
@@ -106,6 +111,8 @@ class Segment:
     shape: tuple[int, ...]
     ids: np.ndarray | None = None  # int32 [prod(shape)]
     values: np.ndarray | None = None  # float32 [prod(shape)]
+    truncated: bool = False
+    """True when the tokenizer cut the field to its token cap (counted in the manifest, not stored)."""
 
     def __post_init__(self) -> None:
         if (self.ids is None) == (self.values is None):
@@ -256,11 +263,23 @@ def timestep_layout(sample: Sample) -> list[tuple[str, int, int]]:
     return order
 
 
+def check_label(label: Any) -> int | None:
+    """Returns a record's label as an int, or raises `RecordError` unless it is None or an integer
+    class index in [0, 2^63) (the int64 column)."""
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label <= MAX_LABEL:
+        raise RecordError(f"label must be an integer class index in [0, 2^63), got {label!r:.40}")
+    return int(label)
+
+
 def assign_split(source: str, record_id: str, fractions=(0.8, 0.1, 0.1)) -> str:
     """Assigns a record to train/validation/test by a stable hash of its id (same on every run)."""
     import hashlib
 
-    h = int.from_bytes(hashlib.sha1(f"{source}/{record_id}".encode()).digest()[:8], "big") / 2**64
+    # surrogatepass: an id with a lone surrogate is rejected by preprocess, but splitting comes first
+    key = f"{source}/{record_id}".encode("utf-8", "surrogatepass")
+    h = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2**64
     if h < fractions[0]:
         return "train"
     return "validation" if h < fractions[0] + fractions[1] else "test"

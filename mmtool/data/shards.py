@@ -28,7 +28,8 @@ from mmtool.errors import MMToolError
 from mmtool.io import atomic_write_json, atomic_write_text, publish, sha256_file, tmp_path
 
 __all__ = ["MANIFEST", "REJECTED", "atomic_write_json", "atomic_write_text", "load_manifest",
-           "parse_size", "read_folder", "read_shard", "sha256_file", "verify_shards", "write_shard"]
+           "parse_size", "read_folder", "read_shard", "sha256_file", "shard_path", "verify_shards",
+           "write_shard"]
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -83,29 +84,84 @@ def read_shard(path: str | Path) -> pa.Table:
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:
-    """Reads `folder/manifest.json`, refusing a missing file or a newer schema version."""
+    """Reads `folder/manifest.json` and checks its shape before anyone indexes into it.
+
+    A manifest is a JSON object with an integer `schema_version` no newer than this mmtool's and a
+    `shards` list of `{"path": str, "rows": int, "bytes": int, "sha256": str}`, each `path` a file
+    inside `folder` (no absolute path, no `..`, no symlink out).
+
+    Raises:
+        MMToolError: a missing or unreadable file, or the first thing wrong with its shape, in one
+            line naming the file.
+    """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise MMToolError(f"{folder}: no {MANIFEST}; run `mmtool preprocess SOURCE --out {folder}` first")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MMToolError(f"{path}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MMToolError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(manifest, dict):
+        raise MMToolError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MMToolError(f"{path}: schema_version must be an integer, got {version!r:.40}")
+    if version > SCHEMA_VERSION:
         raise MMToolError(
             f"{path}: schema_version {version} is newer than this mmtool understands "
             f"({SCHEMA_VERSION}); upgrade mmtool or preprocess again"
         )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise MMToolError(f"{path}: 'shards' must be a list of shard entries, "
+                          f"got {'nothing' if shards is None else type(shards).__name__}")
+    for n, shard in enumerate(shards):
+        _check_shard_entry(path, n, shard)
+        shard_path(folder, shard)
     return manifest
 
 
+_SHARD_KEYS = {"path": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _check_shard_entry(manifest_path: Path, n: int, shard: Any) -> None:
+    if not isinstance(shard, dict):
+        raise MMToolError(f"{manifest_path}: shards[{n}] must be an object with "
+                          f"{', '.join(_SHARD_KEYS)}, got {type(shard).__name__}")
+    for key, kind in _SHARD_KEYS.items():
+        value = shard.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            want = "a non-negative integer" if kind is int else "a string"
+            raise MMToolError(f"{manifest_path}: shards[{n}].{key} must be {want}, got {value!r:.60}")
+
+
+def shard_path(folder: str | Path, shard: dict[str, Any]) -> Path:
+    """The file of one manifest shard entry, refused unless it lies inside `folder`.
+
+    Raises:
+        MMToolError: an absolute path, a `..` that climbs out, or a symlink that leads out of
+            `folder` (a manifest must never make mmtool read files elsewhere).
+    """
+    folder = Path(folder)
+    rel = Path(shard["path"])
+    path = folder / rel
+    where = f"{folder / MANIFEST}: shard path {shard['path']!r}"
+    if rel.is_absolute():
+        raise MMToolError(f"{where} is absolute; shard paths must be inside the folder")
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        how = "a symlink leads" if ".." not in rel.parts else "'..' climbs"
+        raise MMToolError(f"{where}: {how} outside {folder}; shard paths must stay inside the folder")
+    return path
+
+
 def verify_shards(folder: str | Path, manifest: dict[str, Any] | None = None) -> None:
-    """Checks that every shard of the manifest exists and matches its size and sha256."""
+    """Checks that every shard of the manifest lies in `folder`, exists and matches its size and
+    sha256."""
     folder = Path(folder)
     manifest = manifest or load_manifest(folder)
     for shard in manifest["shards"]:
-        path = folder / shard["path"]
+        path = shard_path(folder, shard)
         if not path.is_file():
             raise MMToolError(f"{path}: shard listed in {MANIFEST} is missing")
         if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
@@ -118,5 +174,5 @@ def read_folder(folder: str | Path, verify: bool = False) -> pa.Table:
     manifest = load_manifest(folder)
     if verify:
         verify_shards(folder, manifest)
-    tables = [read_shard(folder / s["path"]) for s in manifest["shards"]]
+    tables = [read_shard(shard_path(folder, s)) for s in manifest["shards"]]
     return pa.concat_tables(tables) if tables else ARROW_SCHEMA.empty_table()

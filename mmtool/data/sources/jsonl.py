@@ -10,12 +10,15 @@ One JSON object per line; every key is optional, but a record needs at least one
 
 * `text`: a non-empty string. Its role is "caption" next to an image, "transcript" next to audio,
   "document" alone (`--opt text_role=...` overrides).
-* `image`, `audio`, `trajectory`: file paths, relative to the manifest's folder (or absolute).
+* `image`, `audio`, `trajectory`: file paths, relative to the manifest's folder (or absolute),
+  confined to the data root (the manifest's folder, or `--opt media_root=DIR`): a path that
+  resolves outside it — absolute, `..` climbing out, or a symlink leading out — rejects its record
+  unless `--opt allow_outside=true`.
   Audio must be integer PCM WAV (role "speech" next to text, else "audio"); trajectories are
   `.npz` files, never unpickled.
 * `observations`: T rows of k floats → float32 `[T, k]`.
 * `actions`: T ints (or T lists of ints) → discrete int64 `[T, 1]` (`[T, k]`), with
-  `num_classes` from the record's `num_actions` or `--opt num_actions`; T floats or float lists →
+  `num_classes` from the record's `num_actions` or `--opt num_actions` (at most 2^20); T floats or float lists →
   continuous float32 `[T, k]` tokenized with "mulaw".
 * `rewards`: T floats → float32 `[T]`. Observations, actions and rewards must agree on T.
 * `id` (default: the line number), `task` (default: the modalities joined by "+", e.g.
@@ -25,7 +28,8 @@ One JSON object per line; every key is optional, but a record needs at least one
 Records are read by index: `__init__` stores the byte offset of every non-blank line and `read`
 decodes just that line, so parallel and resumed runs are exact. Every problem with a line (invalid
 JSON or UTF-8, no modality, missing or undecodable files, ragged or NaN arrays, mismatched lengths)
-is a `RecordError` located at `manifest:line`.
+is a `RecordError` located at `manifest:line`; so is JSON nested too deeply to parse or an
+integer beyond int64 (`preprocess.to_sample` turns any other failure within a record into one too).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from mmtool.errors import MMToolError, RecordError
 
 MODALITY_KEYS = ("image", "audio", "text", "observations", "actions", "rewards", "trajectory")
 OTHER_KEYS = ("id", "task", "label", "num_actions", "meta")
+MAX_NUM_ACTIONS = 2**20
+"""The most discrete actions a record (or `--opt num_actions`) may declare: the action vocabulary
+becomes an embedding table, and 1e12 classes would make training allocate terabytes."""
 
 
 @dataclass
@@ -56,6 +63,13 @@ class JsonlOptions:
                 "wins); 0 = unknown, left to the action tokenizer"})
     max_pixels: int = field(default=media.DEFAULT_MAX_PIXELS, metadata={
         "help": "reject images with more pixels than this (checked before decoding)"})
+    media_root: Path | None = field(default=None, metadata={
+        "help": "the data root: media paths (relative to the manifest's folder, or absolute) must "
+                "resolve inside it, symlinks followed; default: the manifest's folder"})
+    allow_outside: bool = field(default=False, metadata={
+        "help": "follow media paths that lead outside the data root (absolute, '..', symlinks)"})
+    max_line_bytes: int = field(default=64 * 2**20, metadata={
+        "help": "reject lines longer than this many bytes (64 MiB) before reading them whole"})
     text_role: str = field(default="", metadata={
         "help": "role of the text field; default: caption with an image, transcript with audio, "
                 "document otherwise"})
@@ -75,14 +89,15 @@ class JsonlSource(Source):
         if not self.path.is_file():
             raise MMToolError(f"--opt path={self.path}: no such file")
         self.base_dir = self.path.parent
-        offsets, lines = [], []
-        with open(self.path, "rb") as f:
-            pos = 0
-            for n, raw in enumerate(f, 1):
-                if raw.strip():
-                    offsets.append(pos)
-                    lines.append(n)
-                pos += len(raw)
+        self.media_root = Path(options.media_root) if options.media_root else self.base_dir
+        if not self.media_root.is_dir():
+            raise MMToolError(f"--opt media_root={options.media_root}: no such folder")
+        if not 0 <= options.num_actions <= MAX_NUM_ACTIONS:
+            raise MMToolError(f"--opt num_actions={options.num_actions}: expected 0 (unknown) to "
+                              f"{MAX_NUM_ACTIONS} (2^20)")
+        if options.max_line_bytes < 1:
+            raise MMToolError(f"--opt max_line_bytes={options.max_line_bytes}: must be positive")
+        offsets, lines = _scan_lines(self.path)
         self._offsets = np.asarray(offsets, np.int64)
         self._lines = np.asarray(lines, np.int64)
 
@@ -93,9 +108,13 @@ class JsonlSource(Source):
         return f"{self.path}:{int(self._lines[index])}"
 
     def _raw(self, index: int) -> bytes:
+        limit = self.options.max_line_bytes
         with open(self.path, "rb") as f:
             f.seek(int(self._offsets[index]))
-            return f.readline()
+            raw = f.readline(limit + 1)
+        if len(raw.rstrip(b"\r\n")) > limit:
+            raise RecordError(f"line is longer than max_line_bytes={limit} (--opt max_line_bytes)")
+        return raw
 
     def _parse(self, index: int) -> dict[str, Any]:
         line = media.decode_text(self._raw(index), "line").rstrip("\r\n")
@@ -104,6 +123,10 @@ class JsonlSource(Source):
         except json.JSONDecodeError as exc:
             raise RecordError(f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}") \
                 from None
+        except RecursionError:
+            raise RecordError("invalid JSON: nested too deeply for Python's parser") from None
+        except (ValueError, MemoryError) as exc:  # e.g. an integer literal of over 4300 digits
+            raise RecordError(f"invalid JSON: {' '.join(str(exc).split())[:200]}") from None
         if not isinstance(obj, dict):
             raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
         return obj
@@ -123,6 +146,11 @@ class JsonlSource(Source):
         except RecordError as err:
             raise err.at(self.location(index))
 
+    def _media(self, value: Any, key: str) -> media.PathOrBytes:
+        """The confined path of a record's `image`/`audio`/`trajectory` value."""
+        return media.confined_path(_path_value(value, key), self.base_dir, self.media_root,
+                                   self.options.allow_outside)
+
     # -- decoding one line ------------------------------------------------------------------------
     def _read(self, index: int) -> Record:
         obj = self._parse(index)
@@ -133,10 +161,10 @@ class JsonlSource(Source):
                               f"{', '.join(MODALITY_KEYS)}")
         fields: list[Field] = []
         if "image" in obj:
-            src = media.media_input(_path_value(obj["image"], "image"), self.base_dir)
+            src = self._media(obj["image"], "image")
             fields.append(Field("image", "image", media.load_image(src, self.options.max_pixels)))
         if "audio" in obj:
-            src = media.media_input(_path_value(obj["audio"], "audio"), self.base_dir)
+            src = self._media(obj["audio"], "audio")
             fields.append(Field("audio", "speech" if "text" in obj else "audio", media.load_audio(src)))
         if "text" in obj:
             text = obj["text"]
@@ -167,7 +195,7 @@ class JsonlSource(Source):
             if arrays:
                 raise RecordError("give either a trajectory file or inline "
                                   f"{'/'.join(arrays)}, not both")
-            src = media.media_input(_path_value(obj["trajectory"], "trajectory"), self.base_dir)
+            src = self._media(obj["trajectory"], "trajectory")
             arrays = media.load_npz(src, keys=("observations", "actions", "rewards"))
             if not arrays:
                 raise RecordError("trajectory npz has none of the arrays observations, actions, "
@@ -191,19 +219,41 @@ class JsonlSource(Source):
         return fields
 
 
+def _scan_lines(path: Path, chunk: int = 2**20) -> tuple[list[int], list[int]]:
+    """Byte offsets and 1-based numbers of the non-blank lines, reading at most `chunk` bytes at a
+    time, so one enormous line costs no more memory than a short one."""
+    offsets, lines = [], []
+    with open(path, "rb") as f:
+        pos, n = 0, 0
+        while raw := f.readline(chunk):
+            start, n, blank = pos, n + 1, not raw.strip()
+            pos += len(raw)
+            while not raw.endswith(b"\n") and (raw := f.readline(chunk)):
+                pos += len(raw)
+                blank = blank and not raw.strip()
+            if not blank:
+                offsets.append(start)
+                lines.append(n)
+    return offsets, lines
+
+
 def action_field(value: Any, num_actions: Any = None, default_num_actions: int = 0) -> Field:
     """The `action` field of T actions: integers → discrete int64 `[T, k]` (`num_classes` from
     `num_actions`, else `default_num_actions`, else left out); floats → float32 `[T, k]` for "mulaw".
     """
     if is_integer_data(value):
-        acts = np.asarray(value, np.int64)
+        try:
+            acts = np.asarray(value, np.int64)
+        except OverflowError:
+            raise RecordError("actions must be integers in the int64 range") from None
         if acts.ndim == 1:
             acts = acts[:, None]
         if acts.ndim != 2 or acts.shape[0] == 0:
             raise RecordError(f"actions must be T ints or T lists of ints, got shape {list(acts.shape)}")
         if num_actions is not None and (not isinstance(num_actions, int) or isinstance(num_actions, bool)
-                                        or num_actions < 1):
-            raise RecordError(f"num_actions must be a positive integer, got {num_actions!r}")
+                                        or not 1 <= num_actions <= MAX_NUM_ACTIONS):
+            raise RecordError(f"num_actions must be an integer from 1 to {MAX_NUM_ACTIONS} (2^20), "
+                              f"got {num_actions!r:.40}")
         n = num_actions or default_num_actions
         if acts.min() < 0 or (n and acts.max() >= n):
             bad = int(acts.min() if acts.min() < 0 else acts.max())

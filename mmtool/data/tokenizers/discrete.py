@@ -31,9 +31,16 @@ def class_ids(x: np.ndarray, role: str, num_classes: int) -> np.ndarray:
     return x.astype(np.int32)
 
 
+MAX_CLASSES = 2**20
+"""The largest vocabulary a discrete or label tokenizer accepts: `num_classes` becomes an embedding
+table in training, so a typo such as 1e12 must fail at preprocess time, not allocate terabytes."""
+
+
 def _num_classes(name: str, num_classes: int) -> int:
-    if num_classes is None or int(num_classes) < 0:
-        raise MMToolError(f"{name}: num_classes must be ≥ 0 (0 = unknown), got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or not 0 <= num_classes <= MAX_CLASSES:
+        raise MMToolError(f"{name}: num_classes must be an integer from 0 (unknown) to {MAX_CLASSES} "
+                          f"(2^20), got {num_classes!r:.40}")
     return int(num_classes)
 
 
