@@ -118,6 +118,25 @@ def _split_codes(column: pa.ChunkedArray) -> np.ndarray:
     return np.where(pc.is_valid(enc.indices).to_numpy(zero_copy_only=False), lookup[codes], -1).astype(np.int8)
 
 
+MAX_VOCAB = 1 << 24
+"""Largest vocabulary a stream may declare (16.8M ids: far above any tokenizer mmtool ships)."""
+MAX_DIM = 1 << 16
+"""Largest vector size a stream may declare."""
+
+
+def _check_sizes(folder: Any, key: str, conf: Any) -> None:
+    """Refuses a tokenizer entry whose sizes would make the model allocate absurd tables (a manifest
+    edited by hand, or written by another tool): the error names the folder and the entry."""
+    if not isinstance(conf, dict) or not isinstance(conf.get("name"), str):
+        raise MMToolError(f"{folder}/manifest.json: tokenizers[{key!r}] must be an object with a 'name'")
+    for field_, limit in (("vocab_size", MAX_VOCAB), ("dim", MAX_DIM)):
+        value = conf.get(field_)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 1 <= value <= limit):
+            raise MMToolError(f"{folder}/manifest.json: tokenizers[{key!r}] {field_} {value!r} is not an "
+                              f"integer in [1, {limit}]")
+
+
 class TokenIndex:
     """Opens preprocessed folders, checks that they can be mixed, and indexes their tokens.
 
@@ -188,6 +207,7 @@ class TokenIndex:
         owner: dict[str, str] = {}
         for folder, manifest in zip(folders, manifests):
             for key, conf in manifest.get("tokenizers", {}).items():
+                _check_sizes(folder, key, conf)
                 modality = key.split("/")[0]
                 skey = f"{modality}:{conf['name']}"
                 semantic = {k: v for k, v in conf.items() if k not in NON_SEMANTIC}

@@ -87,3 +87,15 @@ def test_broken_config_json_in_every_reader(work, tmp_path, content):
         one_line_error(proc, str(run))
         assert "config.json" in proc.stderr
     assert changed(before, snapshot(run)) == []
+
+
+@pytest.mark.parametrize("size", [10**12, -1, "big"])
+def test_absurd_vocabulary_in_a_manifest_is_refused_before_allocating(work, tmp_path, size):
+    bad = tmp_path / "d"
+    shutil.copytree(work / "d", bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    key = next(k for k, c in manifest["tokenizers"].items() if "vocab_size" in c)
+    manifest["tokenizers"][key]["vocab_size"] = size
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("train", "--data", bad, "--out", tmp_path / "r", *TRAIN, check=False)
+    one_line_error(proc, "manifest.json", "vocab_size", "is not an integer in [1, 16777216]")
