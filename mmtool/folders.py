@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -108,7 +109,8 @@ def _is_export(folder: Path) -> bool:
 
 
 def _is_sweep(folder: Path) -> bool:
-    return (folder / "sweep.json").is_file() or any((folder / "runs").glob("*/sweep-point.json"))
+    return ((folder / "sweep.json").is_file() or (folder / ".data.lock").is_file()
+            or any((folder / "runs").glob("*/sweep-point.json")))
 
 
 def _dataset_files(folder: Path) -> list[Path]:
@@ -198,13 +200,13 @@ def _names(paths: list[str]) -> str:
 
 def check_out(out: str | Path, flag: str = "--out") -> Path:
     """Refuses an output path that is the home folder, `/`, the current directory, or an existing
-    non-folder; returns the path (with `~` expanded).
+    non-folder; returns it as a Path. A literal `~` (a shell did not expand it) counts as home.
 
     Raises:
         MMToolError: naming the flag and the path.
     """
-    path = Path(out).expanduser()
-    resolved = path.resolve()
+    path = Path(out)
+    resolved = path.expanduser().resolve()
     for name, place in (("the root folder", Path("/")), ("your home folder", Path.home()),
                         ("the current directory", Path.cwd())):
         if resolved == place.resolve():
@@ -263,7 +265,7 @@ def claim(out: str | Path, kind: str, overwrite: bool = False, command: str | No
         MMToolError: see `inspect`.
     """
     state = inspect(out, kind, flag)
-    folder = Path(out).expanduser()
+    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result = Claim(folder, kind, created=state == "new", adopted=state == "adopt")
     if state != "owned":
@@ -331,7 +333,7 @@ def lock(out: str | Path, command: str | None = None, flag: str = "--out",
     Raises:
         MMToolError: another process holds the lock (the message names its pid and command).
     """
-    path = Path(out).expanduser() / LOCK
+    path = Path(out) / LOCK
     key = str(path.resolve())
     with _HELD_GUARD:
         if key in _HELD:
@@ -377,13 +379,63 @@ def writer(out: str | Path, kind: str, overwrite: bool = False, command: str | N
     """Claims `out` for `kind` and holds its lock for the `with` block: the way a command writes.
 
     The ownership check runs before anything is written (a refused folder gets no lock file), then
-    again under the lock (another writer may have marked the folder meanwhile).
+    again under the lock (another writer may have marked the folder meanwhile). When the block
+    fails and the folder was created here and holds nothing else, the folder is removed again.
 
     Raises:
         MMToolError: see `inspect` and `lock`.
     """
-    inspect(out, kind, flag)
-    folder = Path(out).expanduser()
+    fresh = inspect(out, kind, flag) == "new" and not Path(out).exists()
+    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    with lock(folder, command, flag):
-        yield claim(folder, kind, overwrite, command, flag)
+    try:
+        with lock(folder, command, flag):
+            yield claim(folder, kind, overwrite, command, flag)
+    except BaseException:
+        if fresh:
+            _remove_if_untouched(folder)
+        raise
+
+
+def claim_shared(out: str | Path, kind: str, command: str | None = None, flag: str = "--out") -> Claim:
+    """Claims `out` under a brief lock that waits instead of failing, and returns: for a folder that
+    several processes of one job write at once (a sweep's `--point` processes), each of which
+    locks the subfolder it writes.
+
+    Raises:
+        MMToolError: see `inspect`.
+    """
+    inspect(out, kind, flag)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with lock(out, command, flag, wait=True):
+        return claim(out, kind, False, command, flag)
+
+
+def writes_out(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorates `fn(cfg, ...)` so that it runs inside `writer(cfg.out, kind)` on the main process.
+
+    Under `torchrun` only rank 0 (environment `RANK`) claims and locks: the other ranks of the same
+    job write nothing there and must not be refused as second writers.
+    """
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapped(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            if os.environ.get("RANK", "0") != "0":
+                return fn(cfg, *args, **kwargs)
+            with writer(cfg.out, kind):
+                return fn(cfg, *args, **kwargs)
+        return wrapped
+    return decorate
+
+
+def _remove_if_untouched(folder: Path) -> None:
+    """Removes a folder this command created when nothing but the marker and the lock went in
+    (a command refused after claiming leaves no trace)."""
+    try:
+        if _entries(folder):
+            return
+        for name in (MARKER, LOCK):
+            (folder / name).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        pass

@@ -287,7 +287,7 @@ def _finished_parts(partial: Path, n_parts: int) -> dict[int, dict[str, Any]]:
 def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any]) -> dict[str, Any] | None:
     """Resumes or refuses the output folder (claimed and locked already; `--overwrite` has removed
     what an earlier run wrote); returns the manifest if already complete."""
-    out = Path(cfg.out).expanduser()
+    out = Path(cfg.out)
     manifest_path, partial = out / store.MANIFEST, out / PARTIAL
     if manifest_path.is_file():
         old = read_json_object(manifest_path) or {}
@@ -453,7 +453,7 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
            overrides: dict[str, tuple[str, dict[str, Any]]], progress: Callable[[int], None] | None,
            on_start: Callable[[int], None] | None) -> dict[str, Any]:
     """The job inside its claimed, locked folder: confirm, resume or run the parts, then assemble."""
-    out = Path(cfg.out).expanduser()
+    out = Path(cfg.out)
     done_manifest = _prepare_folder(cfg, plan)
     if done_manifest is not None:
         return {**done_manifest, "up_to_date": True, "resumed_parts": 0}

@@ -164,7 +164,7 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _prepare(cfg: EmbedConfig, block: dict[str, Any], notify: Callable[[str], None]) -> dict | None:
     """Returns the finished manifest on a cache hit; otherwise clears what is stale and returns None."""
-    out = Path(cfg.out).expanduser()
+    out = Path(cfg.out)
     manifest_path, partial = out / store.MANIFEST, out / PARTIAL
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -253,7 +253,7 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
            progress: Callable[[int], None] | None, on_start: Callable[[int], None] | None,
            notify: Callable[[str], None]) -> dict[str, Any]:
     """The job inside its claimed, locked folder: confirm the cache or embed the missing parts."""
-    out = Path(cfg.out).expanduser()
+    out = Path(cfg.out)
     done = _prepare(cfg, block, notify)
     if done is not None:
         return {**done, "up_to_date": True, "resumed_parts": 0, "seconds": time.perf_counter() - start}

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmtool import folders
 from mmtool.train import checkpoint
 from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
@@ -289,6 +290,7 @@ class StepMetrics:
                 "tokens_per_s": self.tokens / seconds, "data_wait": self.wait / seconds}
 
 
+@folders.writes_out("run")  # claim + lock cfg.out on rank 0 for the whole run (mmtool.folders)
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None,
           on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
