@@ -113,6 +113,11 @@ def _is_sweep(folder: Path) -> bool:
             or any((folder / "runs").glob("*/sweep-point.json")))
 
 
+def _is_quickstart(folder: Path) -> bool:
+    data = folder / "data"
+    return data.is_dir() and any(_is_preprocess(d) for d in data.iterdir() if d.is_dir())
+
+
 def _dataset_files(folder: Path) -> list[Path]:
     """What a preprocess or embed job writes: manifest, rejects, shards, .partial, temporaries."""
     named = [folder / "manifest.json", folder / "rejected.jsonl", folder / PARTIAL]
@@ -155,12 +160,12 @@ for _kind in (
     FolderKind("preprocess", "a preprocessed dataset", _is_preprocess, _dataset_files),
     FolderKind("embed", "an embedding folder", _is_embed, _dataset_files),
     FolderKind("run", "a training run", _is_run),
-    FolderKind("export", "an exported model", _is_export),
+    FolderKind("export", "an mmtool export", _is_export),
     FolderKind("sweep", "a sweep", _is_sweep),
-    FolderKind("quickstart", "a quickstart folder",
-               lambda f: (f / "data").is_dir() and (f / "run").is_dir()),
-    FolderKind("report", "a report", lambda f: (f / "report.json").is_file()),
-    FolderKind("eval-transfer", "a transfer evaluation", lambda f: (f / "report.json").is_file()),
+    FolderKind("quickstart", "a quickstart folder", _is_quickstart),
+    FolderKind("report", "a report", lambda f: "files" in (read_json_object(f / "report.json") or {})),
+    FolderKind("eval-transfer", "a transfer evaluation",
+               lambda f: "tasks" in (read_json_object(f / "report.json") or {})),
 ):
     register_kind(_kind)
 
@@ -244,6 +249,10 @@ def inspect(out: str | Path, kind: str, flag: str = "--out") -> str:
         return "new"
     if spec.recognise(folder):
         return "adopt"
+    for other in KINDS.values():
+        if other.recognise(folder):
+            raise MMToolError(f"{flag} {out}: holds {other.what} (made before ownership markers), "
+                              f"not {spec.what}; choose another {flag}")
     raise MMToolError(f"{flag} {out}: is not empty and mmtool did not make it (found {_names(entries)}); "
                       f"choose a new or empty folder (--overwrite never deletes files mmtool did not write)")
 

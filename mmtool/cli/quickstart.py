@@ -62,6 +62,13 @@ def quickstart(
     train_steps: int = typer.Option(150, help="Training steps of the tiny model (~2 CPU minutes)."),
 ) -> None:
     """Run the main job end to end on the built-in sources (rerunning resumes and reuses)."""
+    from mmtool import folders
+
+    with folders.writer(out, "quickstart"):  # each stage also claims its own subfolder
+        _stages(out, num_proc, max_samples, train_steps)
+
+
+def _stages(out: Path, num_proc: int, max_samples: int, train_steps: int) -> None:
     console = Console(highlight=False)
     console.rule("[bold]1. preprocess the built-in sources")
     made = {}
