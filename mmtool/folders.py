@@ -66,7 +66,7 @@ _SHOWN = 5  # files named in a refusal
 def command_line() -> str:
     """This process's command, as a user would type it (`mmtool preprocess ...`)."""
     argv = list(sys.argv)
-    if argv and (argv[0].endswith("__main__.py") or Path(argv[0]).name == "mmtool"):
+    if argv and (Path(argv[0]).parts[-2:] == ("mmtool", "__main__.py") or Path(argv[0]).name == "mmtool"):
         argv[0] = "mmtool"
     return shlex.join(argv)
 
@@ -242,7 +242,7 @@ def inspect(out: str | Path, kind: str, flag: str = "--out") -> str:
             other = KINDS.get(marker["kind"])
             raise MMToolError(
                 f"{flag} {out}: holds {other.what if other else marker['kind']} (made by "
-                f"`{marker.get('command', '?')}`), not {spec.what}; choose another {flag}")
+                f"`{marker.get('command', '?')}`) and is not {spec.what}; choose another {flag}")
         return "owned"
     entries = _entries(folder)
     if not entries:
@@ -251,8 +251,8 @@ def inspect(out: str | Path, kind: str, flag: str = "--out") -> str:
         return "adopt"
     for other in KINDS.values():
         if other.recognise(folder):
-            raise MMToolError(f"{flag} {out}: holds {other.what} (made before ownership markers), "
-                              f"not {spec.what}; choose another {flag}")
+            raise MMToolError(f"{flag} {out}: holds {other.what} (made before ownership markers) "
+                              f"and is not {spec.what}; choose another {flag}")
     raise MMToolError(f"{flag} {out}: is not empty and mmtool did not make it (found {_names(entries)}); "
                       f"choose a new or empty folder (--overwrite never deletes files mmtool did not write)")
 

@@ -62,8 +62,8 @@ def test_foreign_non_empty_folder_is_refused_and_untouched(tmp_path, overwrite):
 
 def test_marker_of_another_kind_is_refused(tmp_path):
     folders.claim(tmp_path / "run", "run", command="mmtool train --out run")
-    with pytest.raises(MMToolError, match=r"holds a training run \(made by `mmtool train --out run`\), "
-                                          r"not a preprocessed dataset"):
+    with pytest.raises(MMToolError, match=r"holds a training run \(made by `mmtool train --out run`\) "
+                                          r"and is not a preprocessed dataset"):
         folders.claim(tmp_path / "run", "preprocess", overwrite=True)
 
 
@@ -80,7 +80,7 @@ def test_legacy_folders_are_adopted(tmp_path):
     legacy_run = tmp_path / "run2"
     (legacy_run / "checkpoints").mkdir(parents=True)
     (legacy_run / "config.json").write_text(json.dumps({"model": {}, "data": ["x"]}))
-    with pytest.raises(MMToolError, match="holds a training run .made before ownership markers., not an embedding"):
+    with pytest.raises(MMToolError, match="holds a training run .made before ownership markers. and is not an embedding"):
         folders.claim(legacy_run, "embed")
 
 
