@@ -223,7 +223,10 @@ def check_out(out: str | Path, flag: str = "--out") -> Path:
 
 
 def _entries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, LOCK))
+    """The folder's names, less the lock, the marker and a marker being written (a concurrent writer
+    between its flock and its marker must not make the folder look foreign)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in (MARKER, LOCK) and not p.name.startswith(f".{MARKER}."))
 
 
 def inspect(out: str | Path, kind: str, flag: str = "--out") -> str:
