@@ -37,7 +37,8 @@ def test_home_root_and_cwd_are_refused(tmp_path, monkeypatch, where):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     out = {"home": str(home), "root": "/", "cwd": ".", "tilde": "~"}[where]
-    with pytest.raises(MMToolError, match=r"^--out .*: is (your home folder|the root folder|the current directory)"):
+    refusal = r"^--out .*: is (your home folder|the root folder|the current directory)"
+    with pytest.raises(MMToolError, match=refusal):
         folders.claim(out, "run")
     assert not (home / folders.MARKER).exists() and not (tmp_path / folders.MARKER).exists()
 
@@ -55,9 +56,11 @@ def test_foreign_non_empty_folder_is_refused_and_untouched(tmp_path, overwrite):
     (out / "shard-00000.arrow").write_bytes(b"not ours")
     (out / "manifest.json").write_text('{"name": "another tool"}')
     before = snapshot(out)
-    with pytest.raises(MMToolError, match=r"mmtool did not make it \(found manifest.json, shard-00000.arrow\)"):
+    found = r"mmtool did not make it \(found manifest.json, shard-00000.arrow\)"
+    with pytest.raises(MMToolError, match=found):
         folders.writer(out, "preprocess", overwrite=overwrite).__enter__()
-    assert changed(before, snapshot(out)) == [] and sorted(os.listdir(out)) == ["manifest.json", "shard-00000.arrow"]
+    assert changed(before, snapshot(out)) == []
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.arrow"]
 
 
 def test_marker_of_another_kind_is_refused(tmp_path):
@@ -80,7 +83,8 @@ def test_legacy_folders_are_adopted(tmp_path):
     legacy_run = tmp_path / "run2"
     (legacy_run / "checkpoints").mkdir(parents=True)
     (legacy_run / "config.json").write_text(json.dumps({"model": {}, "data": ["x"]}))
-    with pytest.raises(MMToolError, match="holds a training run .made before ownership markers. and is not an embedding"):
+    with pytest.raises(MMToolError,
+                       match="holds a training run .made before ownership markers. and is not an embedding"):
         folders.claim(legacy_run, "embed")
 
 

@@ -93,6 +93,19 @@ def test_overwrite_keeps_foreign_files_in_an_owned_folder_and_says_so(tmp_path, 
     assert json.loads((out / ".mmtool.json").read_text())["kind"] == "preprocess"
 
 
+def test_a_folder_made_before_markers_is_adopted_not_refused(tmp_path, cli):
+    out = tmp_path / "old"
+    cli("preprocess", "digits", "--out", out, "--max-samples", "8")
+    (out / ".mmtool.json").unlink()
+    (out / ".mmtool.lock").unlink()  # as an earlier mmtool left it
+    before = snapshot(out)
+    proc = cli("preprocess", "digits", "--out", out, "--max-samples", "8")
+    assert "up to date" in proc.stdout
+    assert changed(before, snapshot(out)) == [".mmtool.json", ".mmtool.lock"]  # added, nothing else
+    marker = json.loads((out / ".mmtool.json").read_text())
+    assert marker["kind"] == "preprocess" and marker["adopted"] is True
+
+
 @pytest.mark.parametrize("where", ["~", "HOME", "."])
 def test_home_and_current_directory_are_refused(tmp_path, cli, where):
     home, cwd = tmp_path / "home", tmp_path / "work"
