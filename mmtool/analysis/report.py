@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mmtool import folders
 from mmtool.io import atomic_write_json, read_json_object
 from mmtool.errors import MMToolError
 from mmtool.plotting import save_figure
@@ -435,9 +436,14 @@ def plot_ablation(result: dict[str, Any], path: str | Path, title: str | None = 
 
 def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     """Builds the report and writes report.json, loss_curves.png, importance.png into `out`."""
+    folders.inspect(out, "report")  # refuse a foreign --out before reading every run
     report = build_report(paths)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with folders.writer(out, "report"):
+        return _write(report, out)
+
+
+def _write(report: dict[str, Any], out: Path) -> dict[str, Any]:
     files = {}
     if plot_loss_curves(report, out / "loss_curves.png"):
         files["loss_curves"] = str(out / "loss_curves.png")

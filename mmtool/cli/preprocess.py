@@ -40,3 +40,6 @@ def preprocess_cmd(
     console = Console(highlight=False)
     manifest = run_preprocess(cfg, console)
     console.print(preprocess_summary(manifest, str(cfg.out)))
+    if manifest.get("kept_foreign"):
+        console.print(f"[yellow]kept {len(manifest['kept_foreign'])} file(s) in {cfg.out} that mmtool did "
+                      f"not write: {', '.join(manifest['kept_foreign'][:5])}[/]")

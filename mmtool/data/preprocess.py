@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmtool import __version__
+from mmtool import __version__, folders
 from mmtool.data import shards as store
 from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
 from mmtool.data.sources import build_source
@@ -43,7 +43,12 @@ from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
 from mmtool.data.tokenizers.text import check_unicode
 from mmtool.config import parse_value
+<<<<<<< HEAD
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
+=======
+from mmtool.errors import MMToolError, RecordError
+from mmtool.io import read_json_object
+>>>>>>> own
 
 PARTIAL = ".partial"
 PLAN = "plan.json"
@@ -69,7 +74,8 @@ class PreprocessConfig:
     num_proc: int = 1
     """Worker processes; the output is identical for every value."""
     overwrite: bool = False
-    """Replace a folder that holds a different or finished dataset."""
+    """Replace a folder that holds a different or finished dataset (only the files mmtool wrote
+    there are removed; a folder mmtool did not make is refused even with --overwrite)."""
     on_error: str = "skip"
     """"skip": log bad records to rejected.jsonl; "raise": stop at the first one."""
     max_rejected: float = 0.01
@@ -301,25 +307,20 @@ def _finished_parts(partial: Path, n_parts: int) -> dict[int, dict[str, Any]]:
 
 
 def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any]) -> dict[str, Any] | None:
-    """Clears, resumes or refuses the output folder; returns the manifest if already complete."""
+    """Resumes or refuses the output folder (claimed and locked already; `--overwrite` has removed
+    what an earlier run wrote); returns the manifest if already complete."""
     out = Path(cfg.out)
     manifest_path, partial = out / store.MANIFEST, out / PARTIAL
-    if out.exists() and not out.is_dir():
-        raise MMToolError(f"--out {out}: exists and is not a folder")
-    if cfg.overwrite:
-        for path in [manifest_path, out / store.REJECTED, *out.glob("shard-*.arrow")]:
-            path.unlink(missing_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("plan", {}).get("fingerprint") == plan["fingerprint"]:
+        old = read_json_object(manifest_path) or {}
+        if (old.get("plan") or {}).get("fingerprint") == plan["fingerprint"]:
             return old
-        raise MMToolError(f"--out {out}: already holds a dataset made with other settings "
-                          f"({old.get('source', {}).get('name')}); pass --overwrite to replace it")
+        raise MMToolError(f"--out {cfg.out}: already holds a dataset made with other settings "
+                          f"({(old.get('source') or {}).get('name')}); pass --overwrite to replace it")
     if (partial / PLAN).is_file():
-        old_plan = json.loads((partial / PLAN).read_text())
+        old_plan = read_json_object(partial / PLAN) or {}
         if old_plan.get("fingerprint") != plan["fingerprint"]:
-            raise MMToolError(f"--out {out}: holds an unfinished run with other settings; rerun that "
+            raise MMToolError(f"--out {cfg.out}: holds an unfinished run with other settings; rerun that "
                               "command to finish it, or pass --overwrite to start over")
     partial.mkdir(parents=True, exist_ok=True)
     store.atomic_write_json(partial / PLAN, plan)
@@ -433,8 +434,10 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
                on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes, or confirms) a preprocessing job and returns its manifest.
 
-    Phases: check the flags → plan (source, tokenizers, fingerprint) → confirm an up-to-date folder
-    or prepare it → run the unfinished parts → check the rejects → assemble the shards → manifest.
+    Phases: check the flags → plan (source, tokenizers, fingerprint) → claim and lock the folder
+    (`mmtool.folders.writer`: refuses a folder mmtool did not make, and a second writer) → confirm
+    an up-to-date folder or prepare it → run the unfinished parts → check the rejects → assemble
+    the shards → manifest.
 
     Args:
         cfg: the job.
@@ -443,10 +446,13 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
 
     Returns:
         The manifest; `manifest["resumed_parts"]` says how many parts an earlier run had finished
-        and `manifest["up_to_date"]` is True when the folder was already complete.
+        and `manifest["up_to_date"]` is True when the folder was already complete;
+        `manifest["kept_foreign"]` lists files in the folder that mmtool did not write and
+        `--overwrite` therefore left in place.
 
     Raises:
-        MMToolError: bad flags, a folder made with other settings, too many rejected records, or
+        MMToolError: bad flags, an --out that is not mmtool's or is being written by another
+            process, a folder made with other settings, too many rejected records, or
             (with `on_error="raise"`) the first bad record.
     """
     _check_flags(cfg)
@@ -457,6 +463,18 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     if not indices:
         raise MMToolError(f"source {cfg.source!r} has no records for --split {cfg.split}")
     plan = _plan(cfg, source, len(indices), overrides)
+    with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
+        manifest = _write(cfg, plan, source, indices, overrides, progress, on_start)
+    manifest["kept_foreign"] = claim.foreign
+    if not manifest["up_to_date"]:
+        manifest["seconds"] = time.perf_counter() - start
+    return manifest
+
+
+def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices: list[int],
+           overrides: dict[str, tuple[str, dict[str, Any]]], progress: Callable[[int], None] | None,
+           on_start: Callable[[int], None] | None) -> dict[str, Any]:
+    """The job inside its claimed, locked folder: confirm, resume or run the parts, then assemble."""
     out = Path(cfg.out)
     done_manifest = _prepare_folder(cfg, plan)
     if done_manifest is not None:
@@ -491,5 +509,4 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     }
     store.atomic_write_json(out / store.MANIFEST, manifest)
     shutil.rmtree(partial, ignore_errors=True)
-    return {**manifest, "up_to_date": False, "resumed_parts": resumed,
-            "seconds": time.perf_counter() - start}
+    return {**manifest, "up_to_date": False, "resumed_parts": resumed}

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from mmtool import __version__
+from mmtool import __version__, folders
 from mmtool.data import shards as store
 from mmtool.data.mixture import split_entry
 from mmtool.data.preprocess import PARTIAL, PLAN, _assemble, _check_unique_ids, _count, _finished_parts, _merge
@@ -69,7 +69,8 @@ class EmbedConfig:
     part_rows: int = 512
     """Rows per resumable part (part of the plan: changing it restarts an unfinished run)."""
     overwrite: bool = False
-    """Replace an --out that holds something other than an embedding folder."""
+    """Start over: remove what an earlier embed wrote in --out (never other files; a folder of
+    another kind, or one mmtool did not make, is refused)."""
 
 
 def _sha(obj: Any) -> str:
@@ -164,8 +165,6 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _prepare(cfg: EmbedConfig, block: dict[str, Any], notify: Callable[[str], None]) -> dict | None:
     """Returns the finished manifest on a cache hit; otherwise clears what is stale and returns None."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise MMToolError(f"--out {out}: exists and is not a folder")
     manifest_path, partial = out / store.MANIFEST, out / PARTIAL
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -209,7 +208,9 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
 
     Raises:
         MMToolError: a missing or corrupt source, an unknown encoder or missing model folder, an
-            encoder that does not serve the modality, bad flags, or a join that loses ids.
+            encoder that does not serve the modality, bad flags, a join that loses ids, or an --out
+            that mmtool did not make, holds another kind of folder or is being written by another
+            process (`mmtool.folders`).
     """
     notify = notify or (lambda _msg: None)
     start = time.perf_counter()
@@ -220,6 +221,7 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
     src_dir, out = Path(cfg.data), Path(cfg.out)
     if src_dir.resolve() == out.resolve():
         raise MMToolError(f"--out {out} is the source folder; embeddings go to a folder of their own")
+    folders.inspect(cfg.out, "embed")  # refuse a foreign --out before loading anything
     source = store.load_manifest(src_dir)
     store.verify_shards(src_dir, source)
     enc = resolve_encoder(cfg.encoder)
@@ -238,6 +240,20 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
     block["fingerprint"] = _sha({**{k: v for k, v in block.items() if k != "source"},
                                  "source": block["source"]["manifest_sha256"],
                                  "schema_version": SCHEMA_VERSION})[:16]
+    with folders.writer(cfg.out, "embed", overwrite=cfg.overwrite) as claim:
+        if claim.foreign:
+            notify(f"kept {len(claim.foreign)} file(s) in {cfg.out} that mmtool did not write: "
+                   f"{', '.join(claim.foreign[:5])}")
+        return _write(cfg, block, source, src_dir, enc, modality, stream_conf, start, progress,
+                      on_start, notify)
+
+
+def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_dir: Path,
+           enc: Any, modality: str | None, stream_conf: dict[str, Any], start: float,
+           progress: Callable[[int], None] | None, on_start: Callable[[int], None] | None,
+           notify: Callable[[str], None]) -> dict[str, Any]:
+    """The job inside its claimed, locked folder: confirm the cache or embed the missing parts."""
+    out = Path(cfg.out)
     done = _prepare(cfg, block, notify)
     if done is not None:
         return {**done, "up_to_date": True, "resumed_parts": 0, "seconds": time.perf_counter() - start}

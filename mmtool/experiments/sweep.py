@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator
 
 from mmtool.config import _flatten, load_yaml_mapping, parse_value, set_value, to_dict
 from mmtool.io import atomic_write_json, read_json_object
+from mmtool import folders
 from mmtool.errors import MMToolError
 
 Say = Callable[[str], None]
@@ -376,14 +377,10 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
     Raises:
         MMToolError: the run folder holds a run with other settings, or training/evaluation fails.
     """
-    from mmtool.experiments.sweep_evals import collect_metrics, run_evaluation
-    from mmtool.train import train
-
     say = say or (lambda _m: None)
     out = Path(out)
     cfg = train_config(spec, point, out)
     run = Path(cfg.out)
-    settings = point_settings(spec, point)
     ident = identity(spec, point)
     prev = read_json_object(run / RESULT)
     if prev is not None and prev.get("settings") == ident and prev.get("evaluate") == spec.evaluate:
@@ -395,7 +392,18 @@ def run_point(spec: SweepSpec, point: Point, out: Path, say: Say | None = None) 
                       if marker["settings"].get(k) != ident.get(k))
         raise MMToolError(f"{run}: holds a run of other settings ({', '.join(diff)} differ); "
                           "use another --out or remove that folder")
-    run.mkdir(parents=True, exist_ok=True)
+    with folders.writer(run, "run", flag="run folder"):  # train() re-enters this lock
+        return _run_point(spec, point, out, cfg, ident, say)
+
+
+def _run_point(spec: SweepSpec, point: Point, out: Path, cfg: Any, ident: dict[str, Any],
+               say: Say) -> dict[str, Any]:
+    """`run_point` inside the claimed, locked run folder: data, training, evaluations, result."""
+    from mmtool.experiments.sweep_evals import collect_metrics, run_evaluation
+    from mmtool.train import train
+
+    run = Path(cfg.out)
+    settings = point_settings(spec, point)
     atomic_write_json(run / "sweep-point.json", {"label": point.label, "values": point.values,
                                                  "seed": point.seed, "settings": ident})
     t0 = time.perf_counter()
@@ -451,7 +459,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, point: int | None = None, report
                           f"({len(pts) // len(spec.seeds)} grid points × {len(spec.seeds)} seeds)")
     ran, skipped = [], []
     if not report_only:
-        out.mkdir(parents=True, exist_ok=True)
+        folders.claim_shared(out, "sweep")  # parallel --point processes share the sweep folder
         for p in pts if point is None else [pts[point]]:
             res = run_point(spec, p, out, say)
             (skipped if res["status"] == "skipped" else ran).append(p.run_name)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmtool import folders
 from mmtool.errors import MMToolError
 from mmtool.io import read_json_object
 
@@ -98,7 +99,8 @@ def export(run: str | Path, out: str | Path, step: int | None = None) -> dict[st
 
     Raises:
         MMToolError: a run that does not load (see `rundir.load_model`), or an `out` that holds
-            something other than an earlier export.
+            something other than an earlier export or is being written by another process
+            (`mmtool.folders`: ownership marker and lock).
     """
     from safetensors.torch import save_file
 
@@ -108,21 +110,21 @@ def export(run: str | Path, out: str | Path, step: int | None = None) -> dict[st
     from mmtool.train.rundir import load_model
 
     run, out = Path(run), Path(out)
+    folders.inspect(out, "export")  # refuse a foreign --out before loading the model
     model, cfg, info = load_model(run, step=step)
-    if out.exists() and any(out.iterdir()) and not _is_export(out):
-        raise MMToolError(f"--out {out}: exists and is not an mmtool export; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "mmtool_version": __version__})
-    doc = {"model_type": "mmtool", "format": FORMAT, "mmtool_version": __version__,
-           "model": to_dict(cfg.model), "streams": [dataclasses.asdict(s) for s in info.streams],
-           "folders": [{k: f.get(k) for k in ("name", "source", "modalities", "weight")} for f in info.folders],
-           "parameters": model.num_parameters(),
-           "training": {"run": str(run), "step": info.step, "max_steps": cfg.max_steps, "seed": cfg.seed,
-                        "splits": info.splits, "data": [str(d) for d in cfg.data], "lr": cfg.lr,
-                        "strategy": cfg.strategy, "mix_by": cfg.mix_by}}
-    atomic_write_json(out / CONFIG, doc)
-    (out / CARD).write_text(model_card(doc, _transfer_report(run)), encoding="utf-8")
+    with folders.writer(out, "export"):
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "mmtool_version": __version__})
+        doc = {"model_type": "mmtool", "format": FORMAT, "mmtool_version": __version__,
+               "model": to_dict(cfg.model), "streams": [dataclasses.asdict(s) for s in info.streams],
+               "folders": [{k: f.get(k) for k in ("name", "source", "modalities", "weight")}
+                           for f in info.folders],
+               "parameters": model.num_parameters(),
+               "training": {"run": str(run), "step": info.step, "max_steps": cfg.max_steps,
+                            "seed": cfg.seed, "splits": info.splits, "data": [str(d) for d in cfg.data],
+                            "lr": cfg.lr, "strategy": cfg.strategy, "mix_by": cfg.mix_by}}
+        atomic_write_json(out / CONFIG, doc)
+        (out / CARD).write_text(model_card(doc, _transfer_report(run)), encoding="utf-8")
     return doc
 
 

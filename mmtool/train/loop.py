@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmtool import folders
 from mmtool.train import checkpoint
 from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
@@ -414,6 +415,7 @@ def _interrupted(session: _Session, stop: StopSignals) -> Interrupted:
     return Interrupted(f"interrupted by {stop.name} at {where}; rerun the same command with --resume")
 
 
+@folders.writes_out("run")  # claim + lock cfg.out on rank 0 for the whole run (mmtool.folders)
 def train(cfg: TrainConfig, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None,
           on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -431,8 +433,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             `amended`: the settings this resume changed, or None).
 
     Raises:
-        MMToolError: bad settings, unusable data, data or settings that changed since the
-            checkpoint, an incompatible, edited or corrupt checkpoint, or a NaN loss (after saving
+        MMToolError: bad settings, an `--out` mmtool did not make or another process is writing
+            (`mmtool.folders`), unusable data, data or settings that changed since the checkpoint, an incompatible, edited or corrupt checkpoint, or a NaN loss (after saving
             what is safe: metrics up to the failing step; checkpoints untouched).
         Interrupted: a stop signal, after the checkpoint was saved.
     """

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mmtool import folders
 from mmtool.io import atomic_write_json, read_json_object
 from mmtool.errors import MMToolError
 from mmtool.transfer.protocols import PROTOCOLS, Evaluation, ProtocolConfig
@@ -103,14 +104,19 @@ def evaluate_transfer(cfg: TransferConfig,
 
     Raises:
         MMToolError: bad flags, a run or checkpoint that does not load, a task whose modality the
-            checkpoint never saw, or a k above a task's smallest class (when --k is given).
+            checkpoint never saw, a k above a task's smallest class (when --k is given), or an
+            --out that mmtool did not make or another process is writing (`mmtool.folders`).
     """
-    from mmtool.transfer.plots import plot_task
-
     _validate(cfg)
     say = on_progress or (lambda _msg: None)
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    with folders.writer(cfg.out_dir, "eval-transfer"):
+        return _evaluate(cfg, cfg.out_dir, say)
+
+
+def _evaluate(cfg: TransferConfig, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """`evaluate_transfer` inside its claimed, locked output folder."""
+    from mmtool.transfer.plots import plot_task
+
     p = cfg.protocol
     say(f"loading {cfg.run}")
     models, run, loaded = load_models(Path(cfg.run), p.device)

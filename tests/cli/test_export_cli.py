@@ -88,7 +88,8 @@ def test_a_moved_run_without_its_data_runs_every_stage(moved, cli, tmp_path):
     out = tmp_path / "export"
     said = cli("export", run, "--out", out).stdout
     assert "step 4" in said and "mmtool.load_pretrained" in said
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".mmtool.json", ".mmtool.lock",  # owner, writer
+                                                     "README.md", "config.json", "model.safetensors"]
     card = (out / "README.md").read_text()
     for text in ("library_name: mmtool", "| digits | digits | image, text |", "`next-token` × 1",
                  "fusion `early`", "checkpoint step 4 of 4", "## Transfer", "| digits | linear-probe |",
