@@ -45,6 +45,7 @@ from mmtool.errors import MMToolError, RecordError
 
 MODALITY_KEYS = ("image", "audio", "text", "observations", "actions", "rewards", "trajectory")
 OTHER_KEYS = ("id", "task", "label", "num_actions", "meta")
+MEDIA_KEYS = ("image", "audio", "trajectory")
 
 
 @dataclass
@@ -91,6 +92,21 @@ class JsonlSource(Source):
 
     def location(self, index: int) -> str:
         return f"{self.path}:{int(self._lines[index])}"
+
+    # -- content keys: the raw line (and its number) plus the files it names -----------------------
+    def record_key(self, index: int) -> bytes:
+        return b"%d\0" % int(self._lines[index]) + self._raw(index)
+
+    def record_files(self, index: int) -> list[Path]:
+        try:
+            obj = self._parse(index)
+        except RecordError:
+            return []
+        return [Path(self.base_dir) / v if not Path(v).is_absolute() else Path(v)
+                for k in MEDIA_KEYS if isinstance(v := obj.get(k), str) and v]
+
+    def input_files(self) -> list[Path]:
+        return [self.path, *(f for i in range(len(self)) for f in self.record_files(i))]
 
     def _raw(self, index: int) -> bytes:
         with open(self.path, "rb") as f:
