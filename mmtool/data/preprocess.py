@@ -288,7 +288,7 @@ def _finished_parts(partial: Path, keys: list[str]) -> tuple[dict[int, dict[str,
             stats = json.loads(meta.read_text())
             if data.stat().st_size != stats["file"]["bytes"]:
                 continue
-            if stats.get("key") == key:
+            if stats.get("key", "") == key:
                 done[k] = stats
             else:
                 stale += 1
@@ -415,8 +415,8 @@ def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[in
     finished, stale = _finished_parts(partial, keys)
     todo = [k for k in range(len(chunks)) if k not in finished]
     if stale:
-        notify(f"{stale} of {len(chunks)} finished parts read changed inputs; redoing them "
-               f"({len(finished)} kept)")
+        notify(f"{stale} of {stale + len(finished)} finished parts read changed inputs; redoing "
+               f"them ({len(finished)} kept)")
     if on_start:
         on_start(sum(len(chunks[k]) for k in todo))
     if cfg.num_proc == 1 or len(todo) <= 1:

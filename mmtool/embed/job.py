@@ -264,7 +264,7 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
     table = store.read_folder(src_dir)
     n = table.num_rows
     bounds = [(a, min(a + cfg.part_rows, n)) for a in range(0, n, cfg.part_rows)]
-    finished = _finished_parts(partial, len(bounds))
+    finished, _ = _finished_parts(partial, [""] * len(bounds))  # no part keys: the fingerprint covers all
     todo = [k for k in range(len(bounds)) if k not in finished]
     if on_start:
         on_start(sum(b - a for k, (a, b) in enumerate(bounds) if k in todo))
