@@ -183,3 +183,27 @@ def test_hf_dataset_fingerprint_change_invalidates(tmp_path):
     assert m["inputs"]["version"] != first["inputs"]["version"]  # the dataset's own _fingerprint
     assert "source data version hf:" in notes[0] and str(data) in notes[0]
     assert "caption four" in _texts(out).values()
+
+
+def test_embed_cache_follows_source_content_not_raw_mtimes(raw, tmp_path):
+    """A touched raw file rewrites the source manifest's mtimes, not its content: still a cache
+    hit. An edited one rebuilds the source, and the embedding is recomputed with a note naming it."""
+    from mmtool.embed import EmbedConfig, embed
+
+    src, emb = tmp_path / "src", tmp_path / "emb"
+    _job(raw / "records.jsonl", src, max_samples=3)
+    cfg = EmbedConfig(data=src, encoder="minilm-l6", out=emb)
+    first = embed(cfg)
+    os.utime(raw / "records.jsonl", ns=(3_000_000_000, 3_000_000_000))
+    assert _job(raw / "records.jsonl", src, max_samples=3)[0]["up_to_date"]
+    assert store.load_manifest(src)["inputs"]["files"][str(raw / "records.jsonl")]["mtime_ns"] \
+        == 3_000_000_000  # the manifest was rewritten
+    notes: list[str] = []
+    assert embed(cfg, notify=notes.append)["up_to_date"] and notes == []
+    _edit_line(raw / "records.jsonl", 2, "quick brown fox", "quick red fox")
+    _job(raw / "records.jsonl", src, max_samples=3)
+    m = embed(cfg, notify=notes.append)
+    assert not m["up_to_date"]
+    assert len(notes) == 1 and notes[0].startswith(f"cache in {emb} is stale: source ")
+    assert "changed (content sha256" in notes[0]
+    assert m["embedding"]["source"]["content_sha256"] != first["embedding"]["source"]["content_sha256"]
