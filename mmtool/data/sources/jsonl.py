@@ -98,15 +98,25 @@ class JsonlSource(Source):
         return b"%d\0" % int(self._lines[index]) + self._raw(index)
 
     def record_files(self, index: int) -> list[Path]:
-        try:
-            obj = self._parse(index)
-        except RecordError:
-            return []
-        return [Path(self.base_dir) / v if not Path(v).is_absolute() else Path(v)
-                for k in MEDIA_KEYS if isinstance(v := obj.get(k), str) and v]
+        return self._media_paths(self._raw(index))
 
     def input_files(self) -> list[Path]:
-        return [self.path, *(f for i in range(len(self)) for f in self.record_files(i))]
+        files = [self.path]
+        with open(self.path, "rb") as f:  # one pass; only lines that mention a media key are parsed
+            for raw in f:
+                if b'"image"' in raw or b'"audio"' in raw or b'"trajectory"' in raw:
+                    files += self._media_paths(raw)
+        return files
+
+    def _media_paths(self, raw: bytes) -> list[Path]:
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return []  # `read` rejects the line
+        if not isinstance(obj, dict):
+            return []
+        return [self.base_dir / v if not Path(v).is_absolute() else Path(v)
+                for k in MEDIA_KEYS if isinstance(v := obj.get(k), str) and v]
 
     def _raw(self, index: int) -> bytes:
         with open(self.path, "rb") as f:
