@@ -156,7 +156,7 @@ def test_resume_after_edit_redoes_only_the_edited_part(raw, tmp_path):
     assert sorted(p.name for p in (out / ".partial").glob("part-*.json")) == \
         ["part-00000.json", "part-00001.json"]
     _edit_line(manifest, 3, "document number 2", "document number two")  # record 2: part 0
-    m, notes = _job(manifest, out, **kw)
+    m, notes = _job(manifest, out, num_proc=2, **kw)  # workers: the same keys, the same bytes
     assert notes == [f"{out}: resuming an unfinished run whose inputs changed: 1 input file changed "
                      f"({manifest})",
                      "1 of 2 finished parts read changed inputs; redoing them (1 kept)"]
