@@ -27,7 +27,9 @@ def run_preprocess(cfg: PreprocessConfig, console: Console) -> dict[str, Any]:
                   transient=True) as bar:
         task = bar.add_task(cfg.source, total=None)
         return preprocess(cfg, progress=lambda n: bar.advance(task, n),
-                          on_start=lambda total: bar.update(task, total=total))
+                          on_start=lambda total: bar.update(task, total=total),
+                          notify=lambda msg: console.print(msg, style="yellow", markup=False,
+                                                           soft_wrap=True))
 
 
 def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:

@@ -27,7 +27,8 @@ def run_embed(cfg, console: Console) -> dict[str, Any]:
         task = bar.add_task("embed", total=None)
         return embed(cfg, progress=lambda n: bar.advance(task, n),
                      on_start=lambda total: bar.update(task, total=total),
-                     notify=lambda msg: console.print(f"[yellow]{msg}[/]"))
+                     notify=lambda msg: console.print(msg, style="yellow", markup=False,
+                                                      soft_wrap=True))
 
 
 def embed_summary(manifest: dict[str, Any], out: str) -> Group:

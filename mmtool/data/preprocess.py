@@ -6,12 +6,15 @@ How a run is organised, and why:
    size depends only on the plan (source, options, tokenizers, shard size), never on `num_proc`, so a
    parallel run writes exactly what a serial one does.
 2. Each part is tokenized (in a worker process when `num_proc > 1`) and written atomically to
-   `DIR/.partial/part-NNNNN.arrow`, followed by `part-NNNNN.json` with its counts and rejects. A part
-   with its JSON is finished; a rerun of the same command skips it. That is the whole resume story:
-   after `kill -9`, no finished part is redone, no unfinished one is trusted.
+   `DIR/.partial/part-NNNNN.arrow`, followed by `part-NNNNN.json` with its counts, rejects and *key*:
+   the digest of its records' content (`mmtool.data.inputs.part_key`: each record's raw bytes and
+   the sha256 of the files it reads). A part with its JSON and the current key is finished; a rerun
+   of the same command skips it and redoes the parts whose records changed. After `kill -9`, no
+   finished part of unchanged inputs is redone, no unfinished or stale one is trusted.
 3. When every part is done, consecutive parts are joined into shards of about `shard_size` bytes,
    then `rejected.jsonl` and finally `manifest.json` are written (each atomically) and `.partial`
-   is removed. A folder with a manifest is complete.
+   is removed. A folder with a manifest is complete; its `inputs` block (size, mtime_ns, sha256 of
+   every file the source reads) is checked on a rerun, which rebuilds when the content changed.
 
 Counts always add up: `records == rows + rejected`.
 """
@@ -37,18 +40,15 @@ import pyarrow.compute as pc
 
 from mmtool import __version__, folders
 from mmtool.data import shards as store
+from mmtool.data.inputs import describe_changes, inputs_block, part_key
 from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
 from mmtool.data.tokenizers.text import check_unicode
 from mmtool.config import parse_value
-<<<<<<< HEAD
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
-=======
-from mmtool.errors import MMToolError, RecordError
 from mmtool.io import read_json_object
->>>>>>> own
 
 PARTIAL = ".partial"
 PLAN = "plan.json"
@@ -83,6 +83,8 @@ class PreprocessConfig:
     percentage: `--max-rejected 1%`)."""
     tokenizers: list[str] = field(default_factory=list)
     """Tokenizer overrides, `MODALITY=NAME[:key=value,...]` (`--tokenizer`)."""
+    rehash: bool = False
+    """Hash every input file instead of trusting unchanged size and mtime_ns."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +206,13 @@ def _count(stats: dict[str, Any], sample: Sample) -> None:
 
 
 def run_part(plan: dict[str, Any], part: int, indices: list[int], partial_dir: str,
-             on_error: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Tokenizes one part's records and writes `part-NNNNN.arrow` then `part-NNNNN.json`."""
+             on_error: str, progress: Callable[[int], None] | None = None,
+             key: str = "") -> dict[str, Any]:
+    """Tokenizes one part's records and writes `part-NNNNN.arrow` then `part-NNNNN.json` (which
+    stores `key`, the digest of the part's records, see `mmtool.data.inputs.part_key`)."""
     source, tokenizers = _runtime(plan)
-    stats: dict[str, Any] = {"part": part, "records": len(indices), "rows": 0, "rejected": [],
-                             "sources": {}, "modalities": {}, "splits": {}}
+    stats: dict[str, Any] = {"part": part, "key": key, "records": len(indices), "rows": 0,
+                             "rejected": [], "sources": {}, "modalities": {}, "splits": {}}
     samples: list[Sample] = []
     for n, index in enumerate(indices, 1):
         try:
@@ -294,37 +298,60 @@ def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, sha
     return int(min(max(shard_bytes / 8 / avg, 16), 2048))
 
 
-def _finished_parts(partial: Path, n_parts: int) -> dict[int, dict[str, Any]]:
-    done = {}
-    for k in range(n_parts):
+def _finished_parts(partial: Path, keys: list[str]) -> tuple[dict[int, dict[str, Any]], int]:
+    """(finished parts whose key is `keys[k]`, how many finished parts read other inputs)."""
+    done, stale = {}, 0
+    for k, key in enumerate(keys):
         meta = partial / f"part-{k:05d}.json"
         data = partial / f"part-{k:05d}.arrow"
         if meta.is_file() and data.is_file():
             stats = json.loads(meta.read_text())
-            if data.stat().st_size == stats["file"]["bytes"]:
+            if data.stat().st_size != stats["file"]["bytes"]:
+                continue
+            if stats.get("key", "") == key:
                 done[k] = stats
-    return done
+            else:
+                stale += 1
+    return done, stale
 
 
-def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any]) -> dict[str, Any] | None:
-    """Resumes or refuses the output folder (claimed and locked already; `--overwrite` has removed
-    what an earlier run wrote); returns the manifest if already complete."""
+def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any], source: Source,
+                    notify: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Resumes, rebuilds or refuses the output folder (claimed and locked already; `--overwrite`
+    has removed what an earlier run wrote).
+
+    Returns:
+        (the manifest if the folder is complete and its inputs unchanged, else None; the current
+        `inputs` block).
+    """
     out = Path(cfg.out)
     manifest_path, partial = out / store.MANIFEST, out / PARTIAL
     if manifest_path.is_file():
         old = read_json_object(manifest_path) or {}
-        if (old.get("plan") or {}).get("fingerprint") == plan["fingerprint"]:
-            return old
-        raise MMToolError(f"--out {cfg.out}: already holds a dataset made with other settings "
-                          f"({(old.get('source') or {}).get('name')}); pass --overwrite to replace it")
-    if (partial / PLAN).is_file():
-        old_plan = read_json_object(partial / PLAN) or {}
-        if old_plan.get("fingerprint") != plan["fingerprint"]:
-            raise MMToolError(f"--out {cfg.out}: holds an unfinished run with other settings; rerun that "
-                              "command to finish it, or pass --overwrite to start over")
+        if (old.get("plan") or {}).get("fingerprint") != plan["fingerprint"]:
+            raise MMToolError(f"--out {out}: already holds a dataset made with other settings "
+                              f"({(old.get('source') or {}).get('name')}); pass --overwrite to replace it")
+        inputs = inputs_block(source, old.get("inputs"), cfg.rehash)
+        if (old.get("inputs") or {}).get("digest") == inputs["digest"]:
+            if old["inputs"] != inputs:  # touched, not changed: record the new mtimes
+                old["inputs"] = inputs
+                store.atomic_write_json(manifest_path, old)
+            return old, inputs
+        notify(f"{out}: inputs changed since it was made: "
+               f"{describe_changes(old.get('inputs'), inputs)}; rebuilding every part")
+        for path in [manifest_path, out / store.REJECTED]:
+            path.unlink(missing_ok=True)
+    old_plan = read_json_object(partial / PLAN) if (partial / PLAN).is_file() else None
+    if old_plan is not None and old_plan.get("fingerprint") != plan["fingerprint"]:
+        raise MMToolError(f"--out {out}: holds an unfinished run with other settings; rerun that "
+                          "command to finish it, or pass --overwrite to start over")
+    inputs = inputs_block(source, (old_plan or {}).get("inputs"), cfg.rehash)
+    if old_plan is not None and (old_plan.get("inputs") or {}).get("digest") != inputs["digest"]:
+        notify(f"{out}: resuming an unfinished run whose inputs changed: "
+               f"{describe_changes(old_plan.get('inputs'), inputs)}")
     partial.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_json(partial / PLAN, plan)
-    return None
+    store.atomic_write_json(partial / PLAN, {**plan, "inputs": inputs})
+    return None, inputs
 
 
 def _merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -395,21 +422,25 @@ def _check_flags(cfg: PreprocessConfig) -> None:
 
 
 def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[int]], partial: Path,
-               progress: Callable[[int], None] | None,
-               on_start: Callable[[int], None] | None) -> tuple[list[dict[str, Any]], int]:
-    """Runs the parts not finished yet (in this process or a pool); returns (every part's summary,
-    how many an earlier run had finished)."""
-    finished = _finished_parts(partial, len(chunks))
+               keys: list[str], progress: Callable[[int], None] | None,
+               on_start: Callable[[int], None] | None,
+               notify: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """Runs the parts not finished yet, or finished from other inputs (`keys` differ), in this
+    process or a pool; returns (every part's summary, how many an earlier run had finished)."""
+    finished, stale = _finished_parts(partial, keys)
     todo = [k for k in range(len(chunks)) if k not in finished]
+    if stale:
+        notify(f"{stale} of {stale + len(finished)} finished parts read changed inputs; redoing "
+               f"them ({len(finished)} kept)")
     if on_start:
         on_start(sum(len(chunks[k]) for k in todo))
     if cfg.num_proc == 1 or len(todo) <= 1:
         for k in todo:
-            finished[k] = run_part(plan, k, chunks[k], str(partial), cfg.on_error, progress)
+            finished[k] = run_part(plan, k, chunks[k], str(partial), cfg.on_error, progress, keys[k])
     else:
         with _pool(cfg.num_proc) as pool:
-            futures = {pool.submit(run_part, plan, k, chunks[k], str(partial), cfg.on_error): k
-                       for k in todo}
+            futures = {pool.submit(run_part, plan, k, chunks[k], str(partial), cfg.on_error, None,
+                                   keys[k]): k for k in todo}
             for fut in futures:  # in submission order; results are small
                 finished[futures[fut]] = fut.result()
                 if progress:
@@ -431,7 +462,8 @@ def _check_rejected(cfg: PreprocessConfig, out: Path, rejected: list[dict[str, A
 
 
 def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
-               on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+               on_start: Callable[[int], None] | None = None,
+               notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes, or confirms) a preprocessing job and returns its manifest.
 
     Phases: check the flags → plan (source, tokenizers, fingerprint) → claim and lock the folder
@@ -443,6 +475,7 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
         cfg: the job.
         progress: called with the number of records just finished.
         on_start: called once with the number of records still to process.
+        notify: called with a sentence when inputs changed (which, and how many parts are redone).
 
     Returns:
         The manifest; `manifest["resumed_parts"]` says how many parts an earlier run had finished
@@ -464,7 +497,8 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
         raise MMToolError(f"source {cfg.source!r} has no records for --split {cfg.split}")
     plan = _plan(cfg, source, len(indices), overrides)
     with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
-        manifest = _write(cfg, plan, source, indices, overrides, progress, on_start)
+        manifest = _write(cfg, plan, source, indices, overrides, progress, on_start,
+                          notify or (lambda _msg: None))
     manifest["kept_foreign"] = claim.foreign
     if not manifest["up_to_date"]:
         manifest["seconds"] = time.perf_counter() - start
@@ -473,10 +507,10 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
 
 def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices: list[int],
            overrides: dict[str, tuple[str, dict[str, Any]]], progress: Callable[[int], None] | None,
-           on_start: Callable[[int], None] | None) -> dict[str, Any]:
+           on_start: Callable[[int], None] | None, notify: Callable[[str], None]) -> dict[str, Any]:
     """The job inside its claimed, locked folder: confirm, resume or run the parts, then assemble."""
     out = Path(cfg.out)
-    done_manifest = _prepare_folder(cfg, plan)
+    done_manifest, inputs = _prepare_folder(cfg, plan, source, notify)
     if done_manifest is not None:
         return {**done_manifest, "up_to_date": True, "resumed_parts": 0}
     partial = out / PARTIAL
@@ -486,7 +520,8 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
     rows_per_part = _part_rows(source, indices, _WORKER_CACHE[plan["fingerprint"]][1],
                                plan["shard_size"])
     chunks = [indices[i:i + rows_per_part] for i in range(0, len(indices), rows_per_part)]
-    parts, resumed = _run_parts(cfg, plan, chunks, partial, progress, on_start)
+    keys = [part_key(source, chunk, inputs["files"]) for chunk in chunks]
+    parts, resumed = _run_parts(cfg, plan, chunks, partial, keys, progress, on_start, notify)
     totals = _merge(parts)
     rejected = [r for p in parts for r in p["rejected"]]
     _check_rejected(cfg, out, rejected, totals["records"])
@@ -506,6 +541,7 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         "tokenizers": dict(sorted(totals["tokenizers"].items())),
         "shards": shards,
         "plan": plan,
+        "inputs": inputs,
     }
     store.atomic_write_json(out / store.MANIFEST, manifest)
     shutil.rmtree(partial, ignore_errors=True)

@@ -16,6 +16,7 @@ so a reader never sees half a file and an interrupted writer leaves nothing that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -27,7 +28,7 @@ from mmtool.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from mmtool.errors import MMToolError
 from mmtool.io import atomic_write_json, atomic_write_text, publish, sha256_file, tmp_path
 
-__all__ = ["MANIFEST", "REJECTED", "atomic_write_json", "atomic_write_text", "load_manifest",
+__all__ = ["MANIFEST", "REJECTED", "atomic_write_json", "atomic_write_text", "content_sha256", "load_manifest",
            "parse_size", "read_folder", "read_shard", "sha256_file", "shard_path", "verify_shards",
            "write_shard"]
 
@@ -153,6 +154,14 @@ def shard_path(folder: str | Path, shard: dict[str, Any]) -> Path:
         how = "a symlink leads" if ".." not in rel.parts else "'..' climbs"
         raise MMToolError(f"{where}: {how} outside {folder}; shard paths must stay inside the folder")
     return path
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """A preprocessed folder's identity: the sha256 of its manifest (every shard's sha256, the
+    tokenizers, counts and plan; canonical JSON) without the `inputs` block, whose mtimes change
+    when a raw input is merely touched. Embedding caches and training checkpoints record it."""
+    body = {k: v for k, v in manifest.items() if k != "inputs"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def verify_shards(folder: str | Path, manifest: dict[str, Any] | None = None) -> None:

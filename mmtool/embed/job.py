@@ -12,8 +12,10 @@ folder would not stand on its own; the price is that the other modalities are st
 
 **The cache.** The manifest's `embedding` block records the encoder, the sha256 of its weights, a
 sha256 of everything between a stored segment and its vector (tokenization, truncation, pooling), the
-modality, pool and `keep_original`, and the source folder's identity (sha256 of its `manifest.json`,
-which lists every shard's sha256). Their hash is the folder's `fingerprint`. Rerunning with the same
+modality, pool and `keep_original`, and the source folder's identity (`content_sha256`: the sha256 of
+its manifest without the `inputs` block — the manifest lists every shard's sha256, and the shards are
+verified against it on every run; the `inputs` block is left out because a touched but unchanged
+raw input rewrites its mtimes there). Their hash is the folder's `fingerprint`. Rerunning with the same
 inputs finds the same fingerprint: "up to date", nothing is loaded. A changed encoder, weights,
 settings or source changes it: the job says what changed (`notify`) and recomputes — the folder is a
 cache of its inputs, so replacing it is always right; `--out` holding anything else (a preprocessed
@@ -142,6 +144,14 @@ def _embed_samples(samples: list[Sample], vectors: list[list[np.ndarray]], modal
     return out
 
 
+def _same_source(folder: Path, recorded: dict[str, Any]) -> bool:
+    """Whether `folder` is the source recorded in an embedding block (by content, or by the manifest
+    file's sha256 for blocks written before content keys)."""
+    if "content_sha256" in recorded:
+        return store.content_sha256(store.load_manifest(folder)) == recorded["content_sha256"]
+    return store.sha256_file(folder / store.MANIFEST) == recorded.get("manifest_sha256")
+
+
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two `embedding` blocks, in words."""
     words = []
@@ -150,10 +160,12 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     elif old.get("weights_sha256") != new["weights_sha256"]:
         words.append(f"encoder weights changed (sha256 {str(old.get('weights_sha256'))[:12]} → "
                      f"{new['weights_sha256'][:12]})")
-    if old.get("source", {}).get("manifest_sha256") != new["source"]["manifest_sha256"]:
-        words.append(f"source {new['source']['path']} changed (manifest sha256 "
-                     f"{str(old.get('source', {}).get('manifest_sha256'))[:12]} → "
-                     f"{new['source']['manifest_sha256'][:12]})")
+    then = old.get("source", {}).get("content_sha256")
+    if then is None:
+        words.append("made by an older mmtool (source identity by manifest file)")
+    elif then != new["source"]["content_sha256"]:
+        words.append(f"source {new['source']['path']} changed (content sha256 {then[:12]} → "
+                     f"{new['source']['content_sha256'][:12]})")
     if old.get("preprocessing_sha256") != new["preprocessing_sha256"]:
         words.append("tokenization/preprocessing settings changed")
     for key in ("modality", "pool", "keep_original", "part_rows"):
@@ -235,10 +247,10 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
              "preprocessing_sha256": _sha(ident["preprocessing"]),
              "preprocessing": ident["preprocessing"],
              "source": {"path": str(src_dir.resolve()), "rows": source["rows"],
-                        "manifest_sha256": store.sha256_file(src_dir / store.MANIFEST)}}
+                        "content_sha256": store.content_sha256(source)}}
     # The path is recorded, not hashed: a moved but identical source is still a cache hit.
     block["fingerprint"] = _sha({**{k: v for k, v in block.items() if k != "source"},
-                                 "source": block["source"]["manifest_sha256"],
+                                 "source": block["source"]["content_sha256"],
                                  "schema_version": SCHEMA_VERSION})[:16]
     with folders.writer(cfg.out, "embed", overwrite=cfg.overwrite) as claim:
         if claim.foreign:
@@ -262,7 +274,7 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
     table = store.read_folder(src_dir)
     n = table.num_rows
     bounds = [(a, min(a + cfg.part_rows, n)) for a in range(0, n, cfg.part_rows)]
-    finished = _finished_parts(partial, len(bounds))
+    finished, _ = _finished_parts(partial, [""] * len(bounds))  # no part keys: the fingerprint covers all
     todo = [k for k in range(len(bounds)) if k not in finished]
     if on_start:
         on_start(sum(b - a for k, (a, b) in enumerate(bounds) if k in todo))
@@ -358,11 +370,13 @@ def verify_embedding(embed_dir: str | Path, source_dir: str | Path | None = None
     source_dir = Path(source_dir or block["source"]["path"])
     if not (source_dir / store.MANIFEST).is_file():
         raise MMToolError(f"{embed_dir}: its source {source_dir} is missing (no {store.MANIFEST})")
-    now = store.sha256_file(source_dir / store.MANIFEST)
-    if now != block["source"]["manifest_sha256"]:
+    key = "content_sha256" if "content_sha256" in block["source"] else "manifest_sha256"
+    now = store.content_sha256(store.load_manifest(source_dir)) if key == "content_sha256" \
+        else store.sha256_file(source_dir / store.MANIFEST)
+    if now != block["source"][key]:
         raise MMToolError(
-            f"{source_dir} changed since {embed_dir} was embedded from it (manifest sha256 "
-            f"{block['source']['manifest_sha256'][:12]} then, {now[:12]} now); rerun "
+            f"{source_dir} changed since {embed_dir} was embedded from it ({key.replace('_', ' ')} "
+            f"{block['source'][key][:12]} then, {now[:12]} now); rerun "
             f"`mmtool embed {source_dir} --encoder {block['encoder']} --out {embed_dir}`")
     check_join(embed_dir, source_dir)
     return block
@@ -396,7 +410,7 @@ def resolve_training_data(data: list[str], embeddings: list[str] | None = None,
             p = Path(path)
             if not (p / store.MANIFEST).is_file():
                 continue
-            if p.resolve() == recorded or store.sha256_file(p / store.MANIFEST) == block["source"]["manifest_sha256"]:
+            if p.resolve() == recorded or _same_source(p, block["source"]):
                 match = i
                 break
         if match is None:

@@ -1,10 +1,10 @@
 """What binds a run folder to its data and settings, checked on every `--resume`.
 
-- **Data.** Every checkpoint records each `--data` folder's content sha256: the hash of what its
-  manifest says the data is (schema version, tokenizers, and every shard's path and sha256; shards
-  are verified against these when the loader opens them). `--resume` recomputes it and refuses,
+- **Data.** Every checkpoint records each `--data` folder's content sha256
+  (`data.shards.content_sha256`: its manifest — every shard's sha256, tokenizers, counts, plan —
+  without the raw inputs' mtimes; shards are verified against it when the loader opens them). `--resume` recomputes it and refuses,
   naming the folder, when one differs: a rebuilt or edited folder would silently change what the
-  rest of the run reads. Bookkeeping in the manifest (timings, input stat caches) is not part of it.
+  rest of the run reads. A merely touched raw input (new mtime, same content) is not a change.
 - **Settings that shape the run** (`SHAPING`: the model, the data and how it is drawn and batched,
   the seed, gradient accumulation) cannot change on resume: the losses logged so far would not
   belong to the run config.json describes. `--resume` with another value is refused by name.
@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
+from mmtool.data.shards import content_sha256
 from mmtool.errors import MMToolError
 
 SHAPING = ("model", "data", "strategy", "batch_tokens", "batch_samples", "temperature",
@@ -32,14 +31,6 @@ SHAPING = ("model", "data", "strategy", "batch_tokens", "batch_samples", "temper
 """TrainConfig fields a resumed run must keep (refused when they differ)."""
 
 AMENDMENTS = "amendments"
-
-
-def content_sha256(manifest: dict[str, Any]) -> str:
-    """The sha256 of what a manifest says its folder holds: schema version, tokenizers, and each
-    shard's path and sha256 (canonical JSON)."""
-    body = {"schema_version": manifest.get("schema_version"), "tokenizers": manifest.get("tokenizers"),
-            "shards": [[s.get("path"), s.get("sha256")] for s in manifest.get("shards", [])]}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def data_digests(folders: list[Any]) -> list[dict[str, str]]:

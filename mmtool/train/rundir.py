@@ -5,7 +5,7 @@
                          {"format": 1, "streams": [Stream fields: key, modality, kind, vocab_size,
                          dim, config], "folders": [{"path", "name", "source", "sources",
                          "modalities", "weight", "preprocess": the manifest's source block,
-                         "content_sha256": `train.resume.content_sha256`} per `--data` entry,
+                         "content_sha256": `data.shards.content_sha256`} per `--data` entry,
                          in `--data` order]}
     RUN/metrics.jsonl    one line per step (`mmtool.train`)
     RUN/checkpoints/     `mmtool.train.checkpoint`
@@ -62,7 +62,7 @@ class RunInfo:
 def folder_records(folders: list[Any], data: list[str]) -> list[dict[str, Any]]:
     """JSON records of a loader's folders (`TokenIndex.folders`) beside their `--data` entries."""
     from mmtool.data.mixture import parse_data_specs
-    from mmtool.train.resume import content_sha256
+    from mmtool.data.shards import content_sha256
 
     specs = parse_data_specs(list(data))
     records = []

@@ -228,7 +228,7 @@ def test_changed_source_and_mismatched_ids_are_clear_errors(work, tmp_path):
         check_join(bad, src)
     # the source changes after embedding
     preprocess(PreprocessConfig(source="digits", out=src, max_samples=50, overwrite=True))
-    with pytest.raises(MMToolError, match=r"changed since .* was embedded from it \(manifest sha256"):
+    with pytest.raises(MMToolError, match=r"changed since .* was embedded from it \(content sha256"):
         verify_embedding(emb)
     with pytest.raises(MMToolError, match="changed since"):
         resolve_training_data([str(src)], [str(emb)])

@@ -75,6 +75,31 @@ class Source(ABC):
         """The split of record `index`: a stable hash of its id (80/10/10) unless overridden."""
         return assign_split(self.name, self.record_id(index))
 
+    # -- content keys (see mmtool.data.inputs): what the records read -----------------------------
+    data_version: ClassVar[str] = "1"
+    """Bumped when the records a source generates change for the same options and files."""
+
+    def input_files(self) -> list[Path]:
+        """Every file the source reads (manifest, media, bundled data); default: none.
+
+        Preprocessing stores their size, mtime_ns and sha256, and rebuilds when one changes.
+        """
+        return []
+
+    def record_files(self, index: int) -> list[Path]:
+        """The files among `input_files()` that record `index` reads (default: none)."""
+        return []
+
+    def record_key(self, index: int) -> bytes:
+        """Bytes that change whenever record `index` does, apart from `record_files(index)`'s
+        contents (which the caller adds). Default: the record id (for sources whose records follow
+        from their options, seed and `content_version()`)."""
+        return self.record_id(index).encode()
+
+    def content_version(self) -> str:
+        """What else the records depend on, as a string: default `NAME:data_version`."""
+        return f"{self.name}:{self.data_version}"
+
     def indices(self) -> list[int]:
         """Record indices that belong to `self.split`, in reading order."""
         if self.split == "all":

@@ -107,6 +107,15 @@ class ControlSource(Source):
     def __len__(self) -> int:
         return len(self.windows()) if self.options.window else self.options.episodes
 
+    def content_version(self) -> str:
+        # Episodes follow from the options and seed, and from gymnasium's environments.
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            gym = version("gymnasium")
+        except PackageNotFoundError:
+            gym = "none"
+        return f"{self.name}:{self.data_version}:gymnasium-{gym}"
+
     def episode_id(self, episode: int) -> str:
         return f"{self.name}-s{self.options.seed}-ep{episode}"
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +30,14 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     images = np.floor(data.images * (255.0 / 16.0) + 0.5).astype(np.uint8)
     images.setflags(write=False)
     return images, data.target.astype(np.int64)
+
+
+def digits_file() -> Path:
+    """scikit-learn's bundled `digits.csv.gz` (found without importing scikit-learn)."""
+    spec = importlib.util.find_spec("sklearn")
+    root = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations \
+        else Path("sklearn")
+    return root / "datasets" / "data" / "digits.csv.gz"
 
 
 @dataclasses.dataclass
@@ -50,6 +60,12 @@ class DigitsSource(Source):
 
     def record_id(self, index: int) -> str:
         return f"digits-{index}"
+
+    def input_files(self) -> list[Path]:
+        return [digits_file()]
+
+    def record_files(self, index: int) -> list[Path]:
+        return [digits_file()]
 
     def read(self, index: int) -> Record:
         if not 0 <= index < self.N_RECORDS:  # a negative index would wrap to another record

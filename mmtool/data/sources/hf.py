@@ -20,6 +20,7 @@ picks another one, slices included (`train[:100]`). Records are not re-split by 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,23 @@ class HFSource(Source):
             if value is not None and str(value) != "":
                 return str(value)
         return f"{self.hf_split.split('[')[0]}-{index}"
+
+    # -- content keys: the dataset's own fingerprint, the row index, and the local files -----------
+    def content_version(self) -> str:
+        return f"hf:{getattr(self.ds, '_fingerprint', None)}:{self.hf_split}"
+
+    def record_key(self, index: int) -> bytes:
+        return str(index).encode()
+
+    def input_files(self) -> list[Path]:
+        """The local files behind the dataset: `data_dir`'s, `data_files`' and a local `path`'s."""
+        o = self.options
+        roots = [Path(o.data_dir)] if o.data_dir else []
+        roots += [Path(o.path)] if Path(o.path).exists() else []
+        files = [f for r in roots for f in ([r] if r.is_file() else sorted(r.rglob("*"))) if f.is_file()]
+        for pattern in filter(None, (f.strip() for f in o.data_files.split(","))):
+            files += sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        return files
 
     def location(self, index: int) -> str:
         src = self.options.path + (f":{self.options.data_dir}" if self.options.data_dir else "")

@@ -45,10 +45,11 @@ import numpy as np
 from mmtool.data import media
 from mmtool.data.schema import Field, Record
 from mmtool.data.sources.base import SOURCES, Source
-from mmtool.errors import MMToolError, RecordError
+from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 
 MODALITY_KEYS = ("image", "audio", "text", "observations", "actions", "rewards", "trajectory")
 OTHER_KEYS = ("id", "task", "label", "num_actions", "meta")
+MEDIA_KEYS = ("image", "audio", "trajectory")
 MAX_NUM_ACTIONS = 2**20
 """The most discrete actions a record (or `--opt num_actions`) may declare: the action vocabulary
 becomes an embedding table, and 1e12 classes would make training allocate terabytes."""
@@ -106,6 +107,36 @@ class JsonlSource(Source):
 
     def location(self, index: int) -> str:
         return f"{self.path}:{int(self._lines[index])}"
+
+    # -- content keys: the raw line (and its number) plus the files it names -----------------------
+    def record_key(self, index: int) -> bytes:
+        return b"%d\0" % int(self._lines[index]) + self._raw(index)
+
+    def record_files(self, index: int) -> list[Path]:
+        return self._media_paths(self._raw(index))
+
+    def input_files(self) -> list[Path]:
+        files = [self.path]
+        with open(self.path, "rb") as f:  # one pass; only lines that mention a media key are parsed
+            for raw in f:
+                if b'"image"' in raw or b'"audio"' in raw or b'"trajectory"' in raw:
+                    files += self._media_paths(raw)
+        return files
+
+    def _media_paths(self, raw: bytes) -> list[Path]:
+        """The media files a raw line names, confined like `read` confines them: a line that is
+        malformed or names a path outside the data root lists none (`read` rejects it), so the
+        content key never reads a byte outside the data either."""
+        if len(raw) > self.options.max_line_bytes:
+            return []
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                return []
+            paths = [self._media(v, k) for k in MEDIA_KEYS if isinstance(v := obj.get(k), str) and v]
+        except (RecordError, *RECORD_FAILURES):
+            return []  # `read` rejects the line
+        return [Path(p) for p in paths if isinstance(p, (str, Path))]
 
     def _raw(self, index: int) -> bytes:
         limit = self.options.max_line_bytes

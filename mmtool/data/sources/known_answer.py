@@ -27,12 +27,13 @@ modality that sits there would get most of the gradient whatever it carries.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
 from mmtool.data.schema import Field, Record
 from mmtool.data.sources.base import SOURCES, Source
-from mmtool.data.sources.digits import DIGIT_WORDS, _load
+from mmtool.data.sources.digits import DIGIT_WORDS, _load, digits_file
 from mmtool.errors import MMToolError
 
 NOISE_WORDS = ("red", "blue", "green", "table", "river", "stone", "cloud", "paper", "light", "music",
@@ -79,6 +80,12 @@ class KnownAnswerSource(Source):
 
     def record_id(self, index: int) -> str:
         return f"known-answer-{self.options.informative}-{index}"
+
+    def input_files(self) -> list[Path]:
+        return [digits_file()] if self.options.informative == "image" else []
+
+    def record_files(self, index: int) -> list[Path]:
+        return self.input_files()
 
     def read(self, index: int) -> Record:
         if not 0 <= index < len(self):

@@ -236,6 +236,13 @@ class PydocsSource(Source):
     def record_id(self, index: int) -> str:
         return self._ids[index]
 
+    def record_key(self, index: int) -> bytes:
+        return f"{self._ids[index]}\0{self._entries[index].text}".encode()
+
+    def content_version(self) -> str:
+        # The index is parsed from this Python's stdlib; its docstrings are the record keys.
+        return f"pydocs:{INDEX_VERSION}:{sys.version.split()[0]}:{stdlib_root()}"
+
     def location(self, index: int) -> str:
         e = self._entries[index]
         return f"{stdlib_root() / e.file}:{e.line} ({e.name})"

@@ -83,6 +83,16 @@ class SpokenDigits(Source):
     def record_id(self, index: int) -> str:
         return self.entries[index]["file"].removesuffix(".wav")
 
+    def input_files(self) -> list[Path]:
+        meta = self.root / "metadata.jsonl"
+        return ([meta] if meta.is_file() else []) + [self.root / e["file"] for e in self.entries]
+
+    def record_files(self, index: int) -> list[Path]:
+        return [self.root / self.entries[index]["file"]]
+
+    def record_key(self, index: int) -> bytes:
+        return json.dumps(self.entries[index], sort_keys=True).encode()
+
     def location(self, index: int) -> str:
         return str(self.root / self.entries[index]["file"])
 
