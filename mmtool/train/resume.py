@@ -2,9 +2,9 @@
 
 - **Data.** Every checkpoint records each `--data` folder's content sha256
   (`data.shards.content_sha256`: its manifest — every shard's sha256, tokenizers, counts, plan —
-  without the raw inputs' mtimes; shards are verified against it when the loader opens them). `--resume` recomputes it and refuses,
-  naming the folder, when one differs: a rebuilt or edited folder would silently change what the
-  rest of the run reads. A merely touched raw input (new mtime, same content) is not a change.
+  without the raw inputs' mtimes; shards are verified against it when the loader opens them).
+  `--resume` recomputes it and refuses, naming the folder, when one differs: a rebuilt or edited
+  folder would silently change what the rest of the run reads. A merely touched raw input (new mtime, same content) is not a change.
 - **Settings that shape the run** (`SHAPING`: the model, the data and how it is drawn and batched,
   the seed, gradient accumulation) cannot change on resume: the losses logged so far would not
   belong to the run config.json describes. `--resume` with another value is refused by name.
