@@ -111,7 +111,7 @@ def _interrupt_at_random(args: list, seed: int) -> tuple[int, str]:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.stat().st_size):
         time.sleep(0.02)
-    time.sleep(random.Random(seed).uniform(0, 1.5))
+    time.sleep(random.Random(seed).uniform(0, 0.5))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -120,20 +120,22 @@ def _interrupt_at_random(args: list, seed: int) -> tuple[int, str]:
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
                                   pytest.param(2, marks=pytest.mark.slow)])
 def test_sigterm_at_a_random_moment_then_resume_equals_a_straight_run(data, tmp_path, seed):
-    steps = ["--max-steps", "12", "--save-every", "5"]
+    steps = ["--max-steps", "30", "--save-every", "7"]
     straight = tmp_path / "straight"
     run_cli(*train_args(data, straight, *steps))
     run = tmp_path / "run"
     code, err = _interrupt_at_random(train_args(data, run, *steps), seed)
-    if code == 0:  # the signal came after the last step: nothing to resume, still equal
-        assert weights(run, 12).keys() == weights(straight, 12).keys()
+    if (run / "checkpoints" / "step-00000030").is_dir():
+        # The signal came after the last step (0), or during interpreter shutdown (-15: Python
+        # restores the default handlers as it exits): the work was done; nothing to resume.
+        assert code in (0, -signal.SIGTERM), err
     else:
         assert code == 130, err
         assert "interrupted by SIGTERM at step" in err and "rerun the same command with --resume" in err
         stopped = int(err.split("at step ")[1].split()[0])
         assert (run / "checkpoints" / f"step-{stopped:08d}").is_dir()  # saved where it stopped
         run_cli(*train_args(data, run, *steps, "--resume"))
-    a, b = weights(straight, 12), weights(run, 12)
+    a, b = weights(straight, 30), weights(run, 30)
     assert all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in logged] == [json.loads(x)["loss"] for x in

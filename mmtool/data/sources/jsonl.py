@@ -34,6 +34,7 @@ integer beyond int64 (`preprocess.to_sample` turns any other failure within a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -110,10 +111,27 @@ class JsonlSource(Source):
 
     # -- content keys: the raw line (and its number) plus the files it names -----------------------
     def record_key(self, index: int) -> bytes:
-        return b"%d\0" % int(self._lines[index]) + self._raw(index)
+        try:
+            return b"%d\0" % int(self._lines[index]) + self._raw(index)
+        except RecordError:  # a line over max_line_bytes (rejected by `read`): its digest, streamed
+            return b"%d\0long\0" % int(self._lines[index]) + self._long_line_digest(index)
 
     def record_files(self, index: int) -> list[Path]:
-        return self._media_paths(self._raw(index))
+        try:
+            return self._media_paths(self._raw(index))
+        except RecordError:
+            return []  # `read` rejects the line
+
+    def _long_line_digest(self, index: int) -> bytes:
+        """sha256 of line `index` read in 1 MiB blocks (never whole in memory)."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[index]))
+            while block := f.readline(1 << 20):
+                h.update(block)
+                if block.endswith(b"\n"):
+                    break
+        return h.digest()
 
     def input_files(self) -> list[Path]:
         files = [self.path]
