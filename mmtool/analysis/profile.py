@@ -274,20 +274,10 @@ def step_objectives(streams: list) -> dict[str, float]:
     Raises:
         MMToolError: none of them can (the first one's error says what it needs).
     """
+    from mmtool.models.builders import feedable_objectives
     from mmtool.models.model import ModelConfig
-    from mmtool.models.objectives import build_objective
 
-    fit, first_error = {}, None
-    for name, weight in ModelConfig().objectives.items():
-        try:
-            build_objective(name, streams, d_model=8, mask_ratio=0.5)
-        except MMToolError as err:
-            first_error = first_error or err
-            continue
-        fit[name] = weight
-    if not fit:
-        raise first_error
-    return fit
+    return feedable_objectives(ModelConfig().objectives, streams)[0]
 
 
 def model_step(cfg: ProfileConfig, size: str) -> Callable[[Batch], None]:

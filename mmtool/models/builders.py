@@ -86,3 +86,30 @@ def build_objectives(specs: dict[str, str], streams: list[Stream], size: ModelSi
     """
     return nn.ModuleDict({name: build_objective(spec, streams, size.d_model, mask_ratio)
                           for name, spec in specs.items()})
+
+
+def feedable_objectives(objectives: dict[str, float], streams: list[Stream]) -> tuple[dict[str, float], dict[str, str]]:
+    """Splits `objectives` into those these streams can feed and those they cannot.
+
+    Used where the objectives are a default rather than a choice (`mmtool train` without
+    `--model.objectives`, `mmtool profile`): masked-patch on text-only data, or next-token on an
+    embedding folder, would otherwise fail. An explicit choice is never filtered.
+
+    Returns:
+        ({spec: weight} that build on `streams}, {spec: why not} of the others).
+
+    Raises:
+        MMToolError: none can (the first one's error says what it needs).
+    """
+    fit, dropped, first_error = {}, {}, None
+    for spec, weight in objectives.items():
+        try:
+            build_objective(spec, streams, d_model=8, mask_ratio=0.5)
+        except MMToolError as err:
+            first_error = first_error or err
+            dropped[spec] = str(err).split(";")[0]
+            continue
+        fit[spec] = weight
+    if not fit:
+        raise first_error
+    return fit, dropped

@@ -51,6 +51,7 @@ from mmtool.io import atomic_write_json
 from mmtool.errors import Interrupted, MMToolError
 from mmtool.train.loggers import open_trackers, read_metrics
 from mmtool.train.loggers import resolve as resolve_loggers
+from mmtool.models.builders import feedable_objectives
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
 from mmtool.train.probes import ModalityShares
@@ -219,6 +220,21 @@ def with_folder_objectives(cfg: TrainConfig) -> TrainConfig:
         raise MMToolError("model.folder_objectives and the --data entries' objectives= disagree; "
                           "give each folder's objectives in one place")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, folder_objectives=per_folder))
+
+
+def with_feedable_objectives(cfg: TrainConfig, streams: list[Any]) -> tuple[TrainConfig, str | None]:
+    """`cfg` with the *default* objectives cut to those the data can feed, and a note saying what
+    was left out (None when nothing was). Objectives given explicitly — any value other than the
+    default, or per-folder objectives — are kept as given: what the data cannot feed is an error
+    at model build, naming what it needs."""
+    if cfg.model.objectives != ModelConfig().objectives or cfg.model.folder_objectives:
+        return cfg, None
+    fit, dropped = feedable_objectives(cfg.model.objectives, streams)
+    if not dropped:
+        return cfg, None
+    note = (f"the data cannot feed the default objective(s) {', '.join(dropped)} "
+            f"({'; '.join(dropped.values())}); training {', '.join(fit)} only — choose with --model.objectives")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, objectives=fit)), note
 
 
 def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -434,7 +450,8 @@ def train(cfg: TrainConfig, resume: bool = False,
 
     Raises:
         MMToolError: bad settings, an `--out` mmtool did not make or another process is writing
-            (`mmtool.folders`), unusable data, data or settings that changed since the checkpoint, an incompatible, edited or corrupt checkpoint, or a NaN loss (after saving
+            (`mmtool.folders`), unusable data, data or settings that changed since the
+            checkpoint, an incompatible, edited or corrupt checkpoint, or a NaN loss (after saving
             what is safe: metrics up to the failing step; checkpoints untouched).
         Interrupted: a stop signal, after the checkpoint was saved.
     """
@@ -445,8 +462,9 @@ def train(cfg: TrainConfig, resume: bool = False,
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     ddp = _init_distributed(kind)
-    start_ckpt, changes = _prepare_run(cfg, resume)
     loader = Loader(cfg.loader_config(ddp.rank, ddp.world, pin=device.type == "cuda"))
+    cfg, objectives_note = with_feedable_objectives(cfg, loader.index.streams)
+    start_ckpt, changes = _prepare_run(cfg, resume)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, loader.index.streams).to(device)
     if cfg.model.folder_objectives:
@@ -471,7 +489,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                   "resumed_from": str(start_ckpt) if start_ckpt else None,
                   "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
                   "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
-                  "warnings": loader.warnings() + trackers.notes,
+                  "warnings": [objectives_note] * bool(objectives_note) + loader.warnings() + trackers.notes,
                   "amended": resume_rules.describe(changes) if start_ckpt and changes else None})
     with loader, trackers, StopSignals() as stop:
         trackers.log_config(to_dict(cfg))

@@ -140,3 +140,17 @@ def test_shard_size_does_not_change_the_run(folders, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-5)
+
+
+def test_default_objectives_are_cut_to_what_the_data_feeds_and_said(folders, tmp_path, cli):
+    """Text-only data: the default masked-patch cannot train, so `train` trains next-token and
+    says so; an explicit --model.objectives the data cannot feed stays an error."""
+    proc = cli("train", "--data", folders / "pydocs", "--out", tmp_path / "run", "--model", "tiny",
+               "--max-steps", "1", "--batch-tokens", "1024", "--num-workers", "0")
+    assert "cannot feed the default objective(s) masked-patch" in proc.stdout
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["objectives"] == {"next-token": 1.0}  # what was trained, recorded
+    assert set(lines(tmp_path / "run")[0]["losses"]) == {"next-token"}
+    proc = cli("train", "--data", folders / "pydocs", "--out", tmp_path / "explicit", "--model", "tiny",
+               "--max-steps", "1", "--model.objectives", "masked-patch=1", check=False)
+    assert proc.returncode == 2 and "objective 'masked-patch' needs a patch" in proc.stderr
