@@ -74,11 +74,11 @@ def test_on_error_raise_names_the_record(tmp_path):
 
 
 def test_long_text_is_cut_before_tokenizing_and_counted(tmp_path):
-    words = "alpha beta " * 200_000  # 2.2 M characters
+    words = "alpha beta " * 200_000  # 2.2 M characters: more than max_chunks (64) chunks of 512
     manifest = _run(tmp_path, [GOOD[0], json.dumps({"id": "long", "text": words}), GOOD[1]])
-    assert manifest["rows"] == 3 and manifest["rejected"] == 0
-    assert manifest["sources"]["jsonl"]["truncated"] == 1
-    row = [r for r in shards.read_folder(tmp_path / "out").to_pylist() if r["id"] == "long"][0]
+    assert (manifest["written"], manifest["rows"], manifest["rejected"]) == (3, 2 + 64, 0)
+    assert manifest["sources"]["jsonl"]["truncated"] == 1 == manifest["chunked"]
+    row = [r for r in shards.read_folder(tmp_path / "out").to_pylist() if r["id"] == "long#0"][0]
     ids = row["segments"][0]["ids"]
     assert len(ids) == 512 and ids[0] == WordPiece.CLS and ids[-1] == WordPiece.SEP
     # the kept tokens are those of the whole text: cutting at the char cap lost nothing
