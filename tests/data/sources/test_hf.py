@@ -84,10 +84,14 @@ def test_map_override_with_json_paths(tmp_path, cache):
         s.read(1)
     assert exc.value.location == "json[train] row 1"
 
+    # Without map=: the id column gives ids, the image path goes to meta, never to text.
     auto = build_source("hf", ["path=json", f"data_files={tmp_path / 'd.jsonl'}", cache])
     assert [(c, t) for c, t, _ in auto.columns] == \
-        [("uid", "text"), ("picture", "text"), ("caption", "text"), ("note", "text")]
-    assert auto.read(0).fields[2].role == "caption"  # several text columns: role = column name
+        [("caption", "text"), ("note", "text"), ("uid", "id"), ("picture", "meta")]
+    rec = auto.read(0)
+    assert rec.id == "r0" and [f.data for f in rec.fields] == ["a one", "ignored"]
+    assert rec.meta == {"picture": "pics/a.png"}
+    assert rec.fields[0].role == "caption"  # several text columns: role = column name
 
 
 def test_map_errors_and_label_dropping(images, cache):
