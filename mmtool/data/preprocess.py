@@ -530,7 +530,8 @@ def _check_rejected(cfg: PreprocessConfig, out: Path, rejected: list[dict[str, A
 
 def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
                on_start: Callable[[int], None] | None = None,
-               notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+               notify: Callable[[str], None] | None = None,
+               on_mapping: Callable[[list[Any]], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes, or confirms) a preprocessing job and returns its manifest.
 
     Phases: check the flags → plan (source, tokenizers, fingerprint) → claim and lock the folder
@@ -543,6 +544,7 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
         progress: called with the number of records just finished.
         on_start: called once with the number of records still to process.
         notify: called with a sentence when inputs changed (which, and how many parts are redone).
+        on_mapping: called with the source's `mapping()` (`MappingRow`s) before anything is written.
 
     Returns:
         The manifest; `manifest["resumed_parts"]` says how many parts an earlier run had finished
@@ -564,6 +566,8 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     if not indices:
         raise MMToolError(f"source {cfg.source!r} has no records for --split {cfg.split}")
     plan = _plan(cfg, source, len(indices), overrides)
+    if on_mapping:
+        on_mapping(source.mapping())
     with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
         manifest = _write(cfg, plan, source, indices, overrides, progress, on_start,
                           notify or (lambda _msg: None))
