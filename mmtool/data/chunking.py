@@ -93,3 +93,17 @@ def encode_text(tok: Any, field_: Any, chunking: Chunking, split: bool) -> tuple
     segments, cut = tok.encode_chunks(field_.data, field_.role, chunking.max_tokens,
                                       chunking.overlap, chunking.max_chunks if split else 1)
     return segments, cut
+
+
+def check(chunking: Chunking, overrides: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Checks `--opt max_tokens/overlap` against the text tokenizer before anything is written.
+
+    Raises:
+        MMToolError: a chunk larger than the tokenizer's cap, or an overlap that fills a chunk.
+    """
+    from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, build_tokenizer
+
+    name, options = overrides.get("text", (DEFAULT_TOKENIZERS["text"], {}))
+    tok = build_tokenizer(name, **options)
+    if hasattr(tok, "encode_chunks"):
+        tok.encode_chunks("x", "document", chunking.max_tokens, chunking.overlap, 1)

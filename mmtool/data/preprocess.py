@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 from mmtool import __version__, folders
 from mmtool.data import shards as store
 from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
+from mmtool.data.chunking import check as check_chunking
 from mmtool.data.inputs import describe_changes, inputs_block, part_key
 from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
 from mmtool.data.sources import build_source
@@ -560,7 +561,8 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     _check_flags(cfg)
     start = time.perf_counter()
     overrides = parse_tokenizer_overrides(cfg.tokenizers)
-    source_options, _ = split_options(cfg.options)
+    source_options, chunking = split_options(cfg.options)
+    check_chunking(chunking, overrides)
     source = build_source(cfg.source, source_options, split=cfg.split)
     indices = source.indices()[: cfg.max_samples]
     if not indices:
