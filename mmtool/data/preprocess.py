@@ -235,8 +235,7 @@ def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
 
 def _count_record(stats: dict[str, Any], samples: list[Sample], cut: bool) -> None:
     """Counts one written record: its samples, and whether it was chunked or cut."""
-    src = stats["sources"].setdefault(samples[0].source, {
-        "written": 0, "rows": 0, "tokens": 0, "chunked": 0, "chunks": 0, "truncated": 0})
+    src = stats["sources"].setdefault(samples[0].source, _source_counts())
     src["written"] += 1
     src["truncated"] += cut
     if len(samples) > 1:
@@ -246,8 +245,13 @@ def _count_record(stats: dict[str, Any], samples: list[Sample], cut: bool) -> No
         _count(stats, sample)
 
 
+def _source_counts() -> dict[str, int]:
+    return {"written": 0, "rows": 0, "tokens": 0, "chunked": 0, "chunks": 0, "truncated": 0}
+
+
 def _count(stats: dict[str, Any], sample: Sample) -> None:
-    src = stats["sources"][sample.source]
+    """Counts one sample (row): its tokens, split and modalities (`embed` counts with it too)."""
+    src = stats["sources"].setdefault(sample.source, _source_counts())
     src["rows"] += 1
     src["tokens"] += sample.n_tokens
     stats["splits"][sample.split] = stats["splits"].get(sample.split, 0) + 1
