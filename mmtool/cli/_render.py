@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -20,13 +20,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def run_preprocess(cfg: PreprocessConfig, console: Console) -> dict[str, Any]:
-    """Runs `preprocess` under a rich progress bar and returns its manifest."""
+def run_preprocess(cfg: PreprocessConfig, console: Console,
+                   on_mapping: Callable[[list[Any]], None] | None = None) -> dict[str, Any]:
+    """Runs `preprocess` under a rich progress bar and returns its manifest; `on_mapping` gets the
+    source's column mapping before anything is written."""
     with Progress(TextColumn(f"[bold]{cfg.source}[/]"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("records"), TimeRemainingColumn(), console=console,
                   transient=True) as bar:
         task = bar.add_task(cfg.source, total=None)
-        return preprocess(cfg, progress=lambda n: bar.advance(task, n),
+        return preprocess(cfg, progress=lambda n: bar.advance(task, n), on_mapping=on_mapping,
                           on_start=lambda total: bar.update(task, total=total),
                           notify=lambda msg: console.print(msg, style="yellow", markup=False,
                                                            soft_wrap=True))
@@ -46,11 +48,17 @@ def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:
     for name, c in manifest["modalities"].items():
         table.add_row(f"  {name}", f"{c['rows']:,}", f"{c['segments']:,}", f"{c['tokens']:,}")
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
-    table.caption = (f"records {manifest['records']:,} = rows {manifest['rows']:,} + rejected "
-                     f"{manifest['rejected']:,} · splits {manifest['splits']} · "
+    written = manifest.get("written", manifest["records"] - manifest["rejected"])
+    table.caption = (f"records {manifest['records']:,} = written {written:,} + rejected "
+                     f"{manifest['rejected']:,} · rows {manifest['rows']:,} · splits {manifest['splits']} · "
                      f"{len(manifest['shards'])} shard(s), {human_bytes(shard_bytes)}")
+    if manifest.get("chunked"):
+        table.caption += (f" · {manifest['chunked']:,} long record(s) chunked into "
+                          f"{manifest['chunks']:,} rows")
     truncated = sum(c.get("truncated", 0) for c in manifest["sources"].values())
     if truncated:
-        table.caption += f" · {truncated:,} row(s) with text cut to the token cap"
+        table.caption += f" · {truncated:,} record(s) with text cut (see --opt max_chunks)"
+    for reason, n in (manifest.get("skipped") or {}).items():
+        table.caption += f" · skipped {n:,} {reason}"
     table.caption_justify = "left"
     return table

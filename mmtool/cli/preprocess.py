@@ -8,7 +8,9 @@ from rich.console import Console
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
 from mmtool.cli._render import preprocess_summary, run_preprocess
 from mmtool.cli.app import app
+from mmtool.cli.inspect import mapping_table, render_view
 from mmtool.config import build_config
+from mmtool.data.inspect import dry_run
 from mmtool.data.preprocess import PreprocessConfig
 from mmtool.errors import MMToolError
 
@@ -38,7 +40,12 @@ def preprocess_cmd(
     """Tokenize a dataset into Arrow stream shards with a manifest (resumable, parallel)."""
     cfg = build_config(PreprocessConfig, flags={"source": source, **given_flags(ctx)})
     console = Console(highlight=False)
-    manifest = run_preprocess(cfg, console)
+    if cfg.dry_run:
+        view = dry_run(cfg, cfg.max_samples or 8)
+        render_view(view, console, f"dry run: {cfg.source} (nothing written)")
+        return
+    manifest = run_preprocess(cfg, console, on_mapping=lambda rows: console.print(
+        mapping_table([r.as_dict() for r in rows])))
     console.print(preprocess_summary(manifest, str(cfg.out)))
     if manifest.get("kept_foreign"):
         console.print(f"[yellow]kept {len(manifest['kept_foreign'])} file(s) in {cfg.out} that mmtool did "

@@ -16,7 +16,11 @@ How a run is organised, and why:
    is removed. A folder with a manifest is complete; its `inputs` block (size, mtime_ns, sha256 of
    every file the source reads) is checked on a rerun, which rebuilds when the content changed.
 
-Counts always add up: `records == rows + rejected`.
+Counts always add up: `records == written + rejected` (records read = records that became samples +
+records rejected), and `rows >= written`: a long document becomes several samples (`chunked`
+records → `chunks` rows, see `mmtool.data.chunking`); text still cut is counted as `truncated`
+(records), blank inputs passed over as `skipped` (not records). Before anything is written, the
+source's `mapping()` (which column became what, which are ignored) goes into the manifest.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import pyarrow.compute as pc
 
 from mmtool import __version__, folders
 from mmtool.data import shards as store
+from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
+from mmtool.data.chunking import check as check_chunking
 from mmtool.data.inputs import describe_changes, inputs_block, part_key
 from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
 from mmtool.data.sources import build_source
@@ -85,6 +91,8 @@ class PreprocessConfig:
     """Tokenizer overrides, `MODALITY=NAME[:key=value,...]` (`--tokenizer`)."""
     rehash: bool = False
     """Hash every input file instead of trusting unchanged size and mtime_ns."""
+    dry_run: bool = False
+    """Map and tokenize the first records (`--max-samples`, default 8) and show them; write nothing."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +127,30 @@ class TokenizerSet:
         self.configs: dict[str, dict[str, Any]] = {}  # "modality/role" → tokenizer config
 
     def encode(self, field_: Any) -> Any:
+        """Tokenizes one field into one segment (text is cut at the tokenizer's cap)."""
+        tok = self.tokenizer(field_)
+        segment = tok.encode(field_.data, field_.role)
+        segment.modality = field_.modality  # e.g. continuous actions through `mulaw` stay actions
+        return segment
+
+    def encode_record(self, record: Record, chunking: Chunking) -> tuple[list[list[Any]], bool]:
+        """Tokenizes a record: a list of segment lists, one per sample (several when a document is
+        chunked), and whether any text was cut."""
+        split = chunkable(record, chunking)
+        segments, cut = [], False
+        for f in record.fields:
+            if f.modality == "text":
+                segs, was_cut = encode_text(self.tokenizer(f), f, chunking, split)
+                cut = cut or was_cut
+                if split:
+                    return [[s] for s in segs], cut
+                segments.append(segs[0])
+            else:
+                segments.append(self.encode(f))
+        return [segments], cut
+
+    def tokenizer(self, field_: Any) -> Tokenizer:
+        """The tokenizer of `field_` (built once), its config recorded under "modality/role"."""
         own = field_.tokenizer or DEFAULT_TOKENIZERS.get(field_.modality)
         if field_.modality in self.overrides:
             name, options = self.overrides[field_.modality]
@@ -143,29 +175,31 @@ class TokenizerSet:
             # both, or the segments of the second cannot be read back against the manifest.
             role_key = f"{role_key}:{name}"
         self.configs.setdefault(role_key, {"name": name, **tok.config()})
-        segment = tok.encode(field_.data, field_.role)
-        segment.modality = field_.modality  # e.g. continuous actions through `mulaw` stay actions
-        return segment
+        return tok
 
 
 # ---------------------------------------------------------------------------------------------
 # Work on one part (runs in the parent or in a worker process)
 
-_WORKER_CACHE: dict[str, tuple[Source, TokenizerSet]] = {}
+_WORKER_CACHE: dict[str, tuple[Source, TokenizerSet, Chunking]] = {}
 
 
-def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet]:
+def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet, Chunking]:
     key = plan["fingerprint"]
     if key not in _WORKER_CACHE:
-        source = build_source(plan["source"], plan["options"], split=plan["split"])
+        options, chunking = split_options(plan["options"])
+        source = build_source(plan["source"], options, split=plan["split"])
         overrides = {m: (n, o) for m, (n, o) in plan["tokenizers"].items()}
         _WORKER_CACHE.clear()
-        _WORKER_CACHE[key] = (source, TokenizerSet(overrides))
+        _WORKER_CACHE[key] = (source, TokenizerSet(overrides), chunking)
     return _WORKER_CACHE[key]
 
 
-def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
-    """Reads record `index` and tokenizes it; a `RecordError` names the record's location.
+def to_samples(source: Source, tokenizers: TokenizerSet, index: int,
+               chunking: Chunking = Chunking()) -> tuple[list[Sample], bool]:
+    """Reads record `index` and tokenizes it into its samples (one, or one per chunk of a long
+    document: ids `ID#0`, `ID#1`, ...) and whether text was cut; a `RecordError` names the
+    record's location.
 
     Any failure within the record (see `RECORD_FAILURES`) becomes a `RecordError`, and so does a
     record whose id, task or meta could not be stored (lone surrogates, unserialisable meta).
@@ -174,26 +208,52 @@ def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
     try:
         try:
             record: Record = source.read(index)
-            segments = [tokenizers.encode(f) for f in record.fields]
-            if not segments:
+            if not record.fields:
                 raise RecordError("record has no fields")
-            sample = Sample(id=check_unicode(str(record.id), "id"), source=source.name,
-                            task=check_unicode(str(record.task), "task"),
-                            split=source.split_of(index), segments=segments,
-                            label=check_label(record.label), meta=record.meta)
-            json.dumps(sample.meta, sort_keys=True)  # what the shard will store; fails here if at all
+            groups, cut = tokenizers.encode_record(record, chunking)
+            rid = check_unicode(str(record.id), "id")
+            samples = []
+            for k, segments in enumerate(groups):
+                meta = record.meta if len(groups) == 1 else \
+                    {**record.meta, "record": rid, "chunk": k, "chunks": len(groups)}
+                samples.append(Sample(
+                    id=rid if len(groups) == 1 else f"{rid}#{k}", source=source.name,
+                    task=check_unicode(str(record.task), "task"), split=source.split_of(index),
+                    segments=segments, label=check_label(record.label), meta=meta))
+            json.dumps(samples[0].meta, sort_keys=True)  # what the shard will store; fails here if at all
         except RECORD_FAILURES as exc:
             raise RecordError.from_exception(exc) from None
     except RecordError as exc:
         raise exc.at(location)
-    return sample
+    return samples, cut
+
+
+def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
+    """Reads record `index` as one sample (text cut at the tokenizer's cap, never chunked)."""
+    return to_samples(source, tokenizers, index, Chunking(long_text="cut"))[0][0]
+
+
+def _count_record(stats: dict[str, Any], samples: list[Sample], cut: bool) -> None:
+    """Counts one written record: its samples, and whether it was chunked or cut."""
+    src = stats["sources"].setdefault(samples[0].source, _source_counts())
+    src["written"] += 1
+    src["truncated"] += cut
+    if len(samples) > 1:
+        src["chunked"] += 1
+        src["chunks"] += len(samples)
+    for sample in samples:
+        _count(stats, sample)
+
+
+def _source_counts() -> dict[str, int]:
+    return {"written": 0, "rows": 0, "tokens": 0, "chunked": 0, "chunks": 0, "truncated": 0}
 
 
 def _count(stats: dict[str, Any], sample: Sample) -> None:
-    src = stats["sources"].setdefault(sample.source, {"rows": 0, "tokens": 0, "truncated": 0})
+    """Counts one sample (row): its tokens, split and modalities (`embed` counts with it too)."""
+    src = stats["sources"].setdefault(sample.source, _source_counts())
     src["rows"] += 1
     src["tokens"] += sample.n_tokens
-    src["truncated"] += any(seg.truncated for seg in sample.segments)
     stats["splits"][sample.split] = stats["splits"].get(sample.split, 0) + 1
     seen = set()
     for seg in sample.segments:
@@ -210,20 +270,20 @@ def run_part(plan: dict[str, Any], part: int, indices: list[int], partial_dir: s
              key: str = "") -> dict[str, Any]:
     """Tokenizes one part's records and writes `part-NNNNN.arrow` then `part-NNNNN.json` (which
     stores `key`, the digest of the part's records, see `mmtool.data.inputs.part_key`)."""
-    source, tokenizers = _runtime(plan)
+    source, tokenizers, chunking = _runtime(plan)
     stats: dict[str, Any] = {"part": part, "key": key, "records": len(indices), "rows": 0,
                              "rejected": [], "sources": {}, "modalities": {}, "splits": {}}
     samples: list[Sample] = []
     for n, index in enumerate(indices, 1):
         try:
-            sample = to_sample(source, tokenizers, index)
+            record_samples, cut = to_samples(source, tokenizers, index, chunking)
         except RecordError as exc:
             if on_error == "raise":
                 raise
             stats["rejected"].append({"index": index, "location": exc.location, "reason": exc.reason})
         else:
-            samples.append(sample)
-            _count(stats, sample)
+            samples += record_samples
+            _count_record(stats, record_samples, cut)
         if progress and n % 64 == 0:
             progress(64)
     if progress:
@@ -280,18 +340,21 @@ def _plan(cfg: PreprocessConfig, source: Source, n_records: int,
         "records": n_records,
         "shard_size": store.parse_size(cfg.shard_size),
         "tokenizers": {m: [n, o] for m, (n, o) in sorted(overrides.items())},
+        "chunking": split_options(cfg.options)[1].as_dict(),
     }
     plan["fingerprint"] = __import__("hashlib").sha256(
         json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     return plan
 
 
-def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, shard_bytes: int) -> int:
+def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, shard_bytes: int,
+               chunking: Chunking) -> int:
     """Records per part: about an eighth of a shard, estimated from the first records."""
     sizes = []
     for index in indices[:16]:
         try:
-            sizes.append(sum(s.nbytes + 64 for s in to_sample(source, tokenizers, index).segments))
+            sizes.append(sum(s.nbytes + 64 for sample in to_samples(source, tokenizers, index, chunking)[0]
+                             for s in sample.segments))
         except RecordError:
             continue
     avg = max(float(np.mean(sizes)) if sizes else 1024.0, 1.0)
@@ -400,6 +463,15 @@ def _assemble(out: Path, partial: Path, parts: list[dict[str, Any]], shard_bytes
     return shards
 
 
+def _by_reason(rejected: list[dict[str, Any]]) -> dict[str, int]:
+    """Rejects counted by reason (its first 120 characters; locations are not part of it), most
+    frequent first."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rejected:
+        counts[str(r["reason"])[:120]] += 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _check_unique_ids(out: Path, shards: list[dict]) -> None:
     ids = pa.chunked_array([store.read_shard(out / s["path"]).column("id") for s in shards]) \
         if shards else pa.chunked_array([], pa.string())
@@ -463,7 +535,8 @@ def _check_rejected(cfg: PreprocessConfig, out: Path, rejected: list[dict[str, A
 
 def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
                on_start: Callable[[int], None] | None = None,
-               notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+               notify: Callable[[str], None] | None = None,
+               on_mapping: Callable[[list[Any]], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes, or confirms) a preprocessing job and returns its manifest.
 
     Phases: check the flags → plan (source, tokenizers, fingerprint) → claim and lock the folder
@@ -476,6 +549,7 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
         progress: called with the number of records just finished.
         on_start: called once with the number of records still to process.
         notify: called with a sentence when inputs changed (which, and how many parts are redone).
+        on_mapping: called with the source's `mapping()` (`MappingRow`s) before anything is written.
 
     Returns:
         The manifest; `manifest["resumed_parts"]` says how many parts an earlier run had finished
@@ -491,11 +565,15 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     _check_flags(cfg)
     start = time.perf_counter()
     overrides = parse_tokenizer_overrides(cfg.tokenizers)
-    source = build_source(cfg.source, cfg.options, split=cfg.split)
+    source_options, chunking = split_options(cfg.options)
+    check_chunking(chunking, overrides)
+    source = build_source(cfg.source, source_options, split=cfg.split)
     indices = source.indices()[: cfg.max_samples]
     if not indices:
         raise MMToolError(f"source {cfg.source!r} has no records for --split {cfg.split}")
     plan = _plan(cfg, source, len(indices), overrides)
+    if on_mapping:
+        on_mapping(source.mapping())
     with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
         manifest = _write(cfg, plan, source, indices, overrides, progress, on_start,
                           notify or (lambda _msg: None))
@@ -516,9 +594,10 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
     partial = out / PARTIAL
 
     _WORKER_CACHE.clear()
-    _WORKER_CACHE[plan["fingerprint"]] = (source, TokenizerSet(overrides))
+    chunking = Chunking(**plan["chunking"])
+    _WORKER_CACHE[plan["fingerprint"]] = (source, TokenizerSet(overrides), chunking)
     rows_per_part = _part_rows(source, indices, _WORKER_CACHE[plan["fingerprint"]][1],
-                               plan["shard_size"])
+                               plan["shard_size"], chunking)
     chunks = [indices[i:i + rows_per_part] for i in range(0, len(indices), rows_per_part)]
     keys = [part_key(source, chunk, inputs["files"]) for chunk in chunks]
     parts, resumed = _run_parts(cfg, plan, chunks, partial, keys, progress, on_start, notify)
@@ -533,8 +612,16 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         "source": {"name": cfg.source, "options": plan["resolved_options"], "split": cfg.split,
                    "max_samples": cfg.max_samples},
         "records": totals["records"],
+        "written": totals["records"] - len(rejected),
         "rows": totals["rows"],
         "rejected": len(rejected),
+        "chunked": sum(c.get("chunked", 0) for c in totals["sources"].values()),
+        "chunks": sum(c.get("chunks", 0) for c in totals["sources"].values()),
+        "truncated": sum(c.get("truncated", 0) for c in totals["sources"].values()),
+        "skipped": source.skipped(),
+        "rejected_by_reason": _by_reason(rejected),
+        "mapping": [row.as_dict() for row in source.mapping()],
+        "chunking": plan["chunking"],
         "sources": totals["sources"],
         "modalities": totals["modalities"],
         "splits": totals["splits"],

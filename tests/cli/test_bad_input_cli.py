@@ -92,9 +92,10 @@ def test_a_5mb_line_is_cut_before_tokenizing_in_bounded_time_and_memory(tmp_path
     t_big, rss_big = _measured(["preprocess", "jsonl", "--opt", f"path={big}", "--out",
                                 str(tmp_path / "o2")])
     manifest = json.loads((tmp_path / "o2" / "manifest.json").read_text())
-    assert manifest["rows"] == 7 and manifest["sources"]["jsonl"]["truncated"] == 1
+    # chunked (64 chunks of 512 tokens at most, --opt max_chunks), the rest cut and counted
+    assert manifest["rows"] == 6 + 64 and manifest["sources"]["jsonl"]["truncated"] == 1
     assert manifest["sources"]["jsonl"]["tokens"] - json.loads(
-        (tmp_path / "o1" / "manifest.json").read_text())["sources"]["jsonl"]["tokens"] == 512
+        (tmp_path / "o1" / "manifest.json").read_text())["sources"]["jsonl"]["tokens"] == 64 * 512
     # Before the bound: ~12 s and ~700 MB more for 5 MB in the wordpiece tokenizer.
     assert t_big - t_small < 4.0, (t_small, t_big)
     assert rss_big - rss_small < 200, (rss_small, rss_big)

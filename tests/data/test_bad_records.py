@@ -74,11 +74,11 @@ def test_on_error_raise_names_the_record(tmp_path):
 
 
 def test_long_text_is_cut_before_tokenizing_and_counted(tmp_path):
-    words = "alpha beta " * 200_000  # 2.2 M characters
+    words = "alpha beta " * 200_000  # 2.2 M characters: more than max_chunks (64) chunks of 512
     manifest = _run(tmp_path, [GOOD[0], json.dumps({"id": "long", "text": words}), GOOD[1]])
-    assert manifest["rows"] == 3 and manifest["rejected"] == 0
-    assert manifest["sources"]["jsonl"]["truncated"] == 1
-    row = [r for r in shards.read_folder(tmp_path / "out").to_pylist() if r["id"] == "long"][0]
+    assert (manifest["written"], manifest["rows"], manifest["rejected"]) == (3, 2 + 64, 0)
+    assert manifest["sources"]["jsonl"]["truncated"] == 1 == manifest["chunked"]
+    row = [r for r in shards.read_folder(tmp_path / "out").to_pylist() if r["id"] == "long#0"][0]
     ids = row["segments"][0]["ids"]
     assert len(ids) == 512 and ids[0] == WordPiece.CLS and ids[-1] == WordPiece.SEP
     # the kept tokens are those of the whole text: cutting at the char cap lost nothing
@@ -204,7 +204,8 @@ def test_symlinked_shard_is_refused(tmp_path):
 
 
 def test_hf_source_rows_are_bounded_and_contained(tmp_path):
-    """The same containment for the `hf` source: a 1 MB text is cut and counted, a bad row rejected."""
+    """The same containment for the `hf` source: a 1 MB text is chunked (64 chunks at most), the
+    rest cut and counted, a bad row rejected."""
     rows = [{"uid": "a", "caption": "fine"}, {"uid": "b", "caption": "word " * 200_000},
             {"uid": "c", "caption": "   "}, {"uid": "d", "caption": "also fine"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -212,7 +213,8 @@ def test_hf_source_rows_are_bounded_and_contained(tmp_path):
         "path=json", f"data_files={tmp_path / 'd.jsonl'}", f"cache_dir={tmp_path / 'cache'}",
         "map=caption:text,uid:id"])
     manifest = preprocess(cfg)
-    assert (manifest["records"], manifest["rows"], manifest["rejected"]) == (4, 3, 1)
+    assert (manifest["records"], manifest["written"], manifest["rows"], manifest["rejected"]) \
+        == (4, 3, 2 + 64, 1)
     assert manifest["sources"]["hf"]["truncated"] == 1
     [rej] = _rejected(tmp_path)
     assert rej["location"].endswith("row 2") and "empty text" in rej["reason"]

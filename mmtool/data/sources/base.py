@@ -22,6 +22,34 @@ SAMPLE_DATA = REPO_ROOT / "sample_data"
 """The bundled `sample_data/` folder (sources read it by default)."""
 
 
+MAPPING_TARGETS = ("image", "audio", "text", "observation", "action", "reward", "label", "id", "task",
+                   "meta", "ignored")
+"""What an input column/field can become (`MappingRow.target`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingRow:
+    """How one input column or field is read (`Source.mapping`).
+
+    Attributes:
+        input: the column, key or field name in the user's data (or a description for generated
+            data, e.g. "(generated) image").
+        target: one of `MAPPING_TARGETS`: a modality, the record's `id`/`label`/`task`, `meta`
+            (copied, not trained on) or `ignored`.
+        role: the segment role for modalities (caption, document, ...), else "".
+        note: why, in a few words (e.g. "path-like strings: not text unless mapped").
+    """
+
+    input: str
+    target: str
+    role: str = ""
+    note: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        """The row as a JSON object (the manifest's `mapping` list)."""
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class NoOptions:
     """A source without options."""
@@ -99,6 +127,35 @@ class Source(ABC):
     def content_version(self) -> str:
         """What else the records depend on, as a string: default `NAME:data_version`."""
         return f"{self.name}:{self.data_version}"
+
+    # -- nothing silent: what is read, and what is skipped ----------------------------------------
+    def mapping(self) -> list[MappingRow]:
+        """Which input column/field becomes which modality/role, id, label or meta, and which are
+        ignored, known before anything is written (preprocess prints it and stores it in the
+        manifest as `mapping`).
+
+        The default suits sources whose fields are fixed (built-in data): it reads the first record
+        of the split and reports its fields, id, label and meta keys. Sources that read user data
+        (`jsonl`, `hf`) override it with the columns they find.
+        """
+        for index in self.indices()[:1]:
+            try:
+                record = self.read(index)
+            except Exception:  # noqa: BLE001 - a bad first record is reported when it is written
+                return []
+            rows = [MappingRow(f"{f.modality} field", f.modality, f.role, "fixed by the source")
+                    for f in record.fields]
+            rows.append(MappingRow("record id", "id", "", "fixed by the source"))
+            if record.label is not None:
+                rows.append(MappingRow("label", "label", "", "fixed by the source"))
+            rows += [MappingRow(k, "meta") for k in sorted(record.meta)]
+            return rows
+        return []
+
+    def skipped(self) -> dict[str, int]:
+        """Inputs that are not records and were passed over, by reason (e.g. blank lines); counted
+        in the manifest's `skipped`, never in `records`. Default: none."""
+        return {}
 
     def indices(self) -> list[int]:
         """Record indices that belong to `self.split`, in reading order."""

@@ -45,7 +45,7 @@ import numpy as np
 
 from mmtool.data import media
 from mmtool.data.schema import Field, Record
-from mmtool.data.sources.base import SOURCES, Source
+from mmtool.data.sources.base import MAPPING_TARGETS, SOURCES, MappingRow, Source
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 
 MODALITY_KEYS = ("image", "audio", "text", "observations", "actions", "rewards", "trajectory")
@@ -188,6 +188,31 @@ class JsonlSource(Source):
         rid = obj.get("id")
         return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) \
             else str(int(self._lines[index]))
+
+    def mapping(self) -> list[MappingRow]:
+        """The keys of the first 100 lines and what each becomes (keys are fixed, see the module
+        docstring; any key not listed there is copied into meta, not trained on)."""
+        seen: dict[str, int] = {}
+        for index in range(min(len(self), 100)):
+            try:
+                for key in self._parse(index):
+                    seen[key] = seen.get(key, 0) + 1
+            except RecordError:
+                continue
+        targets = {"image": "image", "audio": "audio", "text": "text", "observations": "observation",
+                   "actions": "action", "rewards": "reward", "trajectory": "observation",
+                   "id": "id", "label": "label", "task": "task", "num_actions": "ignored"}
+        roles = {"image": "image", "audio": "speech or audio", "observations": "observation",
+                 "actions": "action", "rewards": "reward",
+                 "trajectory": "observation, action, reward (npz arrays)",
+                 "text": self.options.text_role or "caption, transcript or document"}
+        n = min(len(self), 100)
+        rows = [MappingRow(key, targets.get(key, "meta"), roles.get(key, ""),
+                           f"in {count} of the first {n} lines" if count < n else "")
+                for key, count in seen.items()]
+        if "id" not in seen:
+            rows.append(MappingRow("(line number)", "id", "", "no id key"))
+        return sorted(rows, key=lambda r: MAPPING_TARGETS.index(r.target))
 
     def read(self, index: int) -> Record:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -18,8 +18,11 @@ CHARS_PER_TOKEN = 8
 (back to the last whitespace when there is one). This is THE place that bounds text work: a 50 MB
 line costs microseconds instead of minutes and gigabytes. English WordPiece averages ~4-5
 characters per token, so unless the kept characters hold fewer than `max_tokens` tokens (long runs
-of spaces or symbols) the tokens kept are exactly those of the whole text. Chunking long documents
-into several samples, instead of cutting them, belongs here too when it comes."""
+of spaces or symbols) the tokens kept are exactly those of the whole text. Chunked text
+(`encode_chunks`) is bounded the same way, at `max_chunks` chunks' worth of characters."""
+
+MAX_CHUNKS = 64
+"""Default bound on the chunks one record becomes (`--opt max_chunks`); text beyond is cut, counted."""
 
 
 def bound_text(text: str, max_tokens: int) -> tuple[str, bool]:
@@ -31,6 +34,33 @@ def bound_text(text: str, max_tokens: int) -> tuple[str, bool]:
     cut = text[:cap]
     space = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
     return (cut[:space] if space > 0 and cut[:space].strip() else cut), True
+
+
+def chunk_spans(n: int, room: int, overlap: int, max_chunks: int,
+                boundary: Callable[[int], int] | None = None) -> tuple[list[tuple[int, int]], bool]:
+    """Windows of at most `room` tokens over `n` tokens, consecutive ones sharing `overlap` tokens.
+
+    Args:
+        n: tokens in the document.
+        room: tokens per chunk (special tokens excluded).
+        overlap: tokens each chunk repeats from the previous one; `0 <= overlap < room`.
+        max_chunks: the most windows; tokens beyond the last one are cut.
+        boundary: moves a cut position back to a valid one (e.g. a UTF-8 character start);
+            default: every position is valid.
+
+    Returns:
+        ([(start, end), ...] covering `[0, n)` in order, whether tokens were left out).
+    """
+    back = boundary or (lambda i: i)
+    spans, start = [], 0
+    while start < n and len(spans) < max_chunks:
+        end = n if n - start <= room else max(back(start + room), start + 1)
+        spans.append((start, end))
+        if end >= n:
+            break
+        nxt = back(end - overlap) if overlap else end
+        start = nxt if nxt > start else end
+    return spans, bool(spans) and spans[-1][1] < n
 
 
 def _check_text(data: Any) -> str:
@@ -106,6 +136,26 @@ class WordPiece(Tokenizer):
         return Segment(self.modality, role, self.registry_name, (len(ids),),
                        ids=np.asarray(ids, np.int32), truncated=cut)  # [n]
 
+    def encode_chunks(self, data: Any, role: str, max_tokens: int | None = None, overlap: int = 0,
+                      max_chunks: int = MAX_CHUNKS) -> tuple[list[Segment], bool]:
+        """Tokenizes the whole text and splits it into segments of at most `max_tokens` tokens
+        (default: this tokenizer's), each wrapped in [CLS] ... [SEP], consecutive ones sharing
+        `overlap` tokens; with `overlap=0` the chunks' tokens concatenate to the document's.
+
+        Returns:
+            (the segments, whether text beyond `max_chunks` chunks was cut).
+        """
+        room = _room(self, max_tokens, overlap, 2 if self.add_special else 0)
+        text, cut = bound_text(_check_text(data), (room - overlap) * max_chunks + overlap)
+        ids = _wordpiece_backend().encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise RecordError("text has no tokens after normalization")
+        spans, more = chunk_spans(len(ids), room, overlap, max_chunks)
+        wrap = (lambda c: [self.CLS, *c, self.SEP]) if self.add_special else (lambda c: c)
+        segments = [Segment(self.modality, role, self.registry_name, (len(w),),
+                            ids=np.asarray(w, np.int32)) for a, b in spans for w in [wrap(ids[a:b])]]
+        return segments, cut or more
+
     def decode(self, segment: Segment) -> str:
         """Returns the normalized (lowercased, accent-stripped) text, special tokens dropped."""
         return _wordpiece_backend().decode(segment.ids.tolist(), skip_special_tokens=True)
@@ -147,6 +197,34 @@ class Bytes(Tokenizer):
             ids = np.concatenate([[self.BOS], ids, [self.EOS]]).astype(np.int32)
         return Segment(self.modality, role, self.registry_name, (ids.size,), ids=ids, truncated=cut)
 
+    def encode_chunks(self, data: Any, role: str, max_tokens: int | None = None, overlap: int = 0,
+                      max_chunks: int = MAX_CHUNKS) -> tuple[list[Segment], bool]:
+        """Splits the text's UTF-8 bytes into segments of at most `max_tokens` tokens (default:
+        this tokenizer's), BOS/EOS included, cut only between characters, consecutive ones sharing
+        about `overlap` bytes; with `overlap=0` the chunks decode and concatenate to the exact text.
+
+        Returns:
+            (the segments, whether text beyond `max_chunks` chunks was cut).
+        """
+        room = _room(self, max_tokens, overlap, 2 if self.add_special else 0)
+        text = _check_text(data)
+        keep = (room - overlap) * max_chunks + overlap  # characters: each is at least one byte
+        raw = text[:keep].encode("utf-8")
+
+        def char_start(i: int) -> int:  # back to the first byte of the character at i
+            while 0 < i < len(raw) and raw[i] & 0xC0 == 0x80:
+                i -= 1
+            return i
+
+        spans, more = chunk_spans(len(raw), room, overlap, max_chunks, char_start)
+        segments = []
+        for a, b in spans:
+            ids = np.frombuffer(raw[a:b], np.uint8).astype(np.int32)  # [b - a]
+            if self.add_special:
+                ids = np.concatenate([[self.BOS], ids, [self.EOS]]).astype(np.int32)
+            segments.append(Segment(self.modality, role, self.registry_name, (ids.size,), ids=ids))
+        return segments, more or len(text) > keep
+
     def decode(self, segment: Segment) -> str:
         """Returns the exact text (BOS/EOS dropped)."""
         ids = segment.ids[segment.ids < 256]
@@ -155,3 +233,20 @@ class Bytes(Tokenizer):
     def config(self) -> dict[str, Any]:
         return {"name": self.registry_name, "max_tokens": self.max_tokens,
                 "add_special": self.add_special, "vocab_size": self.VOCAB_SIZE}
+
+
+def _room(tok: Any, max_tokens: int | None, overlap: int, specials: int) -> int:
+    """Tokens of text per chunk for `--opt max_tokens` / `--opt overlap`, checked against the
+    tokenizer's own cap (a chunk longer than that would not fit the model's positions)."""
+    size = tok.max_tokens if max_tokens is None else int(max_tokens)
+    if size > tok.max_tokens:
+        raise MMToolError(f"--opt max_tokens={size}: the {tok.registry_name} tokenizer holds at most "
+                          f"{tok.max_tokens} tokens per segment (raise it with --tokenizer "
+                          f"text={tok.registry_name}:max_tokens={size})")
+    room = size - specials
+    if room < 1:
+        raise MMToolError(f"--opt max_tokens={size}: leaves no room for text")
+    if not 0 <= overlap < room:
+        raise MMToolError(f"--opt overlap={overlap}: must be at least 0 and below the "
+                          f"{room} text tokens of a chunk")
+    return room

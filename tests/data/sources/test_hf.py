@@ -84,10 +84,14 @@ def test_map_override_with_json_paths(tmp_path, cache):
         s.read(1)
     assert exc.value.location == "json[train] row 1"
 
+    # Without map=: the id column gives ids, the image path goes to meta, never to text.
     auto = build_source("hf", ["path=json", f"data_files={tmp_path / 'd.jsonl'}", cache])
     assert [(c, t) for c, t, _ in auto.columns] == \
-        [("uid", "text"), ("picture", "text"), ("caption", "text"), ("note", "text")]
-    assert auto.read(0).fields[2].role == "caption"  # several text columns: role = column name
+        [("caption", "text"), ("note", "text"), ("uid", "id"), ("picture", "meta")]
+    rec = auto.read(0)
+    assert rec.id == "r0" and [f.data for f in rec.fields] == ["a one", "ignored"]
+    assert rec.meta == {"picture": "pics/a.png"}
+    assert rec.fields[0].role == "caption"  # several text columns: role = column name
 
 
 def test_map_errors_and_label_dropping(images, cache):
@@ -108,3 +112,45 @@ def test_splits_and_required_path(cache):
     assert len(s) == 3 and s.split_of(0) == "test" and s.indices() == [0, 1, 2]
     with pytest.raises(MMToolError, match="needs --opt path="):
         build_source("hf")
+
+
+# -- issue 15: every split, local paths stay local, map= errors name the columns -------------------
+
+def test_split_all_reads_every_split_each_row_keeping_its_own(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["tr a", "tr b", "tr c"]}),
+        "test": datasets.Dataset.from_dict({"text": ["te a", "te b"]}),
+        "validation": datasets.Dataset.from_dict({"text": ["va a"]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    s = build_source("hf", [f"path={tmp_path / 'dd'}"])
+    assert len(s) == 6
+    got = [(s.record_id(i), s.split_of(i), s.read(i).fields[0].data) for i in s.indices()]
+    assert got == [("train-0", "train", "tr a"), ("train-1", "train", "tr b"), ("train-2", "train", "tr c"),
+                   ("test-0", "test", "te a"), ("test-1", "test", "te b"),
+                   ("validation-0", "validation", "va a")]
+    assert s.location(4) == f"{tmp_path / 'dd'}[test] row 1"
+    one = build_source("hf", [f"path={tmp_path / 'dd'}"], split="test")
+    assert [one.read(i).fields[0].data for i in one.indices()] == ["te a", "te b"]
+
+
+def test_a_local_file_is_never_sent_to_the_hub(tmp_path, cache, monkeypatch):
+    import datasets
+
+    (tmp_path / "t.csv").write_text("caption,n\nhello there,1\nsecond row,2\n")
+    seen = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kw: seen.append(path) or real(path, **kw))
+    s = build_source("hf", [f"path={tmp_path / 't.csv'}", cache])
+    assert seen == ["csv"] and [s.read(i).fields[0].data for i in range(2)] == ["hello there", "second row"]
+    with pytest.raises(MMToolError, match=r"no such file or folder \(a local path is never looked up"):
+        build_source("hf", [f"path={tmp_path / 'missing.parquet'}", cache])
+    assert seen == ["csv"]  # the missing file never reached load_dataset
+
+
+def test_map_errors_name_the_columns(tmp_path, cache):
+    (tmp_path / "t.csv").write_text("caption,n\nhello,1\n")
+    for bad in ("map=caption", "map=title:text"):
+        with pytest.raises(MMToolError, match=r"the dataset has caption \(Value\(\w+\)\), n \(Value\(int64\)\)"):
+            build_source("hf", [f"path={tmp_path / 't.csv'}", cache, bad])
