@@ -11,7 +11,7 @@ columns are read, in the order given; modalities are image, audio, text, observa
 reward, label, and `id` names the column holding record ids.
 
 Media is decoded here, not by `datasets`: Image/Audio columns are cast to `decode=False` and their
-bytes or paths go through `mmtool.data.media` (so audio needs no torchcodec/ffmpeg, only PCM WAV).
+bytes or paths go through `mmtool.data.media` (no torchcodec/ffmpeg: WAV, FLAC, OGG via soundfile).
 
 Splits: mmtool's `--split` is the Hugging Face split (`train` when it is `all`); `--opt split=`
 picks another one, slices included (`train[:100]`). Records are not re-split by hash.
