@@ -217,3 +217,20 @@ def test_builtin_digits_unchanged():
         assert np.array_equal(seg.values, old.encode(image, "image").values)
         tokens += seg.shape[0] * seg.shape[1]
     assert len(src) == 1797 and tokens == 4 * len(range(0, 1797, 7)) == 1028
+
+
+def test_a_config_written_before_the_cap_still_builds_and_decodes():
+    """Manifests written before `short_side`/`crop`/`upscale`/`max_tokens` existed name only the
+    old options; rebuilt from them (as `load_pretrained` does), the tokenizer decodes their segments."""
+    import inspect
+
+    from mmtool.data.tokenizers import build_tokenizer
+
+    old_conf = {"name": "patches", "patch_size": 4, "size": None, "channels": None, "mean": [0.5],
+                "std": [0.5], "dim": None}
+    accepted = inspect.signature(Patches.__init__).parameters
+    tok = build_tokenizer("patches", **{k: v for k, v in old_conf.items() if k != "name" and k in accepted})
+    img = RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8)  # 1,200 patches at native size
+    seg = Patches(max_tokens=None).encode(img, "image")  # as the old default wrote it
+    assert np.array_equal(tok.decode(seg), img)
+    assert {k: tok.config()[k] for k in old_conf if k != "name"} == {k: v for k, v in old_conf.items() if k != "name"}
