@@ -119,7 +119,8 @@ def confined_path(value: str, base_dir: str | os.PathLike, root: str | os.PathLi
 
 def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                mode: str | None = "RGB") -> np.ndarray:
-    """Decodes an image file (anything Pillow reads: PNG, JPEG, GIF's first frame, TIFF, WebP, ...).
+    """Decodes an image file (anything Pillow reads: PNG, JPEG, GIF's first frame, TIFF, WebP, ...),
+    turned upright by its EXIF orientation as cameras write it.
 
     Args:
         src: a path or the encoded bytes.
@@ -165,7 +166,7 @@ def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 )
             try:
                 im.load()
-                arr = _to_uint8(im)
+                arr = _to_uint8(_upright(im))
             except Image.DecompressionBombError as exc:
                 raise RecordError(f"image {what} rejected as a decompression bomb: {exc}") from None
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -175,6 +176,15 @@ def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     finally:
         fh.close()
     return arr if mode is None else to_rgb(arr)
+
+
+def _upright(im):
+    """The image as it is meant to be seen: a camera's EXIF orientation (tag 274) applied."""
+    from PIL import ImageOps
+
+    if im.getexif().get(0x0112, 1) in (None, 1):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _to_uint8(im) -> np.ndarray:

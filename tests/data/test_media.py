@@ -204,3 +204,17 @@ def test_media_input_resolves_relative_paths_and_hf_dicts(tmp_path):
     assert media.media_input({"bytes": None, "path": "/abs/p.png"}, tmp_path).as_posix() == "/abs/p.png"
     with pytest.raises(RecordError, match="expected a file path or bytes"):
         media.media_input(3)
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with orientation 6 ("rotate 90° clockwise to view") decodes upright."""
+    stored = np.zeros((2, 3, 3), np.uint8)  # 2 rows × 3 columns as stored
+    stored[0, 0] = 255  # top-left as stored
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "PNG", exif=exif)
+    out = media.load_image(buf.getvalue())
+    assert out.shape == (3, 2, 3)  # upright: 3 rows × 2 columns
+    assert out[0, 1].tolist() == [255, 255, 255] and out.sum() == 3 * 255  # stored top-left → top-right
