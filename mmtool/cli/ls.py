@@ -40,10 +40,68 @@ def ls(
 
 
 def _options_text(obj: object) -> str:
-    """The `--opt` options of a source class, one per line (empty for other entries)."""
+    """The options of a source (`--opt`) or tokenizer (`--tokenizer`) class, one per line (empty for
+    other entries)."""
     from mmtool.data.sources.base import Source, option_help
+    from mmtool.data.tokenizers.base import Tokenizer
 
-    if not (isinstance(obj, type) and issubclass(obj, Source)):
-        return ""
-    rows = option_help(obj)
-    return "".join(f"\n  --opt {n}={d}  {h}" for n, d, h in rows)
+    if isinstance(obj, type) and issubclass(obj, Source):
+        return "".join(f"\n  --opt {n}={d}  {h}" for n, d, h in option_help(obj))
+    if isinstance(obj, type) and issubclass(obj, Tokenizer):
+        flag = f"--tokenizer {obj.modality}={obj.registry_name}:"
+        return "".join(f"\n  {flag}{n}={d}  {h}" for n, d, h in tokenizer_option_help(obj))
+    return ""
+
+
+def tokenizer_option_help(cls: type) -> list[tuple[str, str, str]]:
+    """(name, default, help) for each keyword option of a tokenizer class, for `mmtool ls -v`.
+
+    Names and defaults come from the constructor's signature, help from the class docstring's
+    Google-style `Args:` section (an entry may name several options: `fmin, fmax: ...`), so the
+    listing cannot drift from the code. Defaults are written as `--tokenizer` takes them
+    (`none`, `true`, `false`).
+    """
+    import inspect
+
+    helps = _docstring_args(inspect.getdoc(cls) or "")
+    out = []
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = param.default
+        shown = ("required" if default is param.empty else "none" if default is None
+                 else str(default).lower() if isinstance(default, bool)
+                 else "+".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default))
+        out.append((name, shown, helps.get(name, "")))
+    return out
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """Option name → its one-paragraph help from a Google-style `Args:` section."""
+    import re
+
+    helps: dict[str, str] = {}
+    lines = doc.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return helps
+    names: list[str] = []
+    entry_indent = None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if entry_indent is None:
+            entry_indent = indent
+        if indent < entry_indent:
+            break  # the next section
+        match = re.match(r"([\w, ]+):\s*(.*)$", line.strip()) if indent == entry_indent else None
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            for n in names:
+                helps[n] = match.group(2)
+        else:
+            for n in names:
+                helps[n] += " " + line.strip()
+    return helps

@@ -1,5 +1,9 @@
-"""Decoding raw media files (images, WAV audio, UTF-8 text, NPZ arrays) into the raw forms of
+"""Decoding raw media files (images, audio, UTF-8 text, NPZ arrays) into the raw forms of
 `mmtool.data.schema.Field.data`, shared by every source.
+
+Images decode to RGB whatever their mode (grayscale, palette, CMYK, alpha composited on white), so
+that a folder mixing grayscale and colour files gives one patch size. Audio decodes with the
+standard library (integer PCM WAV) or `soundfile` (libsndfile: FLAC, OGG/Vorbis, float WAV, ...).
 
 Every helper turns a bad input into a `RecordError` whose reason names the problem ("image file not
 found", "cannot decode image: ...", "image is 5000x5000 = 25000000 pixels, above max_pixels ..."),
@@ -113,38 +117,48 @@ def confined_path(value: str, base_dir: str | os.PathLike, root: str | os.PathLi
 
 # -- images ---------------------------------------------------------------------------------------
 
-def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decodes an image file (anything Pillow reads: PNG, JPEG, GIF's first frame, ...).
+def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               mode: str | None = "RGB") -> np.ndarray:
+    """Decodes an image file (anything Pillow reads: PNG, JPEG, GIF's first frame, TIFF, WebP, ...),
+    turned upright by its EXIF orientation as cameras write it.
 
     Args:
         src: a path or the encoded bytes.
         max_pixels: reject images with more pixels than this, checked from the header before the
             pixel data is decoded; None disables the check (Pillow's own bomb limit still applies).
+        mode: "RGB" (default) unifies channels: grayscale (1, L, I, F, 16-bit) is repeated into
+            three channels, palette images are expanded, CMYK/YCbCr/LAB/HSV are converted by
+            Pillow (ICC profiles are not applied), and alpha (RGBA, LA, PA, palette transparency)
+            is composited on white. None keeps the file's own layout (see Returns).
 
     Returns:
-        uint8 `[H, W]` for grayscale, `[H, W, 3]` for colour, `[H, W, 4]` when there is alpha.
-        16-bit grayscale keeps its 8 most significant bits.
+        uint8 `[H, W, 3]` with `mode="RGB"`. With `mode=None`: `[H, W]` for grayscale, `[H, W, 3]`
+        for colour, `[H, W, 4]` when there is alpha. 16-bit grayscale keeps its 8 most significant
+        bits.
 
     Raises:
-        RecordError: missing file, undecodable or truncated data, too many pixels.
+        RecordError: missing file, undecodable or truncated data, too many pixels, naming the file.
     """
     from PIL import Image, UnidentifiedImageError
 
+    if mode not in (None, "RGB"):
+        raise ValueError(f"load_image: mode must be 'RGB' or None, got {mode!r}")
+    what = _describe(src)
     fh = _open_binary(src, "image")
     try:
         try:
             im = Image.open(fh)
         except Image.DecompressionBombError as exc:
-            raise RecordError(f"image rejected as a decompression bomb: {exc}") from None
+            raise RecordError(f"image {what} rejected as a decompression bomb: {exc}") from None
         except UnidentifiedImageError:
-            raise RecordError(f"cannot decode image: not a recognised image format ({_describe(src)})") \
+            raise RecordError(f"cannot decode image: not a recognised image format ({what})") \
                 from None
         except (OSError, ValueError, SyntaxError) as exc:
-            raise RecordError(f"cannot decode image: {exc}") from None
+            raise RecordError(f"cannot decode image {what}: {exc}") from None
         with im:
             width, height = im.size
             if width <= 0 or height <= 0:
-                raise RecordError(f"image has no pixels ({width}x{height})")
+                raise RecordError(f"image {what} has no pixels ({width}x{height})")
             if max_pixels is not None and width * height > max_pixels:
                 raise RecordError(
                     f"image is {width}x{height} = {width * height} pixels, above max_pixels="
@@ -152,14 +166,25 @@ def load_image(src: PathOrBytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 )
             try:
                 im.load()
-                return _to_uint8(im)
+                arr = _to_uint8(_upright(im))
             except Image.DecompressionBombError as exc:
-                raise RecordError(f"image rejected as a decompression bomb: {exc}") from None
+                raise RecordError(f"image {what} rejected as a decompression bomb: {exc}") from None
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
                 # Pillow says "image file is truncated" / "broken data stream" / zlib errors here.
-                raise RecordError(f"cannot decode image (truncated or corrupt): {exc}") from None
+                raise RecordError(f"cannot decode image (truncated or corrupt {im.format or 'file'}) "
+                                  f"{what}: {exc}") from None
     finally:
         fh.close()
+    return arr if mode is None else to_rgb(arr)
+
+
+def _upright(im):
+    """The image as it is meant to be seen: a camera's EXIF orientation (tag 274) applied."""
+    from PIL import ImageOps
+
+    if im.getexif().get(0x0112, 1) in (None, 1):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _to_uint8(im) -> np.ndarray:
@@ -178,6 +203,24 @@ def _to_uint8(im) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """uint8 `[H, W]`, `[H, W, 1|3|4]` → uint8 `[H, W, 3]`: gray repeated, alpha composited on white.
+
+    Compositing: `round(c * a / 255 + 255 * (1 - a / 255))` per channel, so a fully transparent
+    pixel is white (255) and an opaque one keeps its colour exactly.
+    """
+    if img.ndim == 2:
+        img = img[:, :, None]
+    c = img.shape[2]
+    if c == 4:
+        a = img[:, :, 3:4].astype(np.float32) / 255.0  # [H, W, 1]
+        rgb = img[:, :, :3].astype(np.float32) * a + 255.0 * (1.0 - a)  # [H, W, 3]
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2))  # [H, W, 3]
+    return img
+
+
 # -- audio ----------------------------------------------------------------------------------------
 
 _STREAMING_SIZE = 0x7FFF0000
@@ -185,41 +228,68 @@ _STREAMING_SIZE = 0x7FFF0000
 are read to their end instead of being called truncated."""
 
 
-def load_audio(src: PathOrBytes) -> Audio:
-    """Decodes an integer-PCM WAV file with the standard library (no ffmpeg needed).
+_MAGIC = ((b"RIFF", "WAV"), (b"RIFX", "WAV"), (b"RF64", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "OGG"),
+          (b"FORM", "AIFF"), (b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"),
+          (b"\xff\xf2", "MP3"), (b".snd", "AU"), (b"caff", "CAF"))
+"""Leading bytes → the format named in error messages (libsndfile itself detects the format)."""
 
-    8-bit (unsigned), 16-, 24- and 32-bit (signed) samples and any number of channels are scaled to
-    float32 in [-1, 1]. Float WAVs, WAVE_FORMAT_EXTENSIBLE (on Python < 3.12) and compressed formats
-    (MP3, FLAC, ...) are rejected: convert them to PCM WAV first (`sox in.flac -b 16 out.wav`).
+
+def load_audio(src: PathOrBytes) -> Audio:
+    """Decodes an audio file to float32 samples in [-1, 1] (no ffmpeg needed).
+
+    Integer PCM WAV (8-bit unsigned, 16/24/32-bit signed, any number of channels) is read with the
+    standard library, exactly as before. Everything else goes through `soundfile` (libsndfile):
+    float32/float64 WAV, WAVE_FORMAT_EXTENSIBLE, FLAC, OGG/Vorbis and Opus, MP3, AIFF, AU, CAF, ...
+    Both scale integers by 2^(bits-1), so a FLAC or float WAV gives the samples of the same int16
+    WAV within its quantisation. Resampling and mono mixing are the tokenizer's (`logmel`).
 
     Returns:
         `Audio` with samples `[n]` for mono or `[n, channels]`.
 
     Raises:
-        RecordError: missing file, not a WAV, unsupported encoding, truncated, or empty.
+        RecordError: missing file, unreadable or unsupported format, truncated, or empty; the
+            message names the file (or its size in bytes) and the format its header claims.
     """
+    what = _describe(src)
     fh = _open_binary(src, "audio")
     try:
-        try:
-            with wave.open(fh, "rb") as w:
-                channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-                declared = w.getnframes()
-                data = w.readframes(declared)
-        except (wave.Error, EOFError) as exc:
-            raise RecordError(f"cannot decode audio as PCM WAV: {exc}") from None
-        except (OSError, ValueError, OverflowError, MemoryError) as exc:  # struct errors are ValueError
-            raise RecordError(f"cannot decode audio as PCM WAV: {exc}") from None
+        head = fh.read(12)
+        fh.seek(0)
+        fmt = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+        if fmt == "WAV" and head[:4] == b"RIFF":
+            clip = _pcm_wav(fh, what)
+            if clip is not None:
+                return clip
+            fh.seek(0)
+        return _soundfile(fh, fmt, what)
     finally:
         fh.close()
+
+
+def _pcm_wav(fh, what: str) -> Audio | None:
+    """Reads an integer-PCM WAV with `wave`; None when its encoding is not integer PCM (float,
+    WAVE_FORMAT_EXTENSIBLE on Python < 3.12, compressed), which `soundfile` then reads."""
+    try:
+        with wave.open(fh, "rb") as w:
+            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            declared = w.getnframes()
+            data = w.readframes(declared)
+    except wave.Error as exc:
+        if "unknown format" in str(exc):
+            return None
+        raise RecordError(f"cannot decode audio as PCM WAV ({what}): {exc}") from None
+    except (EOFError, OSError, ValueError, OverflowError, MemoryError) as exc:  # struct errors: ValueError
+        raise RecordError(f"cannot decode audio as PCM WAV ({what}): {exc}") from None
     if channels < 1 or width not in (1, 2, 3, 4) or rate <= 0:
         raise RecordError(
-            f"unsupported WAV: {channels} channels, {8 * width}-bit samples, {rate} Hz")
+            f"unsupported WAV {what}: {channels} channels, {8 * width}-bit samples, {rate} Hz")
     frame = channels * width
     n = len(data) // frame
     if n < declared and declared * frame < _STREAMING_SIZE:
-        raise RecordError(f"truncated WAV: header declares {declared} frames but the file holds {n}")
+        raise RecordError(f"truncated WAV: header declares {declared} frames but the file holds {n} "
+                          f"({what})")
     if n == 0:
-        raise RecordError("WAV has no samples")
+        raise RecordError(f"WAV has no samples ({what})")
     raw = data[: n * frame]
     if width == 1:
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
@@ -234,6 +304,34 @@ def load_audio(src: PathOrBytes) -> Audio:
         x = (np.frombuffer(raw, "<i4").astype(np.float64) / float(1 << 31)).astype(np.float32)
     x = x.reshape(n, channels)
     return Audio(samples=np.ascontiguousarray(x[:, 0] if channels == 1 else x), sample_rate=rate)
+
+
+def _soundfile(fh, fmt: str | None, what: str) -> Audio:
+    """Decodes any format libsndfile reads; float files keep their values (checked finite)."""
+    try:
+        import soundfile
+    except ImportError:
+        raise RecordError(f"cannot decode audio {what} ({fmt or 'not integer PCM WAV'}): only integer "
+                          "PCM WAV is read without the soundfile package; pip install soundfile") \
+            from None
+    try:
+        with soundfile.SoundFile(fh) as f:
+            kind, subtype, rate, frames = f.format, f.subtype, f.samplerate, f.frames
+            x = f.read(dtype="float32", always_2d=True)  # [n, channels]
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+        named = f"{fmt} " if fmt else ""
+        raise RecordError(f"cannot decode audio as PCM WAV or with soundfile ({named}{what}): "
+                          f"{exc}") from None
+    if rate <= 0 or x.shape[1] < 1:
+        raise RecordError(f"unsupported audio {what} ({kind}/{subtype}): {x.shape[1]} channels, {rate} Hz")
+    if 0 <= frames < (1 << 62) and len(x) < frames:
+        raise RecordError(f"truncated {kind} audio {what}: header declares {frames} frames but "
+                          f"{len(x)} could be read")
+    if len(x) == 0:
+        raise RecordError(f"{kind} audio {what} has no samples")
+    if not np.isfinite(x).all():
+        raise RecordError(f"{kind}/{subtype} audio {what} has NaN or infinite samples")
+    return Audio(samples=np.ascontiguousarray(x[:, 0] if x.shape[1] == 1 else x), sample_rate=int(rate))
 
 
 # -- text and arrays ------------------------------------------------------------------------------

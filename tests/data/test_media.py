@@ -49,16 +49,58 @@ def test_load_image_rgb_png_matches_pillow_from_path_and_bytes():
                                         ("1", (5, 7)), ("P", (5, 7, 3)), ("LA", (5, 7, 4))])
 def test_load_image_modes_give_uint8_hw_or_hwc(mode, shape):
     im = Image.new(mode, (7, 5))
-    arr = media.load_image(png_bytes(im))
+    arr = media.load_image(png_bytes(im), mode=None)
     assert arr.dtype == np.uint8 and arr.shape == shape
+    assert media.load_image(png_bytes(im)).shape == (5, 7, 3)  # the default unifies to RGB
+
+
+def _photo(h: int = 12, w: int = 10) -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _encoded(im: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_gray_palette_cmyk_decode_to_the_rgb_they_show():
+    rgb = _photo()
+    gray = rgb.convert("L")
+    out = media.load_image(_encoded(gray, "PNG"))
+    assert out.shape == (12, 10, 3)
+    assert all(np.array_equal(out[:, :, c], np.asarray(gray)) for c in range(3))  # gray repeated
+    pal = rgb.quantize(16)
+    assert pal.mode == "P"
+    np.testing.assert_array_equal(media.load_image(_encoded(pal, "PNG")), np.asarray(pal.convert("RGB")))
+    cmyk = rgb.convert("CMYK")  # Pillow's naive CMYK (k = 0) converts back exactly
+    np.testing.assert_array_equal(media.load_image(_encoded(cmyk, "TIFF")), np.asarray(rgb))
+    gray_jpeg = media.load_image(_encoded(gray, "JPEG"))
+    assert gray_jpeg.shape == (12, 10, 3)
+
+
+def test_alpha_is_composited_on_white():
+    px = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128], [10, 20, 30, 255]]], np.uint8)
+    out = media.load_image(_encoded(Image.fromarray(px, "RGBA"), "PNG"))
+    # opaque keeps its colour, transparent is white, half alpha is halfway to white
+    np.testing.assert_array_equal(out, [[[255, 0, 0], [255, 255, 255], [127, 127, 255], [10, 20, 30]]])
+    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8), "LA")
+    np.testing.assert_array_equal(media.load_image(_encoded(la, "PNG")), [[[255] * 3, [0] * 3]])
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 200, 0, 0])
+    pal.putdata([0, 1])
+    pal.info["transparency"] = 0
+    np.testing.assert_array_equal(media.load_image(_encoded(pal, "PNG")), [[[255] * 3, [200, 0, 0]]])
 
 
 def test_load_image_16bit_keeps_high_byte():
     data = np.array([[0, 256, 65535]], np.uint16)
     im = Image.fromarray(data)
     assert im.mode == "I;16"
-    arr = media.load_image(png_bytes(im))
+    arr = media.load_image(png_bytes(im), mode=None)
     np.testing.assert_array_equal(arr, [[0, 1, 255]])
+    np.testing.assert_array_equal(media.load_image(png_bytes(im))[..., 1], [[0, 1, 255]])
 
 
 def test_load_image_rejects_too_many_pixels_before_decoding():
@@ -162,3 +204,17 @@ def test_media_input_resolves_relative_paths_and_hf_dicts(tmp_path):
     assert media.media_input({"bytes": None, "path": "/abs/p.png"}, tmp_path).as_posix() == "/abs/p.png"
     with pytest.raises(RecordError, match="expected a file path or bytes"):
         media.media_input(3)
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with orientation 6 ("rotate 90° clockwise to view") decodes upright."""
+    stored = np.zeros((2, 3, 3), np.uint8)  # 2 rows × 3 columns as stored
+    stored[0, 0] = 255  # top-left as stored
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "PNG", exif=exif)
+    out = media.load_image(buf.getvalue())
+    assert out.shape == (3, 2, 3)  # upright: 3 rows × 2 columns
+    assert out[0, 1].tolist() == [255, 255, 255] and out.sum() == 3 * 255  # stored top-left → top-right

@@ -22,7 +22,7 @@ not exist is an error. `path=text` reads one record per line (`--opt sample_by=p
 counted (`skipped` in the manifest), not rejected.
 
 Media is decoded here, not by `datasets`: Image/Audio columns are cast to `decode=False` and their
-bytes or paths go through `mmtool.data.media` (so audio needs no torchcodec/ffmpeg, only PCM WAV).
+bytes or paths go through `mmtool.data.media` (no torchcodec/ffmpeg: WAV, FLAC, OGG via soundfile).
 
 Splits: mmtool's `--split` is the Hugging Face split; `--split all` (the default) reads every split
 the dataset has, in order, each row keeping its split (split names other than train, validation and

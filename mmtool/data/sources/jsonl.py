@@ -14,7 +14,7 @@ One JSON object per line; every key is optional, but a record needs at least one
   confined to the data root (the manifest's folder, or `--opt media_root=DIR`): a path that
   resolves outside it — absolute, `..` climbing out, or a symlink leading out — rejects its record
   unless `--opt allow_outside=true`.
-  Audio must be integer PCM WAV (role "speech" next to text, else "audio"); trajectories are
+  Audio: WAV (int or float), FLAC, OGG (role "speech" next to text, else "audio"); trajectories are
   `.npz` files, never unpickled.
 * `observations`: T rows of k floats → float32 `[T, k]`.
 * `actions`: T ints (or T lists of ints) → discrete int64 `[T, 1]` (`[T, k]`), with

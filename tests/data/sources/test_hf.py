@@ -41,8 +41,8 @@ def test_imagefolder_images_and_labels_match_folders(images):
         assert rec.label == images.label_names.index(file.parent.name)
         assert rec.task == "image" and [(f.modality, f.role) for f in rec.fields] == [("image", "image")]
         img = rec.fields[0].data
-        assert img.dtype == np.uint8 and img.shape == (32, 32)
-        np.testing.assert_array_equal(img, np.asarray(Image.open(file)))
+        assert img.dtype == np.uint8 and img.shape == (32, 32, 3)  # gray PNGs decode to RGB
+        np.testing.assert_array_equal(img, np.asarray(Image.open(file).convert("RGB")))
         seen.add(rec.id)
     assert seen == {f"train-{i}" for i in range(8)}
 
@@ -79,7 +79,7 @@ def test_map_override_with_json_paths(tmp_path, cache):
     rec = s.read(0)
     assert rec.id == "r0" and rec.label == 1 and rec.task == "image+text"
     assert [(f.modality, f.role) for f in rec.fields] == [("image", "image"), ("text", "question")]
-    np.testing.assert_array_equal(rec.fields[0].data, np.asarray(Image.open(img)))
+    np.testing.assert_array_equal(rec.fields[0].data, np.asarray(Image.open(img).convert("RGB")))
     with pytest.raises(RecordError, match=r"column 'picture': image file not found") as exc:
         s.read(1)
     assert exc.value.location == "json[train] row 1"
@@ -101,7 +101,7 @@ def test_map_errors_and_label_dropping(images, cache):
     with pytest.raises(MMToolError, match="modality 'pixels' is not one of"):
         build_source("hf", ["path=imagefolder", f"data_dir={IMAGES}", cache, "map=image:pixels"])
     only = build_source("hf", ["path=imagefolder", f"data_dir={IMAGES}", cache, "map=image:image"])
-    assert only.read(0).label is None and only.read(0).fields[0].data.shape == (32, 32)
+    assert only.read(0).label is None and only.read(0).fields[0].data.shape == (32, 32, 3)
 
 
 def test_splits_and_required_path(cache):

@@ -203,3 +203,82 @@ def test_folders_with_different_scalings_refuse_to_mix(tmp_path):
     assert TokenIndex([tmp_path / "log10", tmp_path / "log10b"]).streams  # same scaling: they mix
     with pytest.raises(MMToolError, match="tokenizer"):
         TokenIndex([tmp_path / "log10", tmp_path / "ln"])
+
+
+# -- audio as users have it: FLAC, OGG, float WAV through soundfile --------------------------------
+
+def _spoken_digit():
+    """A real clip (spoken-digits "seven", int16 PCM WAV at 16 kHz): its path and int16 samples."""
+    import wave
+
+    from mmtool.data.sources.base import SAMPLE_DATA
+
+    path = sorted((SAMPLE_DATA / "spoken_digits" / "seven").glob("*.wav"))[0]
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2 and w.getnchannels() == 1
+        ints = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        return path, ints, w.getframerate()
+
+
+@pytest.mark.parametrize("fmt, subtype, tol", [
+    ("FLAC", "PCM_16", 0.0),        # lossless, same bits: exact
+    ("FLAC", "PCM_24", 0.0),        # int16 values stored in 24 bits: exact
+    ("WAV", "FLOAT", 0.0),          # float32 WAV of int16/32768: exact
+    ("WAV", "DOUBLE", 0.0),
+    ("WAV", "PCM_24", 0.0),
+    ("OGG", "VORBIS", 0.05),        # lossy: close, not equal
+])
+def test_soundfile_formats_decode_to_the_int16_wav_samples(tmp_path, fmt, subtype, tol):
+    import soundfile
+
+    from mmtool.data import media
+
+    wav, ints, sr = _spoken_digit()
+    ref = media.load_audio(wav)  # the stdlib integer-PCM path
+    np.testing.assert_array_equal(ref.samples, ints / np.float32(32768))
+    out = tmp_path / f"clip.{fmt.lower()}"
+    soundfile.write(out, ints.astype(np.float64) / 32768, sr, format=fmt, subtype=subtype)
+    clip = media.load_audio(out)
+    assert clip.sample_rate == sr and clip.samples.dtype == np.float32
+    if tol == 0.0:
+        np.testing.assert_array_equal(clip.samples, ref.samples)
+    else:
+        n = min(len(clip.samples), len(ref.samples))
+        assert abs(len(clip.samples) - len(ref.samples)) < sr // 100
+        assert np.sqrt(np.mean((clip.samples[:n] - ref.samples[:n]) ** 2)) < tol
+    tok = LogMel()
+    a, b = tok.encode(clip, "speech").values, tok.encode(ref, "speech").values
+    assert a.shape == b.shape and (np.abs(a - b).max() < 1e-6 if tol == 0.0 else np.mean(np.abs(a - b)) < 0.1)
+
+
+def test_float_wav_keeps_values_between_int16_steps_and_mixes_channels(tmp_path):
+    import soundfile
+
+    from mmtool.data import media
+
+    x = sine(440, 22050, 0.5, amp=0.3).astype(np.float32)  # float values int16 cannot hold exactly
+    stereo = np.stack([x, -0.5 * x], axis=1)  # [n, 2]
+    soundfile.write(tmp_path / "s.wav", stereo, 22050, subtype="FLOAT")
+    clip = media.load_audio(tmp_path / "s.wav")
+    np.testing.assert_array_equal(clip.samples, stereo)  # [n, 2], bit for bit
+    mono = LogMel().encode(clip, "speech")
+    direct = LogMel().encode(Audio(0.25 * x, 22050), "speech")  # the mean of the two channels
+    np.testing.assert_allclose(mono.values, direct.values, atol=1e-5)
+
+
+def test_audio_errors_name_the_file_and_format(tmp_path):
+    import soundfile
+
+    from mmtool.data import media
+
+    bad = tmp_path / "broken.flac"
+    bad.write_bytes(b"fLaC" + bytes(range(200)))
+    with pytest.raises(RecordError, match=r"FLAC .*broken\.flac"):
+        media.load_audio(bad)
+    soundfile.write(tmp_path / "nan.wav", np.array([0.0, np.nan, 0.1]), 8000, subtype="FLOAT")
+    with pytest.raises(RecordError, match=r"WAV/FLOAT audio .*nan\.wav has NaN"):
+        media.load_audio(tmp_path / "nan.wav")
+    noise = tmp_path / "noise.ogg"
+    noise.write_bytes(b"\x00" * 64)
+    with pytest.raises(RecordError, match=r"cannot decode audio as PCM WAV or with soundfile \(.*noise\.ogg"):
+        media.load_audio(noise)
