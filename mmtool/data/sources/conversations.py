@@ -196,7 +196,7 @@ class ConversationSource(Source):
         for i in range(len(self)):
             if self.layout == "jsonl" or b'"image' in self._items[i]:
                 files += self.record_files(i)
-        return files
+        return list(dict.fromkeys(files))  # an image that several records name: once
 
     def _image_path(self, value: Any) -> Path:
         if not isinstance(value, str) or not value:

@@ -8,6 +8,7 @@ speaker) and a ShareGPT style JSONL (`messages` with `role`/`content`, a system 
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -187,3 +188,32 @@ def test_cli_preprocess_then_train_two_steps_on_assistant_turns(llava, tmp_path,
     assert [s["step"] for s in steps if "loss" in s] == [1, 2]
     assert all(set(s["losses"]) == {"chat"} and s["by_stream"].keys() == {"chat/text:bytes"}
                for s in steps if "loss" in s)
+
+
+def test_an_edited_image_or_turn_rebuilds_the_folder_with_the_new_content(llava, tmp_path):
+    """Content keys: the file and the images its records name are inputs; record 0's key changes
+    with its image, record 1's does not (it names none); a rerun writes the new pixels and text."""
+    from mmtool.data.inputs import file_table, part_key
+
+    path, pixels = llava
+    src = pickle.loads(pickle.dumps(build_source("conversations", [f"path={path}"])))  # workers
+    image = tmp_path / "coco" / "cat.png"
+    assert src.input_files() == [path, image]  # records 0, 2 and 4 name it: listed once
+    table = file_table(src.input_files())
+    before = [part_key(src, [i], table) for i in (0, 1)]
+    Image.fromarray(255 - pixels).save(image)
+    after = file_table(src.input_files(), table)
+    assert part_key(src, [0], after) != before[0] and part_key(src, [1], after) == before[1]
+
+    out = tmp_path / "keyed"
+    job = dict(source="conversations", out=out, options=[f"path={path}"], tokenizers=["text=bytes"],
+               max_rejected=0.5)
+    preprocess(PreprocessConfig(**job))
+    path.write_text(json.dumps(LLAVA, indent=2).replace("Salut !", "Bonjour !"))
+    Image.fromarray(pixels).save(image)
+    m = preprocess(PreprocessConfig(**job))
+    assert not m["up_to_date"]
+    samples = {s.id: s for s in rows_to_samples(read_folder(out))}
+    text, patches = build_tokenizer("bytes"), build_tokenizer("patches")
+    assert text.decode(samples["text-only-7"].segments[1]) == "Bonjour !"
+    assert np.abs(patches.decode(samples["000000033471"].segments[1]).astype(int) - pixels).max() <= 1
