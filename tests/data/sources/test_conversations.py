@@ -217,3 +217,10 @@ def test_an_edited_image_or_turn_rebuilds_the_folder_with_the_new_content(llava,
     text, patches = build_tokenizer("bytes"), build_tokenizer("patches")
     assert text.decode(samples["text-only-7"].segments[1]) == "Bonjour !"
     assert np.abs(patches.decode(samples["000000033471"].segments[1]).astype(int) - pixels).max() <= 1
+
+
+def test_jsonl_source_refuses_a_llava_array_and_names_this_source(llava):
+    """The issue's symptom: a LLaVA array read line by line had every record rejected."""
+    with pytest.raises(MMToolError, match="a JSON array, not JSON lines; for LLaVA / ShareGPT "
+                                          "conversations use `mmtool preprocess conversations"):
+        build_source("jsonl", [f"path={llava[0]}"])
