@@ -11,9 +11,10 @@ file's first non-blank character (`--opt format=array|jsonl` forces one):
 * Turns: `conversations` (else `messages`), a non-empty list, kept in order. Each turn's speaker is
   `from` (else `role`), normalized: human/user → `user`; gpt/assistant/chatgpt/model/bard/bing →
   `assistant`; system → `system`; tool/function/ipython → `tool` (anything else rejects its record).
-  Its text is `value` (else `content`), a string. Every text piece becomes a `text` segment whose
-  *role* is the speaker's, so that `next-token:roles=assistant` (preset `chat`) trains on the
-  assistant turns only while the others stay context.
+  Its text is `value` (else `content`): a string, or OpenAI-style parts `[{"type": "text", "text":
+  ...}, {"type": "image"}]` whose image parts count as placeholders. Every text piece becomes a
+  `text` segment whose *role* is the speaker's, so that `next-token:roles=assistant` (preset
+  `chat`) trains on the assistant turns only while the others stay context.
 * Images: `image` (else `images`), a path or a list of paths, relative to the file's folder and
   confined to `--opt image_root=DIR` (default: that folder) as `jsonl` confines media. Each `<image>`
   placeholder is replaced by the next image's segment, between the text before and after it; one
@@ -27,6 +28,8 @@ file's first non-blank character (`--opt format=array|jsonl` forces one):
   that the model sees who speaks; by default the text is stored exactly and the speaker lives only
   in the segment role (turn boundaries are the tokenizer's BOS/EOS or [CLS]/[SEP] around each piece).
 
+A JSON array is parsed whole when the source opens (once per worker) and kept as compact bytes;
+JSON lines are indexed by byte offset and read one line at a time (better for files of gigabytes).
 A record without turns, with an empty turn, or not a JSON object is a `RecordError` naming its
 index (`FILE#N` for arrays, `FILE:LINE` for JSON lines); a file that is not valid JSON as a whole
 (array layout) is an `MMToolError` naming the file and position.
@@ -212,7 +215,7 @@ class ConversationSource(Source):
 
     def _read(self, index: int) -> Record:
         obj = self._parse(index)
-        turns = _turns(obj)
+        turns = _turns(obj, self.options.placeholder)
         images = [self._image_path(p) for p in _image_values(obj)]
         ph = self.options.placeholder
         n_ph = sum(text.count(ph) for _, text in turns)
@@ -260,7 +263,7 @@ class ConversationSource(Source):
         ]
 
 
-def _turns(obj: dict[str, Any]) -> list[tuple[str, str]]:
+def _turns(obj: dict[str, Any], placeholder: str = "<image>") -> list[tuple[str, str]]:
     """(role, text) of each turn of a record, roles normalized by `SPEAKERS`."""
     key = next((k for k in TURN_KEYS if k in obj), None)
     turns = obj.get(key) if key else None
@@ -278,11 +281,28 @@ def _turns(obj: dict[str, Any]) -> list[tuple[str, str]]:
         if role is None:
             raise RecordError(f"turn {t}: unknown speaker {speaker!r:.40} (from/role: expected one of "
                               f"{', '.join(SPEAKERS)})")
-        if not isinstance(text, str):
-            raise RecordError(f"turn {t} ({role}): value/content must be a string, got "
-                              f"{type(text).__name__}")
-        out.append((role, text))
+        out.append((role, _turn_text(text, t, role, placeholder)))
     return out
+
+
+def _turn_text(content: Any, t: int, role: str, placeholder: str) -> str:
+    """A turn's text: a string, or OpenAI-style parts (`[{"type": "text", "text": ...},
+    {"type": "image"}]`) joined, each image part written as the placeholder where it stands."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        parts = []
+        for part in content:
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif part.get("type") in ("image", "image_url"):
+                parts.append(placeholder)
+            else:
+                raise RecordError(f"turn {t} ({role}): content part {part.get('type')!r:.30} is "
+                                  "neither text nor image")
+        return "".join(parts)
+    raise RecordError(f"turn {t} ({role}): value/content must be a string or a list of "
+                      f"text/image parts, got {type(content).__name__}")
 
 
 def _image_values(obj: dict[str, Any]) -> list[Any]:

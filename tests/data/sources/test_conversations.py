@@ -224,3 +224,15 @@ def test_jsonl_source_refuses_a_llava_array_and_names_this_source(llava):
     with pytest.raises(MMToolError, match="a JSON array, not JSON lines; for LLaVA / ShareGPT "
                                           "conversations use `mmtool preprocess conversations"):
         build_source("jsonl", [f"path={llava[0]}"])
+
+
+def test_openai_style_content_parts_place_the_image_part(llava, tmp_path):
+    path = tmp_path / "openai.jsonl"
+    path.write_text(json.dumps({"id": "oa-1", "images": ["coco/cat.png"], "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"},
+                                     {"type": "text", "text": " Be short."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}) + "\n")
+    rec = build_source("conversations", [f"path={path}"]).read(0)
+    assert [(f.modality, f.role, f.data if f.modality == "text" else f.data.shape) for f in rec.fields] == [
+        ("text", "user", "What is this?"), ("image", "image", (20, 32, 3)), ("text", "user", " Be short."),
+        ("text", "assistant", "A cat.")]
