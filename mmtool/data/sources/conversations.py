@@ -243,24 +243,59 @@ class ConversationSource(Source):
         task = "image+conversation" if any(f.modality == "image" for f in fields) else "conversation"
         return Record(id=self.record_id(index), task=task, fields=fields, meta=meta)
 
+    MAPPING_SCAN = 100
+    """Records read to find the keys that `mapping_rows` reports."""
+
+    def mapping_rows(self) -> list[tuple[str, str, str, str]]:
+        """(input key, target, role, note) for every key of the first `MAPPING_SCAN` records: what
+        becomes a text or image segment, the id, meta, or is ignored. Nothing is silent."""
+        top: dict[str, int] = {}
+        turn_keys: dict[str, int] = {}
+        n = min(len(self), self.MAPPING_SCAN)
+        for index in range(n):
+            try:
+                obj = self._parse(index)
+            except RecordError:
+                continue
+            for key in obj:
+                top[key] = top.get(key, 0) + 1
+            turns = next((obj[k] for k in TURN_KEYS if isinstance(obj.get(k), list)), [])
+            for key in {k for turn in turns if isinstance(turn, dict) for k in turn}:
+                turn_keys[key] = turn_keys.get(key, 0) + 1
+        def note(*parts: str, count: int = n) -> str:
+            seen = f"in {count} of the first {n} records" if count < n else ""
+            return "; ".join(p for p in (*parts, seen) if p)
+
+        ph, rows = self.options.placeholder, []
+        for key, count in top.items():
+            if key in TURN_KEYS:
+                rows.append((key, "text", "user, assistant, system or tool (from from/role)", note(
+                    f"one text segment per turn in order, split at {ph}", "case and newlines as written"
+                    + (", after 'ROLE: '" if self.options.role_prefix else ""), count=count)))
+            elif key in IMAGE_KEYS:
+                rows.append((key, "image", "image", note(f"where {ph} stands, else before the first turn",
+                                                         f"paths under {self.image_root}", count=count)))
+            elif key == "id":
+                rows.append((key, "id", "", note("else the record's index", count=count)))
+            else:
+                rows.append((key, "meta", "", note("copied, never text", count=count)))
+        if "id" not in top:
+            rows.append(("(record index)", "id", "", "no id key"))
+        rows += [(f"turn.{key}", "ignored", "", note("only from/role and value/content are read", count=count))
+                 for key, count in turn_keys.items() if key not in (*SPEAKER_KEYS, *TEXT_KEYS)]
+        return rows
+
     def describe_mapping(self) -> list[str]:
-        """How the file's fields become segments, ids and meta, one line each (nothing is silent)."""
-        ph = self.options.placeholder
-        return [
-            f"{self.path} ({'JSON array' if self.layout == 'array' else 'JSON lines'}, {len(self)} records)",
-            "conversations | messages -> text segments, one per turn in order (split at each "
-            f"{ph}); segment role = from | role: " + ", ".join(
-                f"{k}->{v}" for k, v in SPEAKERS.items()),
-            "value | content -> the turn's text, case and newlines as written"
-            + (" after 'ROLE: '" if self.options.role_prefix else "")
-            + " (the text tokenizer decides what survives: bytes keeps all; wordpiece lowercases and "
-              "drops newlines)",
-            f"image | images -> image segments where {ph} stands (else before the first turn); paths "
-            f"under {self.image_root}",
-            "id -> sample id (else the record's index); never text",
-            "other top-level keys -> meta (never text); turn keys other than from/role/value/content: "
-            "ignored",
-        ]
+        """`mapping_rows` as lines `INPUT -> TARGET [role] note` (for the CLI and `inspect`)."""
+        return [f"{i} -> {t}" + (f" [{r}]" if r else "") + (f": {note}" if note else "")
+                for i, t, r, note in self.mapping_rows()]
+
+    def mapping(self) -> list:
+        """`mapping_rows` as `base.MappingRow`s (the mapping-report API of issue 15, when present)."""
+        from mmtool.data.sources import base
+
+        row = getattr(base, "MappingRow", None)
+        return [] if row is None else [row(*r) for r in self.mapping_rows()]
 
 
 def _turns(obj: dict[str, Any], placeholder: str = "<image>") -> list[tuple[str, str]]:

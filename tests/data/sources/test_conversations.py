@@ -166,13 +166,24 @@ def test_placeholder_count_mismatch_and_bad_files(tmp_path):
         build_source("conversations", [])
 
 
-def test_role_prefix_and_describe_mapping(llava):
+def test_role_prefix_and_the_mapping_of_every_key(llava):
     src = build_source("conversations", [f"path={llava[0]}", "role_prefix=true"])
     assert [f.data for f in src.read(1).fields] == ["user: Say hi in French.", "assistant: Salut !"]
-    lines = src.describe_mapping()
-    assert any(line.startswith("id -> sample id") for line in lines)
-    assert any("human->user" in line and "gpt->assistant" in line for line in lines)
-    assert any("other top-level keys -> meta" in line for line in lines)
+    rows = {r[0]: r[1:] for r in src.mapping_rows()}
+    assert {k: v[0] for k, v in rows.items()} == {
+        "id": "id", "image": "image", "conversations": "text", "source": "meta"}
+    assert rows["image"] == ("image", "image", "where <image> stands, else before the first turn; "
+                             f"paths under {llava[0].parent}; in 3 of the first 5 records")
+    assert rows["conversations"][1] == "user, assistant, system or tool (from from/role)"
+    assert rows["conversations"][2].endswith("case and newlines as written, after 'ROLE: '")
+    assert "id -> id: else the record's index" in src.describe_mapping()
+    sharegpt = llava[0].parent / "extra.jsonl"
+    sharegpt.write_text(json.dumps({"messages": [{"role": "user", "content": "x", "weight": 0}],
+                                        "model": "m"}) + "\n")
+    rows = build_source("conversations", [f"path={sharegpt}"]).mapping_rows()
+    assert ("(record index)", "id", "", "no id key") in rows
+    assert ("model", "meta", "", "copied, never text") in rows
+    assert ("turn.weight", "ignored", "", "only from/role and value/content are read") in rows
 
 
 def test_cli_preprocess_then_train_two_steps_on_assistant_turns(llava, tmp_path, cli):
@@ -236,3 +247,16 @@ def test_openai_style_content_parts_place_the_image_part(llava, tmp_path):
     assert [(f.modality, f.role, f.data if f.modality == "text" else f.data.shape) for f in rec.fields] == [
         ("text", "user", "What is this?"), ("image", "image", (20, 32, 3)), ("text", "user", " Be short."),
         ("text", "assistant", "A cat.")]
+
+
+def test_mapping_rows_become_the_mapping_report_api(llava):
+    """`mapping()` speaks the mapping-report API (`base.MappingRow`) once it exists."""
+    from mmtool.data.sources import base
+
+    src = build_source("conversations", [f"path={llava[0]}"])
+    rows = src.mapping()
+    if not hasattr(base, "MappingRow"):
+        assert rows == []
+        return
+    assert [(r.input, r.target, r.role, r.note) for r in rows] == src.mapping_rows()
+    assert all(r.target in base.MAPPING_TARGETS for r in rows)
