@@ -120,6 +120,8 @@ def rebuild(batch: Batch, orders: list[np.ndarray], keep: list[int], keep_positi
                                ("label", np.int64, (b,)), ("seg_sample", np.int32, (len(seg_order),)),
                                ("seg_stream", np.int32, (len(seg_order),))):
         plan.add(name, dtype, shape)
+    if "seg_role" in batch:  # role loss masks (next-token:roles=...) read it
+        plan.add("seg_role", np.int32, (len(seg_order),))
     rows = {}
     for k in present:
         rows[k] = np.flatnonzero(new_stream == k)  # new slots of stream k
@@ -140,6 +142,8 @@ def rebuild(batch: Batch, orders: list[np.ndarray], keep: list[int], keep_positi
         v[name][:] = batch.numpy(name)[keep]
     v["seg_sample"][:] = seg_sample
     v["seg_stream"][:] = batch.numpy("seg_stream")[seg_order]
+    if "seg_role" in v:
+        v["seg_role"][:] = batch.numpy("seg_role")[seg_order]
     for k in present:
         tok = which[src[rows[k]]]  # token numbers in the old stream arrays
         for part in ("ids", "values"):

@@ -21,6 +21,7 @@ seg_stream            int32 [G]      stream of each segment
 seg_ntok              int32 [G]      tokens of each segment
 seg_base/step/stride  int32 [G]      token placement: token j at base + (j // step)·stride + j % step
 seg_order             int32 [G]      segments in the order their tokens are stored
+seg_role              int32 [G]      `index.role_code` of each segment's role (loss masks by role)
 s{k}.ids / s{k}.values int32 [n_k] / float32 [n_k, d_k]   the tokens of stream k
 ====================  =============  ======================================================
 

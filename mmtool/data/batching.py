@@ -364,7 +364,7 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
                            ("seg_sample", _I32, len(segs)), ("seg_stream", _I32, len(segs)),
                            ("seg_order", _I32, len(segs)), ("seg_ntok", _I32, len(segs)),
                            ("seg_base", _I32, len(segs)), ("seg_step", _I32, len(segs)),
-                           ("seg_stride", _I32, len(segs))):
+                           ("seg_stride", _I32, len(segs)), ("seg_role", _I32, len(segs))):
         plan.add(name, dtype, (n,))
     for k, (t0, t1) in per_stream.items():
         info = index.streams[k]
@@ -387,7 +387,8 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     v["seg_stream"][:] = stream
     v["seg_order"][:] = seg_order
     for name, per_seg in (("seg_ntok", index.seg_ntok), ("seg_base", index.seg_base),
-                          ("seg_step", index.seg_step), ("seg_stride", index.seg_stride)):
+                          ("seg_step", index.seg_step), ("seg_stride", index.seg_stride),
+                          ("seg_role", index.seg_role)):
         v[name][:] = per_seg[segs]
 
     # The tokens, run by run: one gather of ids or vector rows each.

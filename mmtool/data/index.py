@@ -12,12 +12,17 @@ contiguous). Trajectory segments (roles observation/action/reward of a sample th
 observations and actions, shape `[T, k]`) have `step = k` and `stride = ` the timestep length, which
 interleaves them as Gato does: `obs_t | separator | action_t | reward_t`, for t = 0..T-1, after any
 other segments (e.g. a prompt). Separators are tokens of the data-less `separator` stream.
+
+Each segment also carries its role as a stable integer (`role_code`, `seg_role`), so that a loss
+mask can select segments by role (`next-token:roles=assistant` trains on a conversation's
+assistant turns only) without a role vocabulary shared between folders.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,15 @@ TIMESTEP_ROLES = ("observation", "action", "reward")
 AFTER_SEPARATOR = ("action", "reward")
 # Config keys that only bound a vocabulary or a length: folders that differ in them still mix.
 NON_SEMANTIC = {"vocab_size", "num_classes", "max_tokens", "max_seconds", "max_pixels"}
+
+
+def role_code(role: str) -> int:
+    """The int32 code of a segment role: CRC-32 of its UTF-8 bytes, top bit cleared.
+
+    A pure function of the name, so every folder, run and process agrees on it without a shared
+    vocabulary (two roles that collide would be one role for a loss mask: 1 in 2^31 per pair).
+    """
+    return zlib.crc32(role.encode("utf-8")) & 0x7FFFFFFF
 
 
 @dataclass
@@ -74,6 +88,7 @@ class Shard:
     seg_base: np.ndarray  # int64 [G]: token placement, see module docstring
     seg_step: np.ndarray  # int64 [G]
     seg_stride: np.ndarray  # int64 [G]
+    seg_role: np.ndarray  # int32 [G]: `role_code` of each segment's role
     sample_len: np.ndarray  # int64 [n]: tokens of each sample, separators included
     sample_steps: np.ndarray  # int64 [n]: timesteps T (0 when not a trajectory)
     sample_sep: np.ndarray  # int64 [n]: position of the first separator
@@ -192,6 +207,7 @@ class TokenIndex:
         self.seg_base = cat("seg_base")  # [G]
         self.seg_step = cat("seg_step")  # [G]
         self.seg_stride = cat("seg_stride")  # [G]
+        self.seg_role = cat("seg_role")  # [G] int32 role codes
         self.seg_shard = np.repeat(np.arange(len(self.shards)),
                                    [len(s.seg_start) for s in self.shards])  # [G]
         self.sample_folder = np.repeat(np.arange(len(self.folders)), self.folder_sizes())  # [N]
@@ -267,6 +283,10 @@ class TokenIndex:
         self._check_dims(path, seg_stream, has_ids, last_dim)
 
         role = struct.field("role").to_numpy(zero_copy_only=False)  # [G] object; once per shard
+        role_enc = pc.dictionary_encode(struct.field("role"))
+        role_lookup = np.array([role_code(r) for r in role_enc.dictionary.to_pylist()] or [0], np.int32)
+        seg_role = role_lookup[role_enc.indices.to_numpy(zero_copy_only=False)] if g \
+            else np.zeros(0, np.int32)  # [G]
         is_obs = role == "observation"
         is_act = role == "action"
         n_seg = np.diff(seg_offsets)  # [n]
@@ -301,7 +321,8 @@ class TokenIndex:
                      seg_start=seg_start.astype(np.int64), seg_ntok=seg_ntok.astype(np.int64),
                      seg_stream=seg_stream, seg_base=seg_base.astype(np.int64),
                      seg_step=np.maximum(per_step, 1).astype(np.int64),
-                     seg_stride=seg_stride.astype(np.int64), sample_len=sample_len,
+                     seg_stride=seg_stride.astype(np.int64), seg_role=seg_role.astype(np.int32),
+                     sample_len=sample_len,
                      sample_steps=steps, sample_sep=prefix + obs_tok,
                      sample_step_len=step_len, labels=labels, split=split)
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mmtool.models.keyed_random import keyed_uniform, stream_token_keys
 from mmtool.data.batch import Batch
-from mmtool.data.index import SEPARATOR, Stream
+from mmtool.data.index import SEPARATOR, Stream, role_code
 from mmtool.config import parse_value
 from mmtool.errors import MMToolError
 from mmtool.models.encoders import Corruption, Embedder, PackedView, is_separator
@@ -250,15 +250,24 @@ class NextToken(Objective):
         after: only predict tokens that come after a token of these modalities in their sample
             (`any`: of any modality other than the token's own) — the caption / transcription
             mask: `next-token:modalities=text:after=image`. Default: every token.
+        roles: only predict tokens of segments with these roles — the chat mask
+            `next-token:roles=assistant` (preset `chat`): a conversation's assistant turns are
+            targets, its user and system turns (and images) are context only. Default: every role.
     """
 
     causal = True
 
     def __init__(self, streams, d_model, mask_ratio, *, observations: bool = False,
-                 modalities: list[str] | str | None = None, after: list[str] | str | None = None):
+                 modalities: list[str] | str | None = None, after: list[str] | str | None = None,
+                 roles: list[str] | str | None = None):
         super().__init__(streams, d_model, mask_ratio)
         only = [modalities] if isinstance(modalities, str) else modalities
         self.after = [after] if isinstance(after, str) else after
+        self.roles = [roles] if isinstance(roles, str) else roles
+        if self.roles is not None and not (self.roles and all(isinstance(r, str) and r for r in self.roles)):
+            raise MMToolError(f"objective 'next-token': roles must be role names joined by '+' "
+                              f"(e.g. roles=assistant), got {roles!r}")
+        self.role_codes = None if self.roles is None else [role_code(r) for r in self.roles]
         self.targets = [k for k, s in enumerate(streams) if s.kind == "ids"
                         and (observations or s.modality != "observation")
                         and (only is None or s.modality in only)]
@@ -285,8 +294,19 @@ class NextToken(Objective):
             weight = (src >= 0).float()  # [n_k]
             if first is not None:
                 weight = weight * self._follows(ctx, first, k, idx, sample).float()
+            if self.role_codes is not None:
+                weight = weight * self._has_role(ctx.batch, k).float()
             parts.append(Rows(loss, weight, sample, torch.full_like(sample, i), keys))
         return Rows.cat(parts, keys)
+
+    def _has_role(self, batch: Batch, k: int) -> Tensor:
+        """bool [n_k]: tokens of stream k whose segment's role is one of `roles`."""
+        if "seg_role" not in batch:
+            raise MMToolError("next-token:roles=... needs batches with segment roles (seg_role); "
+                              "this batch has none")
+        seg = batch["slot_segment"].long()[batch[f"s{k}.slot"].long()]  # [n_k]
+        role = batch["seg_role"].long()[seg]  # [n_k]
+        return torch.isin(role, torch.tensor(self.role_codes, dtype=torch.long, device=role.device))
 
     @staticmethod
     def _first_positions(ctx: Context) -> Tensor:

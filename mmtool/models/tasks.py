@@ -15,6 +15,7 @@ lm                  next-token:modalities=text                          all text
 caption             next-token:modalities=text:after=any                text after another modality
 transcribe          next-token:modalities=text:after=audio              text after audio
 behaviour-cloning   next-token:modalities=action                        actions only (Gato's mask)
+chat                next-token:modalities=text:roles=assistant          assistant turns only
 mae                 masked-patch                                        masked image/audio patches
 contrastive         contrastive                                         modality pairs of a sample
 ==================  ==================================================  ==============================
@@ -55,6 +56,8 @@ for _name, _spec, _what in (
         ("caption", "next-token:modalities=text:after=any", "next-token on text after another modality"),
         ("transcribe", "next-token:modalities=text:after=audio", "next-token on text after audio"),
         ("behaviour-cloning", "next-token:modalities=action", "next-token on actions only (Gato's mask)"),
+        ("chat", "next-token:modalities=text:roles=assistant",
+         "next-token on a conversation's assistant turns only (user turns and images are context)"),
         ("mae", "masked-patch", "reconstruct masked image/audio patches"),
         ("contrastive", "contrastive", "InfoNCE between the modalities of a sample")):
     TASK_PRESETS.add(_name, _spec, f"{_what} = {_spec}")

@@ -36,7 +36,7 @@ def test_the_buffer_holds_tokens_and_per_sample_and_per_segment_rows_only(index,
     assert not stored & set(derived_names(batch))
     token_bytes = sum(s.nbytes for s in batch.specs if s.name.endswith((".ids", ".values")))
     b, g = batch.batch_size, len(batch.numpy("seg_order"))
-    rows = 4 * (b + 1) + 4 * 5 * b + 8 * 2 * b + 4 * 7 * g  # every other stored field
+    rows = 4 * (b + 1) + 4 * 5 * b + 8 * 2 * b + 4 * 8 * g  # every other stored field
     assert batch.buffer.numel() <= token_bytes + rows + ALIGN * len(batch.specs)
     # ... whereas the slot-level fields alone would take 16 bytes per slot + 8 per token.
     assert batch.buffer.numel() < token_bytes + 16 * batch.num_slots

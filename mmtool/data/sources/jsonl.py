@@ -102,6 +102,17 @@ class JsonlSource(Source):
         offsets, lines = _scan_lines(self.path)
         self._offsets = np.asarray(offsets, np.int64)
         self._lines = np.asarray(lines, np.int64)
+        if offsets and self._first_line_opens_array():
+            raise MMToolError(f"--opt path={self.path}: a JSON array, not JSON lines; for LLaVA / "
+                              "ShareGPT conversations use `mmtool preprocess conversations --opt "
+                              "path=...`, else write one JSON object per line")
+
+    def _first_line_opens_array(self) -> bool:
+        """True when the file is a JSON array: a first line "[" alone, or one line that is "[...]"."""
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[0]))
+            head = f.readline(1 << 16).strip().lstrip(b"\xef\xbb\xbf")
+        return head == b"[" or (len(self._offsets) == 1 and head.startswith(b"["))
 
     def __len__(self) -> int:
         return len(self._offsets)
