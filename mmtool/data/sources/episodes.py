@@ -145,15 +145,17 @@ class EpisodesSource(Source):
         table = pq.read_table(path, columns=[c for c in (ep_col, step_col) if c])
         ep = table[ep_col].to_numpy(zero_copy_only=False)
         step = table[step_col].to_numpy(zero_copy_only=False) if step_col else np.arange(len(ep))
+        order = np.lexsort((step, ep))  # rows by episode, then step (stable: file order on ties)
+        bounds = np.flatnonzero(ep[order][1:] != ep[order][:-1]) + 1
+        groups = np.split(order, bounds)  # one array of row indices per episode, in step order
         out = []
-        for value in dict.fromkeys(ep.tolist()):  # episodes in order of first row
-            rows = np.flatnonzero(ep == value)
-            order = rows[np.argsort(step[rows], kind="stable")]
-            steps = step[order]
+        for rows in sorted(groups, key=lambda r: int(r.min())):  # episodes in order of first row
+            value, steps = ep[rows[0]], step[rows]
+            value = value.item() if hasattr(value, "item") else value
             meta = {"file": str(path), "episode": value}
             if len(steps) > 1 and (dup := np.flatnonzero(steps[1:] == steps[:-1])).size:
                 meta["duplicate_step"] = steps[dup[0]].item()
-            out.append(_Episode(i, str(value), order, meta))
+            out.append(_Episode(i, str(value), rows, meta))
         return out
 
     def _index_d4rl(self, i: int, path: Path) -> list[_Episode]:

@@ -17,7 +17,8 @@ Default mapping (`describe_mapping()` lists it with the extensions actually foun
   samples in one dataset are fine); `txt` → text (role caption next to an image, transcript next
   to audio, else document); `wav`/`flac` → audio; `cls` → label (an integer);
 * `json` → its top-level fields are copied into the record's meta (never text) unless mapped;
-* `__key__` → the record id; `__url__` (the tar's path) → meta; neither ever becomes text;
+* `__key__` → the record id (`TAR_STEM/KEY` when keys repeat across tars); `__url__` (the tar's
+  path) → meta; neither ever becomes text;
 * any other extension is ignored (and reported).
 
 `--opt map=text:json.caption,label:json.label,image:seg.png` overrides a target with an extension
@@ -87,6 +88,8 @@ class WebDatasetSource(Source):
         if not self.samples:
             raise MMToolError(f"--opt urls={options.urls}: the tars hold no samples")
         self.extensions = Counter(ext for s in self.samples for ext in s.members)
+        self.prefixed = len({s.key for s in self.samples}) < len(self.samples)
+        """Keys repeat across tars (e.g. every shard restarts at 000000): ids become TAR_STEM/KEY."""
         self._handles: dict[int, Any] = {}
 
     def _index(self, shard: int, path: Path) -> list[_Sample]:
@@ -138,14 +141,15 @@ class WebDatasetSource(Source):
 
     def record_id(self, index: int) -> str:
         s = self.samples[index]
+        key = f"{self.shards[s.shard].stem}/{s.key}" if self.prefixed else s.key
         src = self.map.get("id", "__key__")
         if src == "__key__":
-            return s.key
+            return key
         try:
             value = _json_path(self._json(s), src)
         except RecordError:
-            return s.key  # `read` rejects it
-        return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else s.key
+            return key  # `read` rejects it
+        return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else key
 
     # -- the mapping report ---------------------------------------------------------------------
     def mapping(self) -> list[tuple[str, str]]:

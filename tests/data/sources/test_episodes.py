@@ -171,3 +171,27 @@ def test_jsonl_npz_keys(tmp_path):
     rec = mapped.read(0)
     assert [f.role for f in rec.fields] == ["observation", "action", "reward"]
     assert rec.fields[0].data.shape == (5, 2) and rec.fields[1].data[:, 0].tolist() == [0, 1, 0, 1, 0]
+
+
+def test_string_episodes_duplicate_steps_and_renamed_keys(tmp_path):
+    table = pa.Table.from_pylist([
+        {"ep": "run-b", "t": 1, "obs": [1.0], "act": 0}, {"ep": "run-a", "t": 0, "obs": [2.0], "act": 1},
+        {"ep": "run-b", "t": 0, "obs": [3.0], "act": 1}, {"ep": "run-a", "t": 0, "obs": [4.0], "act": 0}])
+    pq.write_table(table, tmp_path / "steps.parquet")
+    src = build_source("episodes", [f"path={tmp_path / 'steps.parquet'}",
+                                    "keys=episode:ep,step:t,observations:obs,actions:act"])
+    assert [src.record_id(i) for i in range(2)] == ["run-b", "run-a"]
+    rec = src.read(0)
+    assert rec.fields[0].data[:, 0].tolist() == [3.0, 1.0] and rec.fields[1].data[:, 0].tolist() == [1, 0]
+    assert len(rec.fields) == 2  # no reward column: no reward segment
+    with pytest.raises(RecordError, match=r"steps\.parquet:episode run-a: step 0 occurs twice"):
+        src.read(1)
+    h5 = tmp_path / "d.hdf5"
+    with h5py.File(h5, "w") as f:
+        f["obs"], f["act"] = np.zeros((4, 2)), np.zeros(4, int)
+    with pytest.raises(MMToolError, match=r"neither D4RL .* keys found: act, obs"):
+        build_source("episodes", [f"path={h5}"])
+    with pytest.raises(MMToolError, match=r"no actions key 'actions' \(keys found: act, obs\)"):
+        build_source("episodes", [f"path={h5}", "format=d4rl", "keys=observations:obs"])
+    ok = build_source("episodes", [f"path={h5}", "format=d4rl", "keys=observations:obs,actions:act"])
+    assert len(ok) == 1 and ok.read(0).meta["ended"] is False and ok.read(0).meta["steps"] == 4

@@ -155,3 +155,14 @@ def test_cli_preprocess(wds, tmp_path, cli):
     manifest = store.load_manifest(out)
     ids = sorted(s.id for s in rows_to_samples(store.read_folder(out)))
     assert ids == sorted(samples) and manifest["sources"]["webdataset"]["rows"] == 6, proc.stdout
+
+
+def test_keys_repeated_across_tars_get_the_tar_stem(tmp_path):
+    for s in range(2):  # each shard restarts its keys at 000000
+        with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as tar:
+            for i in range(2):
+                _add(tar, f"{i:06d}.txt", f"text {s} {i}".encode())
+    src = build_source("webdataset", [f"urls={tmp_path}"])
+    assert [src.record_id(i) for i in range(4)] == ["shard-0/000000", "shard-0/000001",
+                                                     "shard-1/000000", "shard-1/000001"]
+    assert src.read(3).fields[0].data == "text 1 1" and src.read(3).fields[0].role == "document"
