@@ -166,3 +166,29 @@ def test_keys_repeated_across_tars_get_the_tar_stem(tmp_path):
     assert [src.record_id(i) for i in range(4)] == ["shard-0/000000", "shard-0/000001",
                                                      "shard-1/000000", "shard-1/000001"]
     assert src.read(3).fields[0].data == "text 1 1" and src.read(3).fields[0].role == "document"
+
+
+def test_edited_tar_rebuilds_with_the_new_text(tmp_path):
+    def write(caption: str) -> None:
+        with tarfile.open(tmp_path / "wds" / "shard-001.tar", "w") as tar:
+            _add(tar, "k1.txt", caption.encode())
+
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "shard-000.tar", "w") as tar:
+        _add(tar, "k0.txt", b"first shard")
+    write("old caption")
+    cfg = dict(source="webdataset", options=[f"urls={tmp_path / 'wds'}"], out=tmp_path / "out",
+               tokenizers=["text=bytes"])
+
+    def texts() -> dict[str, str]:
+        return {s.id: bytes(int(i) for i in s.segments[0].ids if i < 256).decode()
+                for s in rows_to_samples(store.read_folder(tmp_path / "out"))}
+
+    preprocess(PreprocessConfig(**cfg))
+    assert texts() == {"k0": "first shard", "k1": "old caption"}
+    write("new caption")
+    notes: list[str] = []
+    m = preprocess(PreprocessConfig(**cfg), notify=notes.append)
+    assert not m["up_to_date"] and "shard-001.tar" in notes[0]
+    assert texts() == {"k0": "first shard", "k1": "new caption"}
+    assert preprocess(PreprocessConfig(**cfg))["up_to_date"]
