@@ -391,3 +391,15 @@ def load_npz(src: PathOrBytes, keys: tuple[str, ...] | None = None) -> dict[str,
             return out
     finally:
         fh.close()
+
+
+def npz_keys(src: PathOrBytes) -> list[str]:
+    """The array names in an `.npz` file, sorted, without loading them ([] if it is not a zip)."""
+    fh = _open_binary(src, "npz")
+    try:
+        with zipfile.ZipFile(fh) as zf:
+            return sorted(n.removesuffix(".npy") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return []
+    finally:
+        fh.close()

@@ -15,7 +15,8 @@ One JSON object per line; every key is optional, but a record needs at least one
   resolves outside it — absolute, `..` climbing out, or a symlink leading out — rejects its record
   unless `--opt allow_outside=true`.
   Audio: WAV (int or float), FLAC, OGG (role "speech" next to text, else "audio"); trajectories are
-  `.npz` files, never unpickled.
+  `.npz` files, never unpickled, with arrays `observations`, `actions`, `rewards`
+  (`--opt npz_keys=observations:obs,actions:act` names others; a file with none lists its keys).
 * `observations`: T rows of k floats → float32 `[T, k]`.
 * `actions`: T ints (or T lists of ints) → discrete int64 `[T, 1]` (`[T, k]`), with
   `num_classes` from the record's `num_actions` or `--opt num_actions` (at most 2^20); T floats or float lists →
@@ -46,11 +47,13 @@ import numpy as np
 from mmtool.data import media
 from mmtool.data.schema import Field, Record
 from mmtool.data.sources.base import MAPPING_TARGETS, SOURCES, MappingRow, Source
+from mmtool.data.sources.keymap import parse_key_map
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 
 MODALITY_KEYS = ("image", "audio", "text", "observations", "actions", "rewards", "trajectory")
 OTHER_KEYS = ("id", "task", "label", "num_actions", "meta")
 MEDIA_KEYS = ("image", "audio", "trajectory")
+NPZ_ROLES = ("observations", "actions", "rewards")
 MAX_NUM_ACTIONS = 2**20
 """The most discrete actions a record (or `--opt num_actions`) may declare: the action vocabulary
 becomes an embedding table, and 1e12 classes would make training allocate terabytes."""
@@ -75,6 +78,9 @@ class JsonlOptions:
     text_role: str = field(default="", metadata={
         "help": "role of the text field; default: caption with an image, transcript with audio, "
                 "document otherwise"})
+    npz_keys: str = field(default="", metadata={
+        "help": "names of the trajectory .npz arrays, e.g. observations:obs,actions:act,rewards:rew "
+                "(default: observations, actions, rewards)"})
 
 
 @SOURCES.register("jsonl")
@@ -99,6 +105,8 @@ class JsonlSource(Source):
                               f"{MAX_NUM_ACTIONS} (2^20)")
         if options.max_line_bytes < 1:
             raise MMToolError(f"--opt max_line_bytes={options.max_line_bytes}: must be positive")
+        self.npz_keys = {"observations": "observations", "actions": "actions", "rewards": "rewards",
+                         **parse_key_map(options.npz_keys, "npz_keys", NPZ_ROLES)}
         offsets, lines = _scan_lines(self.path)
         self._offsets = np.asarray(offsets, np.int64)
         self._lines = np.asarray(lines, np.int64)
@@ -281,10 +289,13 @@ class JsonlSource(Source):
                 raise RecordError("give either a trajectory file or inline "
                                   f"{'/'.join(arrays)}, not both")
             src = self._media(obj["trajectory"], "trajectory")
-            arrays = media.load_npz(src, keys=("observations", "actions", "rewards"))
+            names = {v: k for k, v in self.npz_keys.items()}  # npz key -> role
+            arrays = {names[k]: v for k, v in media.load_npz(src, keys=tuple(names)).items()}
             if not arrays:
-                raise RecordError("trajectory npz has none of the arrays observations, actions, "
-                                  "rewards")
+                found = ", ".join(media.npz_keys(src)) or "none"
+                raise RecordError(f"trajectory npz has none of the arrays {', '.join(names)} "
+                                  f"(keys found: {found}); map them with --opt npz_keys="
+                                  "observations:KEY,actions:KEY,rewards:KEY")
         fields, lengths = [], {}
         if "observations" in arrays:
             obs = float_matrix(arrays["observations"], "observations")
