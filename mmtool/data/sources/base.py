@@ -23,7 +23,7 @@ SAMPLE_DATA = REPO_ROOT / "sample_data"
 
 
 MAPPING_TARGETS = ("image", "audio", "text", "observation", "action", "reward", "label", "id", "task",
-                   "meta", "ignored")
+                   "order", "meta", "ignored")
 """What an input column/field can become (`MappingRow.target`)."""
 
 
@@ -34,8 +34,9 @@ class MappingRow:
     Attributes:
         input: the column, key or field name in the user's data (or a description for generated
             data, e.g. "(generated) image").
-        target: one of `MAPPING_TARGETS`: a modality, the record's `id`/`label`/`task`, `meta`
-            (copied, not trained on) or `ignored`.
+        target: one of `MAPPING_TARGETS`: a modality, the record's `id`/`label`/`task`, `order`
+            (sorts or groups rows, e.g. an episode's step index; not stored), `meta` (copied, not
+            trained on) or `ignored`.
         role: the segment role for modalities (caption, document, ...), else "".
         note: why, in a few words (e.g. "path-like strings: not text unless mapped").
     """
@@ -48,6 +49,11 @@ class MappingRow:
     def as_dict(self) -> dict[str, str]:
         """The row as a JSON object (the manifest's `mapping` list)."""
         return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        """The row as one line, `INPUT → TARGET [role]: note`."""
+        return (f"{self.input} → {self.target}" + (f" [{self.role}]" if self.role else "")
+                + (f": {self.note}" if self.note else ""))
 
 
 @dataclasses.dataclass
@@ -151,6 +157,10 @@ class Source(ABC):
             rows += [MappingRow(k, "meta") for k in sorted(record.meta)]
             return rows
         return []
+
+    def describe_mapping(self) -> list[str]:
+        """`mapping()` as lines `INPUT → TARGET [role]: note` (see `MappingRow.line`)."""
+        return [row.line() for row in self.mapping()]
 
     def skipped(self) -> dict[str, int]:
         """Inputs that are not records and were passed over, by reason (e.g. blank lines); counted

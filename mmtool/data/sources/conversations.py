@@ -46,7 +46,7 @@ import numpy as np
 
 from mmtool.data import media
 from mmtool.data.schema import Field, Record
-from mmtool.data.sources.base import SOURCES, Source
+from mmtool.data.sources.base import SOURCES, MappingRow, Source
 from mmtool.data.sources.jsonl import _scan_lines
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 
@@ -285,17 +285,9 @@ class ConversationSource(Source):
                  for key, count in turn_keys.items() if key not in (*SPEAKER_KEYS, *TEXT_KEYS)]
         return rows
 
-    def describe_mapping(self) -> list[str]:
-        """`mapping_rows` as lines `INPUT -> TARGET [role] note` (for the CLI and `inspect`)."""
-        return [f"{i} -> {t}" + (f" [{r}]" if r else "") + (f": {note}" if note else "")
-                for i, t, r, note in self.mapping_rows()]
-
-    def mapping(self) -> list:
-        """`mapping_rows` as `base.MappingRow`s (the mapping-report API of issue 15, when present)."""
-        from mmtool.data.sources import base
-
-        row = getattr(base, "MappingRow", None)
-        return [] if row is None else [row(*r) for r in self.mapping_rows()]
+    def mapping(self) -> list[MappingRow]:
+        """`mapping_rows` as `MappingRow`s (preprocess prints them and stores them in the manifest)."""
+        return [MappingRow(*r) for r in self.mapping_rows()]
 
 
 def _turns(obj: dict[str, Any], placeholder: str = "<image>") -> list[tuple[str, str]]:

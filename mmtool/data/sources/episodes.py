@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from mmtool.data.schema import Field, Record
-from mmtool.data.sources.base import SOURCES, Source
+from mmtool.data.sources.base import SOURCES, MappingRow, Source
 from mmtool.data.sources.jsonl import MAX_NUM_ACTIONS, action_field, float_matrix
 from mmtool.data.sources.keymap import list_files, parse_key_map
 from mmtool.errors import MMToolError, RecordError
@@ -223,12 +223,15 @@ class EpisodesSource(Source):
         ref = e.ref if not isinstance(e.ref, np.ndarray) else hashlib.sha256(e.ref.tobytes()).hexdigest()
         return f"{e.id}\0{e.file}\0{ref}".encode()
 
-    def mapping(self) -> list[tuple[str, str]]:
-        """(input column/key, becomes) for every column/key of every layout read, plus ignored ones."""
-        rows: dict[tuple[str, str], None] = {}
-        targets = {"episode": "id (episode grouping)", "step": "step order", "observations":
-                   "observation", "actions": "action", "rewards": "reward",
-                   "terminals": "episode end (meta.terminated)", "timeouts": "episode end"}
+    def mapping(self) -> list[MappingRow]:
+        """Every column/key of every layout read: what it becomes, or that it is ignored."""
+        rows: dict[tuple[str, str, str], None] = {}
+        targets = {"episode": ("id", "rows grouped into one episode per value"),
+                   "step": ("order", "the episode's steps sorted by it"),
+                   "observations": ("observation", ""), "actions": ("action", ""),
+                   "rewards": ("reward", ""),
+                   "terminals": ("meta", "ends an episode (meta.terminated)"),
+                   "timeouts": ("meta", "ends an episode (meta.ended)")}
         for i, found in self.found.items():
             fmt = self.formats[i]
             used = {}
@@ -240,12 +243,8 @@ class EpisodesSource(Source):
                 if name:
                     used[name] = target
             for name in found:
-                rows[(name, used.get(name, "ignored"))] = None
-        return list(rows)
-
-    def describe_mapping(self) -> list[str]:
-        """The mapping report as lines `INPUT → BECOMES`."""
-        return [f"{src} → {dst}" for src, dst in self.mapping()]
+                rows[(name, *used.get(name, ("ignored", "")))] = None
+        return [MappingRow(name, target, note=note) for name, target, note in rows]
 
     # -- reading --------------------------------------------------------------------------------
     def _handle(self, file: int) -> Any:

@@ -36,7 +36,7 @@ from typing import Any
 
 from mmtool.data import media
 from mmtool.data.schema import Field, Record
-from mmtool.data.sources.base import SOURCES, Source
+from mmtool.data.sources.base import SOURCES, MappingRow, Source
 from mmtool.data.sources.keymap import list_files, parse_key_map
 from mmtool.errors import MMToolError, RecordError
 
@@ -82,7 +82,7 @@ class WebDatasetSource(Source):
             if target == "id" and not src.startswith("json.") and src != "__key__":
                 raise MMToolError(f"--opt map=...id:{src}: the id comes from __key__ or a json.FIELD")
         self.samples: list[_Sample] = []
-        self.skipped: Counter[str] = Counter()  # non-file members
+        self.skipped_members: Counter[str] = Counter()  # non-file members, names without a dot
         for i, path in enumerate(self.shards):
             self.samples += self._index(i, path)
         if not self.samples:
@@ -99,12 +99,12 @@ class WebDatasetSource(Source):
             with tarfile.open(path, "r:") as tar:
                 for member in tar:
                     if not member.isfile():
-                        self.skipped["non-file member"] += 1
+                        self.skipped_members["non-file member"] += 1
                         continue
                     folder, _, base = member.name.rpartition("/")
                     stem, dot, ext = base.partition(".")
                     if not dot or not stem:
-                        self.skipped["member without key.extension"] += 1
+                        self.skipped_members["member without key.extension"] += 1
                         continue
                     key = f"{folder}/{stem}" if folder else stem
                     sample = by_key.setdefault(key, _Sample(shard, key, {}, []))
@@ -152,27 +152,34 @@ class WebDatasetSource(Source):
         return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else key
 
     # -- the mapping report ---------------------------------------------------------------------
-    def mapping(self) -> list[tuple[str, str]]:
-        """(input, becomes) pairs: each extension found (with its count) and `__key__`/`__url__`."""
-        rows = [("__key__", "id" if self.map.get("id", "__key__") == "__key__" else "meta.__key__"),
-                ("__url__", "meta.__url__")]
+    def mapping(self) -> list[MappingRow]:
+        """Each extension found (with its count), mapped json fields and `__key__`/`__url__`."""
+        key_is_id = self.map.get("id", "__key__") == "__key__"
+        rows = [MappingRow("__key__", "id" if key_is_id else "meta",
+                           note="" if key_is_id else "meta.__key__; the id is " + self.map["id"]),
+                MappingRow("__url__", "meta", note="meta.__url__: the tar's path, never text")]
         used: dict[str, str] = {}
         for target in ("image", "audio", "text", "label"):
             for ext in self._sources(target):
-                used.setdefault(ext, target if target in ("image", "audio", "label") else
-                                f"text ({self.options.text_role or 'caption/transcript/document'})")
+                used.setdefault(ext, target)
+        text_role = self.options.text_role or ""
+        text_note = "" if text_role else "role caption (next to an image), transcript or document"
         for target, src in self.map.items():
             if src.startswith("json."):
-                rows.append((src, target))
+                rows.append(MappingRow(src, target, text_role if target == "text" else "",
+                                       text_note if target == "text" else ""))
         for ext, count in sorted(self.extensions.items()):
-            becomes = used.get(ext, "meta (fields not mapped)" if ext == "json" else "ignored")
-            rows.append((f".{ext} ({count} samples)", becomes))
-        rows += [(f"{what} ({n})", "ignored") for what, n in sorted(self.skipped.items())]
+            target = used.get(ext, "meta" if ext == "json" else "ignored")
+            note = ("fields not mapped (map=TARGET:json.FIELD)" if target == "meta"
+                    else text_note if target == "text" else "")
+            rows.append(MappingRow(f".{ext} ({count} samples)", target,
+                                   text_role if target == "text" else "", note))
+        rows += [MappingRow(f"{what} ({n})", "ignored") for what, n in sorted(self.skipped_members.items())]
         return rows
 
-    def describe_mapping(self) -> list[str]:
-        """The mapping report as lines `INPUT → BECOMES`."""
-        return [f"{src} → {dst}" for src, dst in self.mapping()]
+    def skipped(self) -> dict[str, int]:
+        """Tar members that are not samples (directories, names without `key.extension`)."""
+        return dict(self.skipped_members)
 
     def _sources(self, target: str) -> tuple[str, ...]:
         src = self.map.get(target)

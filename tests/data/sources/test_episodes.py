@@ -65,9 +65,10 @@ def test_lerobot_parquet_groups_and_orders_steps(tmp_path, per_file):
         _check_episode(rec, ep, LENGTHS[ep])
         assert np.allclose(rec.fields[2].data, [ep + t for t in range(LENGTHS[ep])])
         assert np.allclose(rec.fields[1].data[:, 0], [0.1 * t for t in range(LENGTHS[ep])], atol=1e-6)
-    lines = src.describe_mapping()
-    assert "episode_index → id (episode grouping)" in lines and "frame_index → step order" in lines
-    assert "observation.state → observation" in lines and "timestamp → ignored" in lines
+    rows = {r.input: r.target for r in src.mapping()}
+    assert rows == {"episode_index": "id", "frame_index": "order", "timestamp": "ignored", "index": "ignored",
+                    "observation.state": "observation", "action": "action", "next.reward": "reward"}
+    assert "frame_index → order: the episode's steps sorted by it" in src.describe_mapping()
 
 
 def test_parquet_missing_column_lists_columns(tmp_path):
@@ -107,9 +108,10 @@ def test_d4rl_cuts_at_terminals_and_timeouts(tmp_path):
         start += T
     assert [src.read(i).meta["ended"] for i in range(3)] == [True, True, False]
     assert [src.read(i).meta["terminated"] for i in range(3)] == [True, False, False]
-    lines = src.describe_mapping()
-    assert "next_observations → ignored" in lines and "infos/qpos → ignored" in lines
-    assert "timeouts → episode end" in lines
+    rows = {r.input: r.target for r in src.mapping()}
+    assert rows["next_observations"] == rows["infos/qpos"] == "ignored"
+    assert rows["terminals"] == rows["timeouts"] == "meta" and rows["observations"] == "observation"
+    assert "timeouts → meta: ends an episode (meta.ended)" in src.describe_mapping()
 
 
 def make_minari(path, n_obs_extra: int = 1):

@@ -73,12 +73,12 @@ def test_keys_extensions_and_default_mapping(wds):
     folder, samples = wds
     src = build_source("webdataset", [f"urls={folder}/shard-{{000..001}}.tar"])
     assert [src.record_id(i) for i in range(len(src))] == list(samples)
-    lines = src.describe_mapping()
-    assert "__key__ → id" in lines and "__url__ → meta.__url__" in lines
-    assert ".jpg (3 samples) → image" in lines and ".png (3 samples) → image" in lines
-    assert ".txt (6 samples) → text (caption/transcript/document)" in lines
-    assert ".cls (6 samples) → label" in lines and ".json (6 samples) → meta (fields not mapped)" in lines
-    assert "member without key.extension (2) → ignored" in lines
+    rows = {r.input: r.target for r in src.mapping()}
+    assert rows == {"__key__": "id", "__url__": "meta", ".jpg (3 samples)": "image",
+                    ".png (3 samples)": "image", ".txt (6 samples)": "text", ".cls (6 samples)": "label",
+                    ".json (6 samples)": "meta", "member without key.extension (2)": "ignored"}
+    assert src.skipped() == {"member without key.extension": 2}
+    assert ".json (6 samples) → meta: fields not mapped (map=TARGET:json.FIELD)" in src.describe_mapping()
     for i, (key, (img, _, txt, obj, cls)) in enumerate(samples.items()):
         rec = src.read(i)
         assert [(f.modality, f.role) for f in rec.fields] == [("image", "image"), ("text", "caption")]
@@ -97,7 +97,8 @@ def test_json_fields_mapped_and_glob(wds):
         rec = src.read(i)
         assert rec.fields[1].data == obj["caption"] and rec.label == obj["meta"]["label"]
         assert rec.id == obj["uid"] and rec.meta["__key__"] == key and "caption" not in rec.meta
-    assert ("json.caption", "text") in src.mapping()
+    assert ("json.caption", "text") in {(r.input, r.target) for r in src.mapping()}
+    assert {(r.input, r.target) for r in src.mapping()} >= {("__key__", "meta"), ("json.uid", "id")}
 
 
 def test_bad_inputs_name_what_exists(wds, tmp_path):
