@@ -73,7 +73,7 @@ class HFOptions:
     name: str = field(default="", metadata={"help": "dataset configuration name"})
     split: str = field(default="", metadata={
         "help": "Hugging Face split to read, slices allowed (train[:100]); default: mmtool's "
-                "--split, or train when that is all"})
+                "--split (all: every split the dataset has)"})
     map: str = field(default="", metadata={
         "help": "col:modality[:role],... replaces type-based column detection, e.g. "
                 "img:image,caption:text,label:label (modality: image, audio, text, observation, "
