@@ -45,8 +45,10 @@ def summary_panel(summary: dict[str, Any], title: str) -> Panel:
              f"[{'red' if s['rejected'] else 'green'}]{s['rejected']:,}[/] · samples (rows) "
              f"[bold]{s['rows']:,}[/]"]
     chunk = s.get("chunking") or {}
-    lines.append(f"long text: {chunk.get('long_text', 'chunk')} at "
-                 f"{chunk.get('max_tokens') or 'the tokenizer cap of'} tokens, overlap "
+    caps = sorted({c["max_tokens"] for k, c in (s.get("tokenizers") or {}).items()
+                   if k.startswith("text/") and c.get("max_tokens")})
+    cap = chunk.get("max_tokens") or "/".join(map(str, caps)) or "the tokenizer cap of"
+    lines.append(f"long text: {chunk.get('long_text', 'chunk')} at {cap} tokens, overlap "
                  f"{chunk.get('overlap', 0)} · {s['chunked']:,} record(s) chunked"
                  + (f" into {s['chunks']:,} rows" if s.get("chunks") else "")
                  + f" · [{'yellow' if s['truncated'] else 'green'}]{s['truncated']:,} cut[/]")

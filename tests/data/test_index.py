@@ -17,13 +17,17 @@ from mmtool.errors import MMToolError
 def test_index_matches_the_rows(data):
     index = TokenIndex(data.all)
     samples = data.samples()
-    assert index.folder_sizes() == [300, 100, 30, 10, 300, 12, 1]
+    pydocs = json.loads((data.dirs["pydocs"] / "manifest.json").read_text())["sources"]["pydocs"]
+    # 300 pydocs records; each one longer than max_len becomes several samples (chunks)
+    assert pydocs["written"] == 300 and pydocs["chunked"] > 0
+    assert pydocs["rows"] == 300 - pydocs["chunked"] + pydocs["chunks"]
+    assert index.folder_sizes() == [300, 100, 30, 10, pydocs["rows"], 12, 1]
     steps = [next((g.shape[0] for g in s.segments if g.role == "observation"), 0) for s in samples]
     np.testing.assert_array_equal(index.steps, steps)
     np.testing.assert_array_equal(index.lengths, [s.n_tokens + t for s, t in zip(samples, steps)])
     np.testing.assert_array_equal(index.labels, [-1 if s.label is None else s.label for s in samples])
     np.testing.assert_array_equal(index.sample_folder, np.repeat(np.arange(7), index.folder_sizes()))
-    assert index.sample_ids([0, 400, 752]) == [samples[0].id, samples[400].id, "prompted-cartpole"]
+    assert index.sample_ids([0, 400, len(samples) - 1]) == [samples[0].id, samples[400].id, "prompted-cartpole"]
     keys = [s.key for s in index.streams]
     assert keys[-1] == SEPARATOR and keys[:-1] == sorted(keys[:-1])
     assert {"action:discrete", "action:mulaw", "audio:logmel", "image:patches",
