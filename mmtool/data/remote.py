@@ -36,6 +36,7 @@ __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_CACHE_LIMIT", "ShardCache", "ShardRef",
 
 DEFAULT_CACHE_DIR = "~/.cache/mmtool/shards"
 DEFAULT_CACHE_LIMIT = "20GB"
+DEFAULT_STAGING_DIR = "~/.cache/mmtool/staging"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _CHUNK = 8 << 20
 
