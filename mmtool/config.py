@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import yaml
 
 from mmtool.errors import MMToolError
 
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -44,8 +47,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ValueError(value)
         if annotation in (int, float, str):
             return annotation(value)
-        if annotation is Path:
-            return Path(value)
+        if annotation is Path:  # a URL (s3://, memory://, ...) stays text: Path would fold its "//"
+            return value if isinstance(value, str) and _URL.match(value) else Path(value)
         if origin in (list, tuple):
             return _coerce_items(value, annotation, key)
         if origin is dict:

@@ -46,7 +46,10 @@ def preprocess_cmd(
         return
     manifest = run_preprocess(cfg, console, on_mapping=lambda rows: console.print(
         mapping_table([r.as_dict() for r in rows])))
-    console.print(preprocess_summary(manifest, str(cfg.out)))
+    console.print(preprocess_summary(manifest, manifest.get("url") or str(cfg.out)))
+    if manifest.get("url"):
+        console.print(f"uploaded to {manifest['url']} (shards, then manifest.json; staged in "
+                      f"{manifest['staging']})", soft_wrap=True, markup=False)
     if manifest.get("kept_foreign"):
         console.print(f"[yellow]kept {len(manifest['kept_foreign'])} file(s) in {cfg.out} that mmtool did "
                       f"not write: {', '.join(manifest['kept_foreign'][:5])}[/]")

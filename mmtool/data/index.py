@@ -20,8 +20,10 @@ assistant turns only) without a role vocabulary shared between folders.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmtool.data import remote
 from mmtool.data import shards as store
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
@@ -74,10 +77,14 @@ class Stream:
 
 @dataclass
 class Shard:
-    """Flat numpy views of one shard (one contiguous record batch) plus derived per-segment arrays."""
+    """Flat numpy views of one shard (one contiguous record batch) plus derived per-segment arrays.
+
+    A remote shard (`ref` set) keeps its per-sample and per-segment arrays always; its `table`,
+    `ids` and `values` are open only while its file is in the shard cache (`TokenIndex.using`
+    reopens it, the cache's eviction closes it)."""
 
     path: Path
-    table: pa.Table  # keeps the memory map alive
+    table: pa.Table | None  # keeps the memory map alive
     n: int  # samples
     seg_offsets: np.ndarray  # int64 [n+1]: segments of sample i are seg_offsets[i]:seg_offsets[i+1]
     ids: np.ndarray  # int32 [total ids]
@@ -95,13 +102,14 @@ class Shard:
     sample_step_len: np.ndarray  # int64 [n]: tokens per timestep, separator included
     labels: np.ndarray  # int64 [n], -1 when missing
     split: np.ndarray  # int8 [n]: position in `SPLITS` (train, validation, test), -1 for any other
+    ref: remote.ShardRef | None = None  # where a remote shard comes from (None: a local file)
 
 
 @dataclass
 class Folder:
-    """One preprocessed folder: its manifest and shards."""
+    """One preprocessed folder: its manifest and shards (`path` a str URL for a remote folder)."""
 
-    path: Path
+    path: Path | str
     manifest: dict[str, Any]
     shards: list[Shard]
     name: str
@@ -156,17 +164,28 @@ class TokenIndex:
     """Opens preprocessed folders, checks that they can be mixed, and indexes their tokens.
 
     Args:
-        folders: preprocessed folders (each with `manifest.json`).
+        folders: preprocessed folders (each with `manifest.json`), local paths or URLs.
         verify: check every shard's sha256 against its manifest first (reads every byte once).
+            Remote shards are verified once as they arrive in the cache, whatever `verify` says.
+        cache: a factory of the `remote.ShardCache` that remote folders are read through, called
+            only when a folder is remote (None: the default cache folder and limit).
 
     Raises:
         MMToolError: a missing folder or shard, a corrupt shard, a manifest from a newer schema, or
             folders whose tokenizers disagree.
     """
 
-    def __init__(self, folders: list[str | Path], verify: bool = True):
+    def __init__(self, folders: list[str | Path], verify: bool = True, cache=None):
         if not folders:
             raise MMToolError("no data folders given (--data DIR)")
+        folders = [remote.local_path(f) for f in folders]
+        self.cache: remote.ShardCache | None = None
+        if any(isinstance(f, str) for f in folders):
+            self.cache = cache() if cache else remote.ShardCache(
+                remote.DEFAULT_CACHE_DIR, store.parse_size(remote.DEFAULT_CACHE_LIMIT))
+            self._open_lock = threading.Lock()
+            self._by_sha: dict[str, list[Shard]] = {}
+            self.cache.on_evict(self._close_evicted)
         manifests = []
         for path in folders:
             manifest = store.load_manifest(path)
@@ -176,13 +195,17 @@ class TokenIndex:
         self.streams = self._merge_streams(folders, manifests)
         self.stream_ids = {s.key: i for i, s in enumerate(self.streams)}
         self.folders: list[Folder] = []
-        names = [Path(f).name or str(f) for f in folders]
+        names = [(f.rstrip("/").rsplit("/", 1)[-1] if isinstance(f, str) else f.name) or str(f)
+                 for f in folders]
         for path, manifest, name in zip(folders, manifests, names):
             if not manifest["shards"]:
-                raise MMToolError(f"{path}: holds no samples (its manifest lists no shard: every record "
-                                  "was rejected or the source was empty); leave it out of --data")
-            shards = [self._open_shard(Path(path) / s["path"]) for s in manifest["shards"]]
-            self.folders.append(Folder(Path(path), manifest, shards, name))
+                raise MMToolError(f"{remote.redact(str(path))}: holds no samples (its manifest lists no "
+                                  "shard: every record was rejected or the source was empty); leave it out "
+                                  "of --data")
+            opener = self._open_remote if isinstance(path, str) else \
+                lambda folder, s: self._open_shard(folder / s["path"])
+            shards = [opener(path, s) for s in manifest["shards"]]
+            self.folders.append(Folder(path, manifest, shards, name))
         # Global sample numbering: folder-major, then shard, then row.
         self.shards = [s for f in self.folders for s in f.shards]
         self.shard_start = np.cumsum([0] + [s.n for s in self.shards])  # [n_shards+1]
@@ -216,6 +239,66 @@ class TokenIndex:
         self.signature = np.zeros(len(seg_counts), np.int64)  # [N]
         np.bitwise_or.at(self.signature, sample_of_seg, 1 << self.seg_stream)
         self.signature |= np.where(self.steps > 0, 1 << self.stream_ids[SEPARATOR], 0)
+
+    # -- remote shards ---------------------------------------------------------------------------
+    def _open_remote(self, folder: str, entry: dict[str, Any]) -> Shard:
+        """Fetches (or finds in the cache) one remote shard and indexes it; its token buffers stay
+        open until the cache evicts its file."""
+        ref = remote.ShardRef(store.shard_path(folder, entry), entry["sha256"], entry["bytes"])
+        path = self.cache.acquire(ref)
+        try:
+            shard = self._open_shard(path)
+            shard.ref = ref
+            with self._open_lock:
+                self._by_sha.setdefault(ref.sha256, []).append(shard)
+        finally:
+            self.cache.release(ref)
+        return shard
+
+    def _close_evicted(self, sha256: str) -> None:
+        """Drops the memory maps of a shard whose cached file is being deleted (never a pinned one)."""
+        for shard in self._by_sha.get(sha256, ()):
+            shard.table, shard.ids, shard.values = None, None, None
+
+    def _reopen(self, shard: Shard, path: Path) -> None:
+        table = store.read_shard(path)
+        if len(table.to_batches()) != 1:
+            table = table.combine_chunks()
+        struct = table.column("segments").chunk(0).values
+        shard.ids = np.asarray(_list_parts(struct.field("ids"))[1], np.int32)
+        shard.values = np.asarray(_list_parts(struct.field("values"))[1], np.float32)
+        shard.table = table
+
+    def _remote_shards(self, samples: np.ndarray) -> list[Shard]:
+        shards = self.shards
+        return [shards[i] for i in np.unique(self.locate(np.asarray(samples))[0]).tolist()
+                if shards[i].ref is not None]
+
+    @contextlib.contextmanager
+    def _pinned(self, samples: np.ndarray):
+        needed = self._remote_shards(samples)
+        held = []
+        try:
+            for shard in needed:
+                path = self.cache.acquire(shard.ref)
+                held.append(shard)
+                with self._open_lock:
+                    if shard.table is None:
+                        self._reopen(shard, path)
+            yield
+        finally:
+            for shard in held:
+                self.cache.release(shard.ref)
+
+    def using(self, samples: np.ndarray):
+        """A context in which the shards holding `samples` (global numbers) are open and pinned in
+        the cache. A no-op for local folders (they are memory-mapped for good)."""
+        return self._pinned(samples) if self.cache is not None else contextlib.nullcontext()
+
+    def prefetch(self, samples: np.ndarray) -> None:
+        """Starts fetching, in the background, the remote shards that hold `samples`."""
+        if self.cache is not None:
+            self.cache.prefetch(s.ref for s in self._remote_shards(samples) if s.table is None)
 
     # -- opening ---------------------------------------------------------------------------------
     def _merge_streams(self, folders, manifests) -> list[Stream]:
@@ -385,11 +468,12 @@ class TokenIndex:
     def sample_ids(self, index: np.ndarray) -> list[str]:
         """String ids of samples (slow path: for reports and tests)."""
         shard, row = self.locate(np.asarray(index))
-        return [self.shards[s].table.column("id")[int(r)].as_py() for s, r in zip(shard, row)]
+        with self.using(np.asarray(index)):
+            return [self.shards[s].table.column("id")[int(r)].as_py() for s, r in zip(shard, row)]
 
     def describe(self) -> dict[str, Any]:
         """Folders, sizes and streams, JSON-ready."""
-        return {"folders": [{"path": str(f.path), "samples": f.n} for f in self.folders],
+        return {"folders": [{"path": remote.redact(str(f.path)), "samples": f.n} for f in self.folders],
                 "streams": [json.loads(json.dumps(s.__dict__, default=str)) for s in self.streams]}
 
 
@@ -403,9 +487,9 @@ class RunStreamIndex(TokenIndex):
         streams: the model's streams (`UnifiedModel.streams`, `streams.json`).
     """
 
-    def __init__(self, folders: list[str | Path], streams: list[Stream]):
+    def __init__(self, folders: list[str | Path], streams: list[Stream], cache=None):
         self._run_streams = list(streams)
-        super().__init__(folders, verify=False)
+        super().__init__(folders, verify=False, cache=cache)
 
     def unknown_stream(self, stream: Stream, known: str) -> str:
         """The error for a stream of the folders that the model never saw (`known`: its streams)."""

@@ -27,7 +27,9 @@ from mmtool.data.batch import Batch
 from mmtool.data.batching import STRATEGIES, BatchSize, assemble, check_budget, plan_warnings
 from mmtool.data.index import TokenIndex
 from mmtool.data.mixture import Mixture, parse_data_specs, resolve_mix_by, take_fractions
+from mmtool.data.remote import DEFAULT_CACHE_DIR, ShardCache, redact
 from mmtool.data.schema import SPLITS
+from mmtool.data.shards import parse_size
 from mmtool.errors import MMToolError
 
 
@@ -67,6 +69,12 @@ class LoaderConfig:
     """Page-lock batch buffers (set when training on CUDA)."""
     verify: bool = True
     """Check shard sha256 against the manifests before reading."""
+    cache_dir: str | None = None
+    """Local folder remote shards are cached in (`--cache-dir`; None: ~/.cache/mmtool/shards)."""
+    cache_limit: str = "20GB"
+    """Bytes of remote shards kept in `cache_dir` (`--cache-limit`), least recently used out."""
+    prefetch_batches: int = 8
+    """Batches ahead whose remote shards a background thread fetches."""
 
 
 class _BatchStream(IterableDataset):
@@ -89,23 +97,40 @@ class _BatchStream(IterableDataset):
                 position += 1
             epoch, start = epoch + 1, 0
 
+    def ahead(self, plans: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """`plans` unchanged, but each batch's remote shards are queued for prefetching
+        `prefetch_batches` batches before it is yielded (local folders: `plans` itself)."""
+        index, depth = self.loader.index, self.loader.cfg.prefetch_batches
+        if index.cache is None or depth <= 0:
+            yield from plans
+            return
+        window: deque = deque()
+        for samples in plans:  # endless: the window never needs draining
+            index.prefetch(samples)
+            window.append(samples)
+            if len(window) > depth:
+                yield window.popleft()
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         index, layout = self.loader.index, self.loader.strategy.layout
-        for samples in self.plans(*((info.id, info.num_workers) if info else (0, 1))):
-            yield assemble(index, samples, layout)
+        for samples in self.ahead(self.plans(*((info.id, info.num_workers) if info else (0, 1)))):
+            with index.using(samples):
+                batch = assemble(index, samples, layout)
+            yield batch
 
     def threaded(self, threads: int, prefetch: int, pin: bool) -> Iterator[Batch]:
         """Assembles ahead in `threads` threads (numpy releases the GIL), yielding in plan order."""
         index, layout = self.loader.index, self.loader.strategy.layout
 
         def build(samples: np.ndarray) -> Batch:
-            batch = assemble(index, samples, layout)
+            with index.using(samples):
+                batch = assemble(index, samples, layout)
             return batch.pin_memory() if pin else batch
 
         with ThreadPoolExecutor(threads, thread_name_prefix="mmtool-loader") as pool:
             pending: deque = deque()
-            for samples in self.plans():
+            for samples in self.ahead(self.plans()):
                 pending.append(pool.submit(build, samples))
                 if len(pending) >= threads * prefetch:
                     yield pending.popleft().result()
@@ -136,7 +161,7 @@ class Loader:
         specs = parse_data_specs(cfg.data)
         if not specs:
             raise MMToolError("no data folders given (--data DIR[=WEIGHT])")
-        self.index = TokenIndex([s.path for s in specs], verify=cfg.verify)
+        self.index = TokenIndex([s.path for s in specs], verify=cfg.verify, cache=self._cache)
         members = self._members(cfg.splits)  # [M] global numbers of the rows in `splits`
         self.members = take_fractions(members, self.index.sample_folder[members],
                                       [s.fraction for s in specs], cfg.seed)  # [M'] `fraction=` subsets
@@ -163,6 +188,11 @@ class Loader:
         self.drawn = Drawn([0] * n, [0] * n)
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         self._stream: Iterator[Batch] | None = None  # open worker stream at (epoch, batch)
+
+    def _cache(self) -> ShardCache:
+        """The shard cache of `--cache-dir`/`--cache-limit` (made only when a folder is remote)."""
+        return ShardCache(self.cfg.cache_dir or DEFAULT_CACHE_DIR,
+                          parse_size(self.cfg.cache_limit, "--cache-limit"))
 
     def _members(self, splits: list[str]) -> np.ndarray:
         """Global numbers of the rows whose split is in `splits`; refuses a folder with none."""
@@ -266,5 +296,5 @@ class Loader:
 
     def drawn_by_folder(self) -> dict[str, dict[str, int]]:
         """Samples and tokens drawn so far, by folder name."""
-        return {str(f.path): {"samples": s, "tokens": t}
+        return {redact(str(f.path)): {"samples": s, "tokens": t}
                 for f, s, t in zip(self.index.folders, self.drawn.samples, self.drawn.tokens)}

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtool.config import parse_weights
+from mmtool.data.remote import local_path
 from mmtool.errors import MMToolError
 
 
@@ -43,7 +44,7 @@ class DataSpec:
     """One `--data` entry.
 
     Attributes:
-        path: the preprocessed folder.
+        path: the preprocessed folder (a str URL for a remote one, `mmtool.data.remote`).
         weight: its sampling weight (None = unweighted): a share of tokens or samples (`--mix-by`).
         objectives: its own objectives → loss weights (None: the run's `--objectives`); names may
             be task presets (`mmtool ls task-presets`), see `mmtool.models.tasks`.
@@ -51,7 +52,7 @@ class DataSpec:
             seeded subset, nested across fractions of one seed (data-scaling experiments).
     """
 
-    path: Path
+    path: Path | str
     weight: float | None = None
     objectives: dict[str, float] | None = None
     fraction: float = 1.0
@@ -82,7 +83,7 @@ def parse_data_specs(specs: list[str]) -> list[DataSpec]:
         head, *rest = _OPTIONS.split(spec)
         options = dict(zip(rest[::2], rest[1::2]))
         path, sep, weight = head.rpartition("=") if "=" in head else (head, "", "")
-        out.append(DataSpec(Path(path), _weight(weight, spec) if sep else None,
+        out.append(DataSpec(local_path(path), _weight(weight, spec) if sep else None,
                             _objectives(options.get("objectives"), spec),
                             _fraction(options.get("fraction", 1.0), spec)))
     if any(d.weight is not None for d in out):
@@ -216,8 +217,8 @@ def _read_mixture_file(path: Path) -> list[DataSpec]:
         if not isinstance(e["path"], str) or not e["path"]:
             raise MMToolError(f"{path}: datasets[{i}] path must be a folder path (text), "
                               f"got {e['path']!r}")
-        folder = Path(e["path"])
-        if not folder.is_absolute():
+        folder = local_path(e["path"])
+        if isinstance(folder, Path) and not folder.is_absolute():
             folder = path.parent / folder
         w, where = e.get("weight"), f"{path} datasets[{i}]"
         unknown = sorted(set(e) - {"path", "weight", "objectives", "fraction"})

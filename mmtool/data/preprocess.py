@@ -26,6 +26,7 @@ source's `mapping()` (which column became what, which are ignored) goes into the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -43,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtool import __version__, folders
+from mmtool.data import remote
 from mmtool.data import shards as store
 from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
 from mmtool.data.chunking import check as check_chunking
@@ -68,7 +70,11 @@ class PreprocessConfig:
     source: str
     """Registered source name (`mmtool ls sources`)."""
     out: Path
-    """Output folder for shards, `manifest.json` and `rejected.jsonl`."""
+    """Output folder for shards, `manifest.json` and `rejected.jsonl`; or a URL of any fsspec
+    protocol (s3://, gs://, hf://, ...): written in `staging`, then uploaded, manifest last."""
+    staging: Path | None = None
+    """Local folder a URL `--out` is written in before its upload (None: a folder under
+    ~/.cache/mmtool/staging named by the URL's hash). Kept, so a rerun resumes and re-uploads."""
     options: list[str] = field(default_factory=list)
     """Source options as `key=value` strings (`--opt`)."""
     split: str = "all"
@@ -562,6 +568,10 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
             process, a folder made with other settings, too many rejected records, or
             (with `on_error="raise"`) the first bad record.
     """
+    if remote.is_remote(cfg.out):
+        return _preprocess_to_url(cfg, progress=progress, on_start=on_start, notify=notify,
+                                  on_mapping=on_mapping)
+    cfg = dataclasses.replace(cfg, out=remote.local_path(cfg.out))
     _check_flags(cfg)
     start = time.perf_counter()
     overrides = parse_tokenizer_overrides(cfg.tokenizers)
@@ -581,6 +591,20 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     if not manifest["up_to_date"]:
         manifest["seconds"] = time.perf_counter() - start
     return manifest
+
+
+def _preprocess_to_url(cfg: PreprocessConfig, **callbacks: Any) -> dict[str, Any]:
+    """`preprocess` into a local staging folder, then `remote.publish_folder` to the URL (old
+    manifest removed first, shards and rejected.jsonl, manifest last). Credentials: the fsspec
+    backend's own environment and config files."""
+    url = str(cfg.out)
+    key = hashlib.sha256(remote.redact(url).encode()).hexdigest()[:16]
+    staging = Path(cfg.staging or Path(remote.DEFAULT_STAGING_DIR) / key).expanduser()
+    manifest = preprocess(dataclasses.replace(cfg, out=staging, staging=None), **callbacks)
+    files = [s["path"] for s in manifest["shards"]]
+    files += [store.REJECTED] if (staging / store.REJECTED).is_file() else []
+    remote.publish_folder(staging, url, files, store.MANIFEST)
+    return {**manifest, "staging": str(staging), "url": remote.redact(url)}
 
 
 def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices: list[int],

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from mmtool.data import remote
 from mmtool.data.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from mmtool.errors import MMToolError
 from mmtool.io import atomic_write_json, atomic_write_text, publish, sha256_file, tmp_path
@@ -89,17 +90,17 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
 
     A manifest is a JSON object with an integer `schema_version` no newer than this mmtool's and a
     `shards` list of `{"path": str, "rows": int, "bytes": int, "sha256": str}`, each `path` a file
-    inside `folder` (no absolute path, no `..`, no symlink out).
+    inside `folder` (no absolute path, no `..`, no symlink out). `folder` may be a URL of any
+    fsspec protocol (`mmtool.data.remote`); `file://` URLs are local folders.
 
     Raises:
         MMToolError: a missing or unreadable file, or the first thing wrong with its shape, in one
             line naming the file.
     """
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise MMToolError(f"{folder}: no {MANIFEST}; run `mmtool preprocess SOURCE --out {folder}` first")
+    folder = remote.local_path(folder)
+    path = _manifest_path(folder)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(_read_manifest(folder))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MMToolError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(manifest, dict):
@@ -122,6 +123,24 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _manifest_path(folder: str | Path) -> str | Path:
+    """Where a folder's manifest is, as named in messages (a URL without credentials)."""
+    return remote.redact(remote.join(folder, MANIFEST)) if isinstance(folder, str) else folder / MANIFEST
+
+
+def _read_manifest(folder: str | Path) -> str:
+    """The text of `folder`'s manifest, local or remote."""
+    hint = f"{folder}: no {MANIFEST}; run `mmtool preprocess SOURCE --out {folder}` first"
+    if isinstance(folder, str):
+        try:
+            return remote.read_bytes(remote.join(folder, MANIFEST)).decode("utf-8")
+        except FileNotFoundError:
+            raise MMToolError(hint.replace(folder, remote.redact(folder))) from None
+    if not (folder / MANIFEST).is_file():
+        raise MMToolError(hint)
+    return (folder / MANIFEST).read_text(encoding="utf-8")
+
+
 _SHARD_KEYS = {"path": str, "rows": int, "bytes": int, "sha256": str}
 
 
@@ -136,15 +155,21 @@ def _check_shard_entry(manifest_path: Path, n: int, shard: Any) -> None:
             raise MMToolError(f"{manifest_path}: shards[{n}].{key} must be {want}, got {value!r:.60}")
 
 
-def shard_path(folder: str | Path, shard: dict[str, Any]) -> Path:
-    """The file of one manifest shard entry, refused unless it lies inside `folder`.
+def shard_path(folder: str | Path, shard: dict[str, Any]) -> Path | str:
+    """The file of one manifest shard entry, refused unless it lies inside `folder` (a URL for a
+    remote folder).
 
     Raises:
         MMToolError: an absolute path, a `..` that climbs out, or a symlink that leads out of
             `folder` (a manifest must never make mmtool read files elsewhere).
     """
-    folder = Path(folder)
+    folder = remote.local_path(folder)
     rel = Path(shard["path"])
+    if isinstance(folder, str):
+        if rel.is_absolute() or ".." in rel.parts or "://" in shard["path"] or "\\" in shard["path"]:
+            raise MMToolError(f"{_manifest_path(folder)}: shard path {shard['path']!r} leaves the folder; "
+                              "shard paths must be inside the folder")
+        return remote.join(folder, rel.as_posix())
     path = folder / rel
     where = f"{folder / MANIFEST}: shard path {shard['path']!r}"
     if rel.is_absolute():
@@ -166,9 +191,12 @@ def content_sha256(manifest: dict[str, Any]) -> str:
 
 def verify_shards(folder: str | Path, manifest: dict[str, Any] | None = None) -> None:
     """Checks that every shard of the manifest lies in `folder`, exists and matches its size and
-    sha256."""
-    folder = Path(folder)
+    sha256. A remote folder's shards are verified as they arrive in the cache
+    (`remote.ShardCache`), not here: this checks only its manifest."""
+    folder = remote.local_path(folder)
     manifest = manifest or load_manifest(folder)
+    if isinstance(folder, str):
+        return
     for shard in manifest["shards"]:
         path = shard_path(folder, shard)
         if not path.is_file():

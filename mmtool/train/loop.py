@@ -85,6 +85,11 @@ class TrainConfig:
     splits: list[str] = field(default_factory=lambda: ["train"])
     """Rows read for pretraining, by their `split` column (`--splits train[,validation,test]`):
     validation and test rows stay out by default so that evaluation sees unseen data."""
+    cache_dir: str | None = None
+    """Local folder that shards of remote `--data` URLs (s3://, gs://, hf://, ...) are cached in,
+    by sha256 (None: ~/.cache/mmtool/shards). Local folders are read in place."""
+    cache_limit: str = "20GB"
+    """Bytes of remote shards the cache keeps (e.g. 20GB, 500MB); least recently used out."""
     num_workers: int = 1
     """Loader worker threads that assemble batches ahead of the model (0: on demand)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,7 +134,8 @@ class TrainConfig:
                             batch_samples=samples, temperature=self.temperature, seed=self.seed,
                             samples_per_epoch=self.samples_per_epoch, num_workers=self.num_workers,
                             mix_by=self.mix_by, splits=list(self.splits),
-                            rank=rank, world_size=world, pin_memory=pin)
+                            rank=rank, world_size=world, pin_memory=pin,
+                            cache_dir=self.cache_dir, cache_limit=self.cache_limit)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
