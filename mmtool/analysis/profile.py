@@ -79,8 +79,11 @@ class ProfileConfig:
     """What a weight is a share of: tokens or samples (`--mix-by`; see `LoaderConfig.mix_by`)."""
     splits: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
     """Rows profiled, by split column (`--splits`); all of them by default."""
+    compile: bool = False
+    """Compile the `--model` step (`mmtool.models.compile`); its graphs compile in the warm-up
+    steps, whose first-step time and graph count the result reports."""
     step_fn: Callable[[Batch], None] | None = None
-    """Optional model step (forward + backward) called on each measured batch, on `device`."""
+    """Optional model step (forward + backward) called on each batch, warm-up ones included, on `device`."""
 
 
 def _rss_mb() -> float:
@@ -204,9 +207,17 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
     folder_tokens = np.zeros(len(names))  # [F] real tokens of the measured batches per folder
     single = 0  # measured batches that hold one folder only
     warnings = loader.warnings()
+    warm: list[float] = []  # the model's warm-up step times (the first one compiles, with --compile)
+    graphs_before = _graphs()
     try:
         for _ in range(cfg.warmup):
-            next(stream)
+            batch = next(stream)
+            if cfg.step_fn is not None:
+                t0 = time.perf_counter()
+                cfg.step_fn(batch.to(cfg.device))
+                if cfg.device == "cuda":
+                    torch.cuda.synchronize()
+                warm.append(time.perf_counter() - t0)
         samples = real = slots = 0
         pads: list[float] = []
         wait = step = compare = derive = 0.0
@@ -263,8 +274,17 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
     }
     if cfg.step_fn is not None:
         result["step"] = {"real_tokens_per_s": real / seconds, "step_seconds": step,
-                          "data_wait_fraction": wait / seconds}
+                          "data_wait_fraction": wait / seconds,
+                          "first_step_seconds": warm[0] if warm else None,
+                          "compile_graphs": _graphs() - graphs_before if cfg.compile else None}
     return result
+
+
+def _graphs() -> int:
+    """Graphs `mmtool.models.compile` has compiled in this process so far."""
+    from mmtool.models.compile import stats
+
+    return stats().graphs
 
 
 def step_objectives(streams: list) -> dict[str, float]:
@@ -289,6 +309,10 @@ def model_step(cfg: ProfileConfig, size: str) -> Callable[[Batch], None]:
     streams = TokenIndex([s.path for s in parse_data_specs(cfg.data)], verify=False).streams
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(size=size, objectives=step_objectives(streams)), streams).to(cfg.device)
+    if cfg.compile:
+        from mmtool.models.compile import compile_model
+
+        compile_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -297,7 +321,7 @@ def model_step(cfg: ProfileConfig, size: str) -> Callable[[Batch], None]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.__qualname__ = f"model_step[{size}]"
+    step.__qualname__ = f"model_step[{size}{', compiled' if cfg.compile else ''}]"
     return step
 
 

@@ -82,6 +82,10 @@ def run_eval_transfer(cfg, console: Console) -> dict[str, Any]:
     with console.status("eval-transfer") as status:
         report = evaluate_transfer(cfg, on_progress=lambda msg: status.update(f"eval-transfer: {msg}"))
     console.print(transfer_table(report))
+    if cfg.compile:
+        from mmtool.models.compile import stats
+
+        console.print(f"compiled {stats().graphs} graph(s) (both models share them)")
     files = [report["report"], *report["plots"].values()]
     console.print("wrote " + " · ".join(files))
     return report

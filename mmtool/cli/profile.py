@@ -72,6 +72,12 @@ def profile_table(result: dict[str, Any]) -> Group:
     speed.caption = (f"{data['samples']:,} samples in {len(data['folders'])} folder(s), longest "
                      f"{data['longest_sample_tokens']:,} tokens, seed {cfg['seed']} · torch {machine['torch']}, "
                      f"{machine['cpu_count']} CPUs" + (f", {machine['accelerator']}" if machine["accelerator"] else ""))
+    firsts = {name: r["step"] for name, r in rows.items() if r["step"] and r["step"].get("first_step_seconds")}
+    if firsts:  # what the warm-up steps cost (compiling, with --compile)
+        speed.caption += "\nfirst model step (warm-up): " + ", ".join(
+            f"{name} {st['first_step_seconds']:.2f} s" + (f" ({st['compile_graphs']} graphs compiled)"
+                                                         if st.get("compile_graphs") is not None else "")
+            for name, st in firsts.items())
     mix = result["mixture"]
     shares = Table(title=f"mixture: requested share of {mix['mix_by']} vs realised (epoch 0; "
                          f"measured batches per strategy), splits {','.join(mix['splits'])}",

@@ -63,13 +63,18 @@ def run_training(cfg, resume: bool, console: Console) -> dict:
                           f"streams {', '.join(info['streams'])}"
                           + (f"; resuming {info['resumed_from']}" if info["resumed_from"] else ""))
             console.print(f"mixture: weights are shares of {info['mix_by']}; splits {','.join(info['splits'])}")
+            if info.get("compile"):
+                console.print(f"compile: {info['compile']}")
             if info.get("amended"):
                 console.print(f"resumed with amended settings: {info['amended']} (recorded in config.json "
                               "`amendments`)")
             for line in info["warnings"]:
                 console.print(f"[yellow]warning:[/] {line}")
 
+        seconds: list[float] = []  # this process's step times (the first pays for compiling)
+
         def on_step(line: dict) -> None:
+            seconds.append(line["seconds"])
             bar.update(task, completed=line["step"],
                        info=f"loss {line['loss']:.3f} · {line['tokens_per_s']:,.0f} tok/s · wait {line['data_wait']:.0%}")
 
@@ -77,4 +82,8 @@ def run_training(cfg, resume: bool, console: Console) -> dict:
     if summary["rank"] == 0:
         console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; final loss "
                       f"{summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}")
+        if summary.get("compile_graphs") is not None and seconds:
+            rest = sorted(seconds[1:])
+            steady = f", later steps {rest[len(rest) // 2]:.2f} s (median)" if rest else ""
+            console.print(f"compiled {summary['compile_graphs']} graph(s); first step {seconds[0]:.1f} s{steady}")
     return summary

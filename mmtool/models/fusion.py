@@ -126,15 +126,27 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, seq: Grouping, backend, causal: bool) -> Tensor:
         n, d = x.shape
-        q, k, v = self.qkv(x).view(n, 3, self.n_heads, d // self.n_heads).unbind(1)  # 3 × [N, H, Dh]
-        if seq.mask is None:
-            o = backend(q, k, v, seq.cu_seqlens, seq.max_seqlen, causal, seq.lengths)  # [N, H, Dh]
-        else:  # padded rows: one SDPA over [B, H, L, Dh] with the key-padding (and group) mask
-            b, width = seq.mask.shape[0], seq.mask.shape[-1]
-            rows = lambda t: t.view(b, width, self.n_heads, -1).transpose(1, 2)  # noqa: E731
-            o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=seq.mask)
-            o = o.transpose(1, 2)  # [B, L, H, Dh]
-        return self.proj(o.reshape(n, d))  # [N, d]
+        q, k, v = self.project(x)  # 3 × [N, H, Dh]
+        return self.proj(attend(q, k, v, seq, backend, causal).reshape(n, d))  # [N, d]
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values of the rows `x [N, d]`: 3 × [N, H, Dh]."""
+        n, d = x.shape
+        return self.qkv(x).view(n, 3, self.n_heads, d // self.n_heads).unbind(1)  # 3 × [N, H, Dh]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, seq: Grouping, backend, causal: bool) -> Tensor:
+    """Attention of q, k, v `[N, H, Dh]` within the sequences of `seq`: `[N, H, Dh]`.
+
+    Through the packed `backend`, or, for a padded batch computed with its padding (`seq.mask`),
+    one SDPA over the B rows with the key-padding (and group) mask.
+    """
+    if seq.mask is None:
+        return backend(q, k, v, seq.cu_seqlens, seq.max_seqlen, causal, seq.lengths)  # [N, H, Dh]
+    b, width, h = seq.mask.shape[0], seq.mask.shape[-1], q.shape[1]
+    rows = lambda t: t.view(b, width, h, -1).transpose(1, 2)  # noqa: E731  [B, H, L, Dh]
+    o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=seq.mask)
+    return o.transpose(1, 2).reshape(q.shape)  # [N, H, Dh]
 
 
 class Block(nn.Module):
@@ -149,6 +161,18 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, seq: Grouping, backend, causal: bool) -> Tensor:
         x = x + self.attn(self.ln1(x), seq, backend, causal)  # [N, d]
+        return x + self.mlp(self.ln2(x))  # [N, d]
+
+    # The same block as two per-token halves split at attention, the one step that mixes rows:
+    # `mmtool.models.compile` compiles them (rows never see each other there, so extra rows of
+    # padding change nothing for the real ones).
+    def before_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ln1 then the q, k, v projection of the rows `x [N, d]`: 3 × [N, H, Dh]."""
+        return self.attn.project(self.ln1(x))
+
+    def after_attention(self, x: Tensor, o: Tensor) -> Tensor:
+        """The residual stream `x [N, d]` after attention output `o [N, H, Dh]` and the MLP: [N, d]."""
+        x = x + self.attn.proj(o.reshape(x.shape))  # [N, d]
         return x + self.mlp(self.ln2(x))  # [N, d]
 
 
@@ -235,6 +259,14 @@ class Trunk(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
 
+    @staticmethod
+    def run_blocks(blocks: nn.ModuleList, h: Tensor, seq: Grouping, backend, causal: bool) -> Tensor:
+        """Runs `blocks` in order on `h [N, d]` (eager; `mmtool.models.compile` swaps in a compiled
+        runner per model instance)."""
+        for block in blocks:
+            h = block(h, seq, backend, causal)  # [N, d]
+        return h
+
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) linears, residual projections scaled by 1/sqrt(2·layers)."""
         for name, p in self.named_parameters():
@@ -251,8 +283,7 @@ class Trunk(nn.Module):
             seq = groupings[kind]
             if seq.perm is not None:
                 h = h[seq.perm]  # [N, d] sequences contiguous
-            for block in self.blocks[layer:layer + count]:
-                h = block(h, seq, backend, causal)  # [N, d]
+            h = self.run_blocks(self.blocks[layer:layer + count], h, seq, backend, causal)  # [N, d]
             if seq.inv is not None:
                 h = h[seq.inv]  # [N, d] back to packed order
             layer += count

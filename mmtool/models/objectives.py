@@ -99,6 +99,16 @@ class Context:
     active: Tensor | None = None
 
 
+def tied_head_loss(rows: Tensor, head: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of a tied output head: logits `rows [n, d] @ head [V, d]ᵀ` against `target`
+    long [n] → loss [n] (a target of -100 gives 0: padding rows of a compiled call).
+
+    With a 30k-word text vocabulary the [n, V] logits are the largest tensors of a step, and the
+    log-softmax over them is memory-bound: `mmtool.models.compile` fuses it when compiling.
+    """
+    return F.cross_entropy((rows @ head.T).float(), target, reduction="none")  # [n]
+
+
 class Objective(nn.Module):
     """Base class. Subclasses set `causal` if they need causal attention and implement `forward`.
 
@@ -109,6 +119,7 @@ class Objective(nn.Module):
 
     causal: bool = False
     uses_mask_ratio: bool = False  # accepts a per-objective `mask_ratio=` option
+    head_loss = staticmethod(tied_head_loss)  # `mmtool.models.compile` swaps in a compiled one
 
     def __init__(self, streams: list[Stream], d_model: int, mask_ratio: float):
         super().__init__()
@@ -288,9 +299,8 @@ class NextToken(Objective):
             idx, sample = _stream_rows(ctx, k)  # [n_k]
             src = ctx.prev[idx]  # [n_k] the token that predicts each token of the stream
             head = ctx.embedder.encoders[str(k)].head_weight  # [V, d]
-            logits = ctx.hidden[src.clamp(min=0)] @ head.T  # [n_k, V]
             target = ctx.batch[f"s{k}.ids"].long()  # [n_k]
-            loss = F.cross_entropy(logits.float(), target, reduction="none")  # [n_k]
+            loss = self.head_loss(ctx.hidden[src.clamp(min=0)], head, target)  # [n_k]
             weight = (src >= 0).float()  # [n_k]
             if first is not None:
                 weight = weight * self._follows(ctx, first, k, idx, sample).float()
@@ -367,9 +377,8 @@ class MaskedToken(Objective):
             idx, sample = _stream_rows(ctx, k)
             idx, sample = idx[sel], sample[sel]  # [m]
             head = ctx.embedder.encoders[str(k)].head_weight  # [V, d]
-            logits = ctx.hidden[idx] @ head.T  # [m, V]
             target = ctx.batch[f"s{k}.ids"].long()[sel]  # [m]
-            loss = F.cross_entropy(logits.float(), target, reduction="none")  # [m]
+            loss = self.head_loss(ctx.hidden[idx], head, target)  # [m]
             parts.append(Rows(loss, torch.ones_like(loss), sample, torch.full_like(sample, i), keys))
         return Rows.cat(parts, keys)
 

@@ -52,6 +52,8 @@ from mmtool.errors import Interrupted, MMToolError
 from mmtool.train.loggers import open_trackers, read_metrics
 from mmtool.train.loggers import resolve as resolve_loggers
 from mmtool.models.builders import feedable_objectives
+from mmtool.models.compile import compile_model, compile_note
+from mmtool.models.compile import stats as compile_stats
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
 from mmtool.train.probes import ModalityShares
@@ -123,6 +125,11 @@ class TrainConfig:
     grad-norm, loss. Empty (default): no probe code runs and no hook is registered."""
     probe_every: int = 10
     """Probe step 1 and every N-th step; on these steps (probes or not) `grad_share` is logged too."""
+    compile: bool = False
+    """Compile the trunk blocks' per-token work and the tied output heads' loss with torch.compile
+    (`mmtool.models.compile`: rows padded to a few buckets and marked dynamic, so a run compiles a
+    handful of graphs, in its first step). Same losses to float tolerance; metrics.jsonl counts the
+    graphs (`compile_graphs`)."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Experiment trackers for every step's metrics, the config and eval numbers (`mmtool ls
     loggers`): jsonl (metrics.jsonl, always on), csv, tensorboard, wandb, mlflow."""
@@ -477,6 +484,9 @@ def train(cfg: TrainConfig, resume: bool = False,
         check_folders(model.table.specs, cfg.model.folder_objectives,
                       [loader.index.folder_streams(f) for f in range(len(loader.index.folders))],
                       [str(f.path) for f in loader.index.folders], cfg.model.mask_ratio)
+    graphs_before = compile_stats().graphs
+    if cfg.compile:
+        compile_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     session = _Session(cfg, ddp, device, loader, model, optimizer,
                        resume_rules.data_digests(loader.index.folders))
@@ -495,6 +505,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                   "resumed_from": str(start_ckpt) if start_ckpt else None,
                   "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
                   "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
+                  "compile": compile_note() if cfg.compile else None,
                   "warnings": [objectives_note] * bool(objectives_note) + loader.warnings() + trackers.notes,
                   "amended": resume_rules.describe(changes) if start_ckpt and changes else None})
     with loader, trackers, StopSignals() as stop:
@@ -503,6 +514,8 @@ def train(cfg: TrainConfig, resume: bool = False,
             if stop.requested(ddp.world):
                 raise _interrupted(session, stop)
             line = session.run_step()
+            if cfg.compile:  # graphs compiled so far (first step: all of them, with its time)
+                line["compile_graphs"] = compile_stats().graphs - graphs_before
             total = line["loss"]
             if ddp.main:
                 trackers.log_step(line)
@@ -517,7 +530,8 @@ def train(cfg: TrainConfig, resume: bool = False,
         total = lines[-1]["loss"] if lines else total
     return {"steps": session.step, "final_loss": total, "parameters": model.num_parameters(),
             "seconds": time.perf_counter() - t_start, "checkpoint": str(session.last_ckpt),
-            "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank}
+            "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank,
+            "compile_graphs": compile_stats().graphs - graphs_before if cfg.compile else None}
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, TrainConfig, Loader]:

@@ -40,6 +40,9 @@ class TransferConfig:
     rows whose split is not in the run's `splits`); False (`--all-rows`): every row."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Budgets: fractions, ks, episodes, fine-tune steps, seed, device."""
+    compile: bool = False
+    """Compile both models' trunk blocks (`mmtool.models.compile`): features and fine-tuning equal
+    to eager within float tolerance; worth it when the features or fine-tuning dominate."""
 
     @property
     def out_dir(self) -> Path:
@@ -76,8 +79,9 @@ def pretraining_splits(run: Path) -> list[str] | None:
     return [str(s) for s in splits] if isinstance(splits, list) else None
 
 
-def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[str, Any]]:
-    """({"pretrained", "scratch"}, the run's streams, folders and splits, what was loaded).
+def load_models(run: Path, device: str, compile: bool = False) -> tuple[dict[str, Any], RunData, dict[str, Any]]:
+    """({"pretrained", "scratch"}, the run's streams, folders and splits, what was loaded); with
+    `compile`, both models compiled (`mmtool.models.compile.compile_model`).
 
     The run folder alone is read (`rundir.load_model`): its data folders may be gone.
     """
@@ -88,6 +92,11 @@ def load_models(run: Path, device: str) -> tuple[dict[str, Any], RunData, dict[s
     # seed, same build order), i.e. the checkpoint's own step-0 weights: pretraining is the only
     # difference between the two models.
     scratch = untrained_twin(cfg, info.streams, device)
+    if compile:
+        from mmtool.models.compile import compile_model
+
+        compile_model(model)
+        compile_model(scratch)
     folders = [dict(f) for f in info.folders]  # path, name, source, modalities, preprocess, ...
     loaded = {"run": str(run), "checkpoint": str(info.checkpoint), "step": info.step,
               "model": asdict(cfg.model), "parameters": model.num_parameters(),
@@ -119,14 +128,14 @@ def _evaluate(cfg: TransferConfig, out: Path, say: Callable[[str], None]) -> dic
 
     p = cfg.protocol
     say(f"loading {cfg.run}")
-    models, run, loaded = load_models(Path(cfg.run), p.device)
+    models, run, loaded = load_models(Path(cfg.run), p.device, cfg.compile)
     report: dict[str, Any] = {
         **loaded, "seed": p.seed,
         "settings": {"protocols": list(cfg.protocols), "modalities": cfg.modalities,
                      "fractions": list(p.fractions), "k": list(p.ks), "episodes": p.episodes,
                      "finetune_steps": p.steps, "finetune_batch_size": p.batch_size,
                      "C_grid": list(p.cs), "lr_grid": list(p.lrs), "bootstrap": p.bootstrap,
-                     "held_out": cfg.held_out},
+                     "held_out": cfg.held_out, "compile": cfg.compile},
         "tasks": {}, "plots": {}}
     for name in cfg.tasks:
         say(f"{name}: preparing data")

@@ -125,9 +125,10 @@ def test_step_fn_measures_the_time_waiting_for_data(folders):
     result = profile_strategies(ProfileConfig(folders, strategies=["packed"], batch_samples=4,
                                               steps=6, step_fn=step))
     r = result["strategies"]["packed"]
-    assert seen == [4] * 6
+    assert seen == [4] * 8  # 2 warm-up steps (before the clock starts), 6 measured
     assert 0 < r["step"]["data_wait_fraction"] < 0.5
     assert r["step"]["step_seconds"] >= 0.06 and r["step"]["real_tokens_per_s"] > 0
+    assert r["step"]["first_step_seconds"] >= 0.01 and r["step"]["compile_graphs"] is None
     assert r["seconds"] >= r["step"]["step_seconds"] + r["data_wait_seconds"] - 1e-6
     assert result["config"]["step_fn"].endswith("step")
 

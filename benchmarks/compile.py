@@ -1,0 +1,126 @@
+"""Eager vs `--compile` training steps on mixed packed batches, measured in one run.
+
+Usage: python benchmarks/compile.py [--size small] [--steps 20] [--warmup 3] [--batch-tokens 4096]
+                                    [--threads N] [--static] [--warm-cache] [--workdir DIR]
+
+The built-in mixture of `benchmarks/train_throughput.py` (digits, spoken-digits, cartpole, pydocs at
+equal weights) is cut into packed batches of `--batch-tokens`; two copies of one model (same initial
+weights, next-token + masked-patch, early fusion), one eager and one compiled
+(`mmtool.models.compile`), train on the very same batches with the same masks. After `--warmup`
+steps each (the compiled model compiles there: its first step is the first-step cost), the steps
+alternate eager, compiled, compiled, eager, ... so that a busy shared machine slows both alike;
+each pair gives one ratio eager/compiled, and the median and spread of those ratios are printed
+with the compilations per 100 steps. `--static` compiles one static graph per row bucket instead of
+marking rows dynamic; the inductor cache starts empty (cold, as on a new machine) unless
+`--warm-cache`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per model")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--static", action="store_true", help="static graphs per bucket, not dynamic rows")
+    parser.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--workdir", type=Path, help="keep the preprocessed data here between runs")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.warm_cache:  # before torch is imported: a cold cache, honest first-step cost
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
+        run(args, args.workdir or Path(tmp))
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_throughput import build
+
+    from mmtool.data.batching import assemble
+    from mmtool.data.loader import Loader, LoaderConfig
+    from mmtool.models import compile as compiling
+    from mmtool.models.model import ModelConfig, build_model
+
+    compiling.SETTINGS.dynamic = not args.static
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folders = [root / name for name in ("digits", "spoken-digits", "cartpole", "pydocs")]
+    if not all((f / "manifest.json").exists() for f in folders):
+        folders = build(root)
+    loader = Loader(LoaderConfig([f"{f}=1" for f in folders], strategy="packed",
+                                 batch_tokens=args.batch_tokens, samples_per_epoch=8000))
+    plans = loader.plan(0)[: args.warmup + args.steps]
+    batches = [assemble(loader.index, p, "packed") for p in plans]
+    if len(batches) < args.warmup + args.steps:
+        raise SystemExit(f"the mixture gives {len(batches)} batches; lower --steps")
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(size=args.size, objectives={"next-token": 1.0, "masked-patch": 1.0}),
+                        loader.index.streams)
+    compiled = compiling.compile_model(copy.deepcopy(eager))
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (eager, compiled)}
+
+    def step(model, i: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        loss = model(batches[i], torch.Generator().manual_seed(i)).loss
+        loss.backward()
+        opts[id(model)].step()
+        opts[id(model)].zero_grad(set_to_none=True)
+        return time.perf_counter() - start, float(loss.detach())
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.size}: "
+          f"{eager.num_parameters():,} parameters; attention {eager.backend(torch.device('cpu')).registry_name}; "
+          f"rows {'static per bucket' if args.static else 'dynamic'}, buckets {compiling.SETTINGS.buckets}; "
+          f"inductor cache {'warm' if args.warm_cache else 'cold'}")
+    tokens = [b.real_tokens for b in batches]
+    rows = sorted({compiling.SETTINGS.buckets.size(n) for n in tokens})
+    print(f"{len(batches)} packed batches of the built-in mixture: {min(tokens):,}-{max(tokens):,} real tokens, "
+          f"{min(b.batch_size for b in batches)}-{max(b.batch_size for b in batches)} samples; "
+          f"trunk row buckets hit: {rows}")
+    first = {}
+    diffs = []
+    for i in range(args.warmup):
+        (te, le), (tc, lc) = step(eager, i), step(compiled, i)
+        first.setdefault("eager", te)
+        first.setdefault("compiled", tc)
+        diffs.append(abs(le - lc))
+    graphs_warm = compiling.stats().graphs
+    times = {"eager": [], "compiled": []}
+    for j, i in enumerate(range(args.warmup, args.warmup + args.steps)):
+        order = (eager, compiled) if j % 2 == 0 else (compiled, eager)  # ABBA: drift hits both
+        out = {id(m): step(m, i) for m in order}
+        times["eager"].append(out[id(eager)][0])
+        times["compiled"].append(out[id(compiled)][0])
+        diffs.append(abs(out[id(eager)][1] - out[id(compiled)][1]))
+    graphs = compiling.stats().graphs
+    ratios = sorted(e / c for e, c in zip(times["eager"], times["compiled"]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    total = args.warmup + args.steps
+    print(f"first step: eager {first['eager']:.2f} s, compiled {first['compiled']:.2f} s "
+          f"(compile cost ≈ {first['compiled'] - first['eager']:.1f} s)")
+    print(f"steady step (median of {args.steps}): eager {statistics.median(times['eager']):.3f} s, "
+          f"compiled {statistics.median(times['compiled']):.3f} s")
+    print(f"eager / compiled, per interleaved pair: median {statistics.median(ratios):.2f}x "
+          f"(quartiles {q[0]:.2f}-{q[2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+          f"total time {sum(times['eager']) / sum(times['compiled']):.2f}x  (target >= 1.15)")
+    print(f"compilations: {graphs} in the run's {total} steps (target <= 8), {graphs_warm} of them in the "
+          f"{args.warmup} warm-up steps; after warm-up {100 * (graphs - graphs_warm) / args.steps:.0f} per 100 steps")
+    print(f"loss, eager vs compiled: max |difference| {max(diffs):.2e} over {total} steps")
+
+
+if __name__ == "__main__":
+    main()
