@@ -34,8 +34,9 @@ attention module (the `attention` training probe), its blocks run eagerly so the
 from __future__ import annotations
 
 import functools
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -75,9 +76,10 @@ class CompileSettings:
     dynamic: bool = True
     """Mark the (bucketed) row dimension dynamic: one graph for all buckets. False: one static
     graph per bucket."""
-    backend: str = "inductor"
+    backend: str = field(default_factory=lambda: os.environ.get("MMTOOL_COMPILE_BACKEND", "inductor"))
     """"inductor" (generated kernels), or "eager": dynamo captures the same graphs (same guards,
-    recompiles, buckets) and runs them eagerly, in seconds (tests of the capture itself)."""
+    recompiles, buckets) and runs them eagerly, in seconds — a testing aid, also settable for
+    CLI subprocesses through the environment variable MMTOOL_COMPILE_BACKEND."""
 
 
 SETTINGS = CompileSettings()
