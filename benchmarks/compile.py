@@ -1,7 +1,8 @@
 """Eager vs `--compile` training steps on mixed packed batches, measured in one run.
 
 Usage: python benchmarks/compile.py [--size small] [--steps 20] [--warmup 3] [--batch-tokens 4096]
-                                    [--threads N] [--static] [--warm-cache] [--workdir DIR]
+                                    [--threads N] [--blocks auto|on|off] [--static]
+                                    [--warm-cache] [--workdir DIR]
 
 The built-in mixture of `benchmarks/train_throughput.py` (digits, spoken-digits, cartpole, pydocs at
 equal weights) is cut into packed batches of `--batch-tokens`; two copies of one model (same initial
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--static", action="store_true", help="static graphs per bucket, not dynamic rows")
     parser.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--blocks", choices=("auto", "on", "off"), default="auto",
+                        help="compile the trunk blocks too (auto: on CUDA only)")
     parser.add_argument("--workdir", type=Path, help="keep the preprocessed data here between runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     from mmtool.models.model import ModelConfig, build_model
 
     compiling.SETTINGS.dynamic = not args.static
+    compiling.SETTINGS.blocks = {"auto": None, "on": True, "off": False}[args.blocks]
     if args.threads:
         torch.set_num_threads(args.threads)
     folders = [root / name for name in ("digits", "spoken-digits", "cartpole", "pydocs")]
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
           f"{eager.num_parameters():,} parameters; attention {eager.backend(torch.device('cpu')).registry_name}; "
           f"rows {'static per bucket' if args.static else 'dynamic'}, buckets {compiling.SETTINGS.buckets}; "
           f"inductor cache {'warm' if args.warm_cache else 'cold'}")
+    print(f"compiled: {compiling.compile_note('cpu')}")
     tokens = [b.real_tokens for b in batches]
     rows = sorted({compiling.SETTINGS.buckets.size(n) for n in tokens})
     print(f"{len(batches)} packed batches of the built-in mixture: {min(tokens):,}-{max(tokens):,} real tokens, "

@@ -126,10 +126,10 @@ class TrainConfig:
     probe_every: int = 10
     """Probe step 1 and every N-th step; on these steps (probes or not) `grad_share` is logged too."""
     compile: bool = False
-    """Compile the trunk blocks' per-token work and the tied output heads' loss with torch.compile
-    (`mmtool.models.compile`: rows padded to a few buckets and marked dynamic, so a run compiles a
-    handful of graphs, in its first step). Same losses to float tolerance; metrics.jsonl counts the
-    graphs (`compile_graphs`)."""
+    """Compile the tied output heads' loss and, on CUDA, the trunk blocks' per-token work with
+    torch.compile (`mmtool.models.compile`: rows padded to a few buckets and marked dynamic, so a
+    run compiles a handful of graphs, in its first step). Same losses to float tolerance;
+    metrics.jsonl counts the graphs (`compile_graphs`)."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Experiment trackers for every step's metrics, the config and eval numbers (`mmtool ls
     loggers`): jsonl (metrics.jsonl, always on), csv, tensorboard, wandb, mlflow."""
@@ -505,7 +505,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                   "resumed_from": str(start_ckpt) if start_ckpt else None,
                   "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
                   "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
-                  "compile": compile_note() if cfg.compile else None,
+                  "compile": compile_note(device) if cfg.compile else None,
                   "warnings": [objectives_note] * bool(objectives_note) + loader.warnings() + trackers.notes,
                   "amended": resume_rules.describe(changes) if start_ckpt and changes else None})
     with loader, trackers, StopSignals() as stop:

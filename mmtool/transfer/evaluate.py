@@ -41,8 +41,8 @@ class TransferConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Budgets: fractions, ks, episodes, fine-tune steps, seed, device."""
     compile: bool = False
-    """Compile both models' trunk blocks (`mmtool.models.compile`): features and fine-tuning equal
-    to eager within float tolerance; worth it when the features or fine-tuning dominate."""
+    """Compile both models' trunk blocks (`mmtool.models.compile`; on CUDA only, where it pays: on
+    CPU nothing here is compiled): features and fine-tuning equal eager's within float tolerance."""
 
     @property
     def out_dir(self) -> Path:

@@ -27,10 +27,12 @@ def mixed_batches(index, count: int, seed: int = 0) -> list:
 
 @pytest.fixture
 def backend(monkeypatch):
-    """Sets `compiling.SETTINGS.backend` for one test (the settings are per process), starting from
-    no compiled graphs (`torch._dynamo.reset`), so that the test counts its own."""
+    """Sets `compiling.SETTINGS.backend` for one test (the settings are per process), with the trunk
+    blocks compiled too, starting from no compiled graphs (`torch._dynamo.reset`), so that the test
+    counts its own."""
     def use(name: str) -> None:
         monkeypatch.setattr(compiling.SETTINGS, "backend", name)
+        monkeypatch.setattr(compiling.SETTINGS, "blocks", True)  # CPU's default is heads only
         torch._dynamo.reset()
     return use
 
@@ -137,3 +139,12 @@ def test_inductor_training_matches_eager_over_20_steps(index, backend):
     np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=2e-4)
     assert losses[-5:, 0].mean() < losses[:5, 0].mean()  # it trained (the comparison is not of constants)
     assert 0 < compiling.stats().graphs - before <= 8
+
+
+def test_cpu_compiles_the_heads_and_leaves_the_blocks_eager(index):
+    """The default rule (`SETTINGS.blocks` None): blocks compiled on CUDA only, heads everywhere."""
+    assert compiling.SETTINGS.blocks is None
+    assert not compiling.compiles_blocks("cpu") and compiling.compiles_blocks("cuda")
+    model = compile_model(build_model(ModelConfig(objectives=OBJECTIVES), index.streams))
+    assert "run_blocks" not in vars(model.trunk)
+    assert all(o.head_loss is compiled_head_loss for o in model.objectives.values())
