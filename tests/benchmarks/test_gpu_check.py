@@ -45,6 +45,7 @@ def test_without_cuda_it_says_so_prints_the_paper_estimate_and_exits_0(mixture):
     for cells in rows:  # needed rate, then both waits: percentages in [0, 100]
         assert cells[1].endswith("M") and float(cells[1][:-1]) > 0
         assert all(0.0 <= float(c.rstrip("%")) <= 100.0 for c in cells[2:4])
+        assert int(cells[4]) >= 1  # workers for <= 2% wait
     assert "MFLOPs per real token" in proc.stdout
 
 
@@ -119,3 +120,4 @@ def test_paper_data_wait_known_answer(gpu_check):
     assert rows[0]["needed_tokens_per_s"] == pytest.approx(3e6)
     assert rows[0]["wait_inline"] == pytest.approx(0.5) and rows[0]["wait_overlapped"] == 0.0
     assert rows[1]["wait_inline"] == pytest.approx(2 / 3) and rows[1]["wait_overlapped"] == pytest.approx(0.5)
+    assert [r["workers_for_2pct"] for r in rows] == [1, 2]  # 0.98 · 3M / 3M → 1; 0.98 · 6M / 3M → 2
