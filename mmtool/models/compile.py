@@ -43,6 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._functorch import config as functorch_config
 
 from mmtool.models.fusion import Block, Grouping, attend
 from mmtool.models.objectives import tied_head_loss
@@ -194,6 +195,10 @@ def compile_model(model: Any) -> Any:
     """Compiles `model`'s tied-head losses, and its trunk blocks where that pays (`compiles_blocks`
     for the device of its parameters), in place (see the module docstring); returns the model.
     Graphs are built on first use, not here."""
+    # No donated buffers (process-wide: dynamo reads this config outside any patch of ours):
+    # training's gradient-share probes run backward with retain_graph, which a compiled backward
+    # that frees ("donates") its saved tensors refuses.
+    functorch_config.donated_buffer = False
     if compiles_blocks(next(model.parameters()).device):
         model.trunk.run_blocks = compiled_blocks
     for objective in model.objectives.values():
