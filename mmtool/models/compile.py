@@ -86,9 +86,10 @@ class CompileSettings:
     LayerNorm/GELU kernels gain nothing. On a GPU the same fusion saves kernel launches and
     memory passes (not measured here)."""
     backend: str = field(default_factory=lambda: os.environ.get("MMTOOL_COMPILE_BACKEND", "inductor"))
-    """"inductor" (generated kernels), or "eager": dynamo captures the same graphs (same guards,
-    recompiles, buckets) and runs them eagerly, in seconds — a testing aid, also settable for
-    CLI subprocesses through the environment variable MMTOOL_COMPILE_BACKEND."""
+    """"inductor" (generated kernels), or "aot_eager": dynamo and AOTAutograd capture the same
+    graphs (same guards, recompiles, buckets, forward/backward split) and run them with eager
+    kernels, in seconds — a testing aid, also settable for CLI subprocesses through the environment
+    variable MMTOOL_COMPILE_BACKEND."""
 
 
 SETTINGS = CompileSettings()
@@ -117,8 +118,10 @@ def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Ca
     from torch._inductor.compile_fx import compile_fx
 
     _STATS.graphs += 1
-    if SETTINGS.backend == "eager":
-        return gm.forward
+    if SETTINGS.backend == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
     start = time.perf_counter()
     try:
         return compile_fx(gm, example_inputs)

@@ -1,7 +1,7 @@
 """`--compile` through the real CLI: train and profile report their graphs; losses equal eager's.
 
-The fast tests set MMTOOL_COMPILE_BACKEND=eager: dynamo captures the very graphs `--compile`
-builds (buckets, guards, recompiles) and runs them eagerly, so a run takes seconds; the slow one
+The fast tests set MMTOOL_COMPILE_BACKEND=aot_eager: dynamo and AOTAutograd capture the very
+graphs `--compile` builds (buckets, guards, recompiles, the backward) and run them eagerly, so a run takes seconds; the slow one
 compiles with inductor.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 
-EAGER_CAPTURE = {"MMTOOL_COMPILE_BACKEND": "eager"}
+EAGER_CAPTURE = {"MMTOOL_COMPILE_BACKEND": "aot_eager"}
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def test_buckets_round_up_to_few_sizes():
 
 def test_head_loss_ignores_its_padding_rows(backend):
     """The heads' rows are padded with target -100: the real rows' losses and gradients are eager's."""
-    backend("eager")
+    backend("aot_eager")
     torch.manual_seed(0)
     head = torch.randn(300, 16, requires_grad=True)  # [V, d]
     for n in (1, 37, 64, 130):
@@ -70,10 +70,10 @@ def test_head_loss_ignores_its_padding_rows(backend):
 
 @pytest.mark.parametrize("fusion", ["early", "late"])
 def test_bucketed_capture_gives_eager_losses_with_few_graphs(index, backend, fusion):
-    """dynamo captures the bucketed blocks and heads (run eagerly: seconds, not minutes): losses and
+    """dynamo + AOTAutograd capture the bucketed blocks and heads (eager kernels: seconds): losses and
     gradients equal the plain model's on batches whose row counts all differ, with graphs for
     before/after attention and the heads only — not one per batch shape."""
-    backend("eager")
+    backend("aot_eager")
     torch.manual_seed(0)
     plain = build_model(ModelConfig(fusion=fusion, objectives=OBJECTIVES), index.streams)
     compiled = compile_model(copy.deepcopy(plain))
@@ -104,7 +104,7 @@ def test_bucketed_capture_gives_eager_losses_with_few_graphs(index, backend, fus
 
 def test_attention_probe_hooks_still_fire(index, backend):
     """Blocks whose attention a forward hook watches (the `attention` probe) run eagerly."""
-    backend("eager")
+    backend("aot_eager")
     model = compile_model(build_model(ModelConfig(objectives=OBJECTIVES), index.streams))
     seen = []
     handles = [b.attn.register_forward_hook(lambda m, args, out: seen.append(out.shape))
