@@ -57,6 +57,7 @@ def test_train_compile_with_inductor(cli, data, tmp_path):
     _, eager = train(cli, data, tmp_path / "eager")
     proc, compiled = train(cli, data, tmp_path / "compiled", "--compile")
     assert "graph(s); first step" in proc.stdout
-    for a, b in zip(eager, compiled, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-5)  # same weights, fused kernels
+    for a, b in zip(eager[1:], compiled[1:], strict=True):  # rounding differences, grown by AdamW steps
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     assert compiled[-1]["compile_graphs"] <= 8
