@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/compile.py [--size small] [--steps 20] [--warmup 3] [--batch-tokens 4096]
                                     [--threads N] [--blocks auto|on|off] [--static]
-                                    [--warm-cache] [--workdir DIR]
+                                    [--parts] [--warm-cache] [--workdir DIR]
 
 The built-in mixture of `benchmarks/train_throughput.py` (digits, spoken-digits, cartpole, pydocs at
 equal weights) is cut into packed batches of `--batch-tokens`; two copies of one model (same initial
@@ -13,7 +13,8 @@ alternate eager, compiled, compiled, eager, ... so that a busy shared machine sl
 each pair gives one ratio eager/compiled, and the median and spread of those ratios are printed
 with the compilations per 100 steps. `--static` compiles one static graph per row bucket instead of
 marking rows dynamic; the inductor cache starts empty (cold, as on a new machine) unless
-`--warm-cache`.
+`--warm-cache`. `--parts` then times a step's parts (whole loss, trunk, text head, its bare
+matmuls) in CPU seconds: where the time goes, and so what compiling can save.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--blocks", choices=("auto", "on", "off"), default="auto",
                         help="compile the trunk blocks too (auto: on CUDA only)")
     parser.add_argument("--workdir", type=Path, help="keep the preprocessed data here between runs")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the parts of a step: trunk, text head, its bare matmuls (CPU s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.warm_cache:  # before torch is imported: a cold cache, honest first-step cost
@@ -133,6 +136,63 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print(f"compilations: {graphs} in the run's {total} steps (target <= 8), {graphs_warm} of them in the "
           f"{args.warmup} warm-up steps; after warm-up {100 * (graphs - graphs_warm) / args.steps:.0f} per 100 steps")
     print(f"loss, eager vs compiled: max |difference| {max(diffs):.2e} over {total} steps")
+    if args.parts:
+        parts(eager, compiled, batches[args.warmup:], loader.index.streams)
+
+
+def parts(eager, compiled, batches, streams) -> None:
+    """Median CPU seconds per batch of a step's parts, eager and compiled: forward + backward of
+    the whole loss, of the trunk alone (hidden states → backward), and of the largest text head
+    alone on random rows as many as the batch's text tokens, beside that head's bare matmuls."""
+    import statistics
+    import time
+
+    import torch
+
+    from mmtool.models.compile import compiled_head_loss
+    from mmtool.models.objectives import tied_head_loss
+
+    k = max((i for i, st in enumerate(streams) if st.kind == "ids"), key=lambda i: streams[i].vocab_size)
+    head = eager.embedder.encoders[str(k)].head_weight.detach().clone().requires_grad_()  # [V, d]
+
+    def cpu(fn) -> float:
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
+
+    def head_rows(b):
+        n = b.stream_tokens(k)
+        g = torch.Generator().manual_seed(n)
+        return torch.randn(n, head.shape[1], generator=g).requires_grad_(), \
+            torch.randint(0, head.shape[0], (n,), generator=g)
+
+    def trunk(model, b):
+        return lambda: model.hidden_states(b)[0].square().mean().backward()
+
+    def loss(fn, b):
+        rows, target = head_rows(b)
+        return lambda: fn(rows, head, target).mean().backward()
+
+    def matmuls(b):
+        rows, _ = head_rows(b)
+        return lambda: (rows @ head.T).sum().backward()
+
+    cases = {"whole loss, eager": lambda b: lambda: eager(b, torch.Generator().manual_seed(0)).loss.backward(),
+             "whole loss, compiled": lambda b: lambda: compiled(b, torch.Generator().manual_seed(0)).loss.backward(),
+             "trunk, eager": lambda b: trunk(eager, b), "trunk, compiled": lambda b: trunk(compiled, b),
+             f"{streams[k].key} head, eager": lambda b: loss(tied_head_loss, b),
+             f"{streams[k].key} head, compiled": lambda b: loss(compiled_head_loss, b),
+             f"{streams[k].key} head, bare matmuls": matmuls}
+    times = {name: [] for name in cases}
+    for b in batches:
+        for name, make in cases.items():
+            times[name].append(cpu(make(b)))
+    eager.zero_grad(set_to_none=True)
+    compiled.zero_grad(set_to_none=True)
+    print(f"parts, forward + backward, median CPU seconds over {len(batches)} batches "
+          f"({statistics.median(b.stream_tokens(k) for b in batches):,.0f} {streams[k].key} tokens each):")
+    for name, values in times.items():
+        print(f"  {name:<40} {statistics.median(values):.3f}")
 
 
 if __name__ == "__main__":
