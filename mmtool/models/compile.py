@@ -80,11 +80,11 @@ class CompileSettings:
     graph per bucket."""
     blocks: bool | None = None
     """Compile the trunk blocks too. None: on CUDA only. On the 2-core dev CPU (1 thread, `small`,
-    4096-token mixed batches) the compiled trunk took 1.09× the eager trunk's CPU time (0.915 s vs
-    0.840 s fwd+bwd, static or dynamic rows alike), while the compiled heads took 0.86× (1.17 s vs
-    1.35 s; their bare matmuls 1.10 s): on a CPU the blocks are matmul-bound and the generated
-    LayerNorm/GELU kernels gain nothing. On a GPU the same fusion saves kernel launches and
-    memory passes (not measured here)."""
+    4096-token mixed batches; `benchmarks/compile.py --blocks on --parts`) the compiled trunk took
+    1.07× the eager trunk's CPU time (1.04 s vs 0.97 s forward + backward), while the compiled text
+    head took 0.86× (1.09 s vs 1.27 s; its bare matmuls 1.05 s): on a CPU the blocks are
+    matmul-bound and the generated LayerNorm/GELU kernels gain nothing. On a GPU the same fusion
+    saves kernel launches and memory passes (not measured here)."""
     backend: str = field(default_factory=lambda: os.environ.get("MMTOOL_COMPILE_BACKEND", "inductor"))
     """"inductor" (generated kernels), or "aot_eager": dynamo and AOTAutograd capture the same
     graphs (same guards, recompiles, buckets, forward/backward split) and run them with eager
