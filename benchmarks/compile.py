@@ -117,36 +117,41 @@ def run(args: argparse.Namespace, root: Path) -> None:
             times[name].append(out[id(m)][0])
             cpu[name].append(out[id(m)][1])
         diffs.append(abs(out[id(eager)][2] - out[id(compiled)][2]))
-    graphs = compiling.stats().graphs
-    ratios = sorted(e / c for e, c in zip(times["eager"], times["compiled"]))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-    cpu_ratios = sorted(e / c for e, c in zip(cpu["eager"], cpu["compiled"]))
-    cq = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) >= 2 else [cpu_ratios[0]] * 3
+    report(args, first, times, cpu, diffs, graphs_warm, compiling.stats().graphs)
+    if args.parts:
+        parts(eager, compiled, batches[args.warmup:], loader.index.streams)
+
+
+def spread(ratios: list[float]) -> str:
+    """'median M x (quartiles a-b, range lo-hi)' of per-pair ratios."""
+    ratios = sorted(ratios)
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
+    return (f"median {statistics.median(ratios):.2f}x (quartiles {q[0]:.2f}-{q[2]:.2f}, "
+            f"range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
+def report(args: argparse.Namespace, first: dict, times: dict, cpu: dict, diffs: list[float],
+           graphs_warm: int, graphs: int) -> None:
+    """Prints the first-step cost, the steady ratios with their spread, compilations, loss agreement."""
     total = args.warmup + args.steps
     print(f"first step: eager {first['eager']:.2f} s, compiled {first['compiled']:.2f} s "
           f"(compile cost ≈ {first['compiled'] - first['eager']:.1f} s)")
     print(f"steady step (median of {args.steps}): eager {statistics.median(times['eager']):.3f} s, "
           f"compiled {statistics.median(times['compiled']):.3f} s")
-    print(f"eager / compiled, per interleaved pair: median {statistics.median(ratios):.2f}x "
-          f"(quartiles {q[0]:.2f}-{q[2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+    print(f"eager / compiled, per interleaved pair: {spread([e / c for e, c in zip(times['eager'], times['compiled'])])}; "
           f"total time {sum(times['eager']) / sum(times['compiled']):.2f}x  (target >= 1.15)")
     print(f"eager / compiled, CPU seconds of the process (what other jobs on the machine cannot "
-          f"inflate): median {statistics.median(cpu_ratios):.2f}x (quartiles {cq[0]:.2f}-{cq[2]:.2f}, "
-          f"range {cpu_ratios[0]:.2f}-{cpu_ratios[-1]:.2f}); total {sum(cpu['eager']) / sum(cpu['compiled']):.2f}x")
+          f"inflate): {spread([e / c for e, c in zip(cpu['eager'], cpu['compiled'])])}; "
+          f"total {sum(cpu['eager']) / sum(cpu['compiled']):.2f}x")
     print(f"compilations: {graphs} in the run's {total} steps (target <= 8), {graphs_warm} of them in the "
           f"{args.warmup} warm-up steps; after warm-up {100 * (graphs - graphs_warm) / args.steps:.0f} per 100 steps")
     print(f"loss, eager vs compiled: max |difference| {max(diffs):.2e} over {total} steps")
-    if args.parts:
-        parts(eager, compiled, batches[args.warmup:], loader.index.streams)
 
 
 def parts(eager, compiled, batches, streams) -> None:
     """Median CPU seconds per batch of a step's parts, eager and compiled: forward + backward of
     the whole loss, of the trunk alone (hidden states → backward), and of the largest text head
     alone on random rows as many as the batch's text tokens, beside that head's bare matmuls."""
-    import statistics
-    import time
-
     import torch
 
     from mmtool.models.compile import compiled_head_loss
