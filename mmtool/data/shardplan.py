@@ -40,6 +40,14 @@ WINDOW = 8
 _LAP, _WIN = 0x1A9, 0x3E1  # seed tags, so the plan's streams differ from `Mixture`'s
 
 
+def shard_rows(manifests: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows per shard int64 [S], folder of each shard int64 [S]) from the folders' manifests, in
+    `TokenIndex`'s order (folder, then shard): what the plan needs, without opening a shard."""
+    rows = [np.fromiter((s["rows"] for s in m["shards"]), np.int64, len(m["shards"])) for m in manifests]
+    folder = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    return (np.concatenate(rows) if rows else np.zeros(0, np.int64)), folder
+
+
 class ShardPlan:
     """Deterministic blocks of an epoch's draws, from the number of rows in each shard.
 

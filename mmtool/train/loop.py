@@ -90,6 +90,12 @@ class TrainConfig:
     by sha256 (None: ~/.cache/mmtool/shards). Local folders are read in place."""
     cache_limit: str = "20GB"
     """Bytes of remote shards the cache keeps (e.g. 20GB, 500MB); least recently used out."""
+    plan: str = "auto"
+    """How an epoch is ordered: samples (one permutation of every draw), shards (a shard-window
+    shuffle planned block by block: O(shards) memory, resume in one block), or auto (shards above
+    10^7 rows). See `mmtool.data.shardplan`."""
+    shard_window: int = 8
+    """With --plan shards: shards whose rows are shuffled together."""
     num_workers: int = 1
     """Loader worker threads that assemble batches ahead of the model (0: on demand)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,7 +141,8 @@ class TrainConfig:
                             samples_per_epoch=self.samples_per_epoch, num_workers=self.num_workers,
                             mix_by=self.mix_by, splits=list(self.splits),
                             rank=rank, world_size=world, pin_memory=pin,
-                            cache_dir=self.cache_dir, cache_limit=self.cache_limit)
+                            cache_dir=self.cache_dir, cache_limit=self.cache_limit,
+                            plan=self.plan, shard_window=self.shard_window)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
