@@ -15,7 +15,8 @@ Only rows whose `split` is in `LoaderConfig.splits` are drawn (default: train); 
 numbers every row, so sample numbers mean the same whatever the splits.
 
 Ranks can differ by one batch at an epoch's end (no sample is dropped or repeated to even them
-out); a distributed trainer stops each epoch at the smallest count or uses `Join`.
+out; with the shard plan, by up to one batch per block); a distributed trainer stops each epoch at
+the smallest count or uses `Join`.
 """
 
 from __future__ import annotations

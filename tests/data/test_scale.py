@@ -77,6 +77,16 @@ def test_weighted_epochs_draw_exact_counts_and_walk_laps():
             assert sorted(walk[lap * n[f]:(lap + 1) * n[f]]) == sorted(set(walk))
 
 
+def test_every_block_holds_the_mixture_to_within_one_draw_per_folder():
+    p = plan(weights=[1, 2, 1], window=1)
+    first = np.searchsorted(p.first_row, np.arange(SIZES.sum()), side="right") - 1
+    for b in range(p.blocks):
+        got = np.bincount(FOLDER[first[p.block(2, b)]], minlength=3)
+        want = (b + 1) * p.counts // p.blocks - b * p.counts // p.blocks
+        np.testing.assert_array_equal(got, want)
+        assert (np.abs(got - p.counts / p.blocks) < 1).all()
+
+
 def test_a_block_is_a_pure_function_of_seed_epoch_and_block():
     warm = plan()
     walked = [warm.block(e, b) for e in range(2) for b in range(warm.blocks)]
