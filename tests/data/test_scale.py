@@ -191,3 +191,26 @@ def test_auto_keeps_the_per_sample_plan_for_small_data_and_states_do_not_cross(s
         make(sharded, plan="rows")
     with pytest.raises(MMToolError, match="shard_window=2"):
         make(sharded, shard_window=3).load_state_dict(make(sharded).state_dict())
+
+
+@pytest.mark.slow  # two 6-step trainings and a resume: ~40-60 s on 2 shared cores
+def test_training_killed_mid_run_resumes_bitwise_under_the_shard_plan(sharded, tmp_path):
+    from mmtool.models.model import ModelConfig
+    from mmtool.train import TrainConfig, train
+
+    def config(out, **kw):
+        return TrainConfig(data=list(sharded), out=out, plan="shards", shard_window=8,
+                           batch_tokens=2048, max_steps=6, save_every=3, warmup=2, num_workers=0,
+                           splits=ALL_SPLITS, model=ModelConfig(size="tiny"), **kw)
+
+    def losses(run):
+        return [json.loads(x)["losses"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    train(config(tmp_path / "straight"))
+    with pytest.raises(MMToolError, match="at step 5"):
+        train(config(tmp_path / "broken", fault_nan_step=5))  # dies after the step-3 checkpoint
+    [state] = json.loads((tmp_path / "broken" / "checkpoints" / "step-00000003" / "state.json")
+                         .read_text())["loader"]
+    assert state["plan"] == "shards" and state["block_batch"] > 0  # killed inside a block
+    train(config(tmp_path / "broken"), resume=True)
+    assert losses(tmp_path / "broken") == losses(tmp_path / "straight")  # bitwise on CPU
