@@ -91,6 +91,8 @@ class LoaderConfig:
 
 
 PLANS = ("samples", "shards", "auto")
+WARN_DRAWS = 100_000
+"""With the shard plan, `Loader.warnings` judges this many draws of the epoch (its first blocks)."""
 PLAN_AUTO_ROWS = 10_000_000
 """`--plan auto` plans by shards above this many rows (a per-sample epoch then costs ≥ 80 MB)."""
 
@@ -299,11 +301,13 @@ class Loader:
 
     def warnings(self) -> list[str]:
         """Lines saying where the current epoch's batches stray from the mixture (`plan_warnings`);
-        with the shard plan, judged on the current block."""
+        with the shard plan, judged on the epoch's first blocks (`WARN_DRAWS` draws or all)."""
         if self.shard_plan is not None:
-            order = self.members[self.shard_plan.block(self.epoch, self.block)]
-            return plan_warnings(self.index, order, self.block_plan(self.epoch, self.block),
-                                 self.size, self.cfg.strategy)
+            plan = self.shard_plan
+            blocks = range(min(plan.blocks, -(-WARN_DRAWS // plan.block_draws)))
+            order = self.members[np.concatenate([plan.block(self.epoch, b) for b in blocks])]
+            batches = [x for b in blocks for x in self.block_plan(self.epoch, b)]
+            return plan_warnings(self.index, order, batches, self.size, self.cfg.strategy)
         return plan_warnings(self.index, self.order(self.epoch), self.plan(self.epoch), self.size,
                              self.cfg.strategy)
 
