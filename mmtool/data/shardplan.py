@@ -155,5 +155,9 @@ class ShardPlan:
         return np.concatenate([self.block(epoch, b) for b in range(self.blocks)])
 
     def nbytes(self) -> int:
-        """Bytes of the plan's per-shard arrays (what it keeps between blocks, caches aside)."""
-        return sum(a.nbytes for a in (self.sizes, self.folder, self.first_shard, self.first_row))
+        """Bytes the plan holds between blocks: its per-shard arrays, the cached lap orders (one
+        or two per folder) and each folder's last shuffled window."""
+        arrays = [self.sizes, self.folder, self.first_shard, self.first_row]
+        arrays += [a for lap in self._laps.values() for a in lap]
+        arrays += [rows for _, rows in self._windows.values()]
+        return sum(a.nbytes for a in arrays)
