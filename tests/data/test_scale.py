@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,8 +147,9 @@ def test_resume_mid_epoch_is_byte_identical(sharded, k):
     assert resumed.state_dict()["epoch"] == 1
 
 
-def test_thread_workers_and_ranks_resume_exactly(sharded):
-    kw = dict(rank=1, world_size=2, num_workers=2, worker_type="thread", prefetch=2)
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_workers_and_ranks_resume_exactly(sharded, worker_type):
+    kw = dict(rank=1, world_size=2, num_workers=2, worker_type=worker_type, prefetch=2)
     reference = take(make(sharded, rank=1, world_size=2), 20)
     loader = make(sharded, **kw)
     assert take(loader, 8) == reference[:8]
@@ -158,6 +161,29 @@ def test_thread_workers_and_ranks_resume_exactly(sharded):
         assert take(resumed, 12) == reference[8:]
     finally:
         resumed.close()
+
+
+def test_remote_shards_under_the_shard_plan_equal_local_and_resume(sharded, tmp_path):
+    import fsspec
+
+    url = f"memory://scale-{uuid.uuid4().hex}"
+    fs, root = fsspec.core.url_to_fs(url)
+    remote = []
+    for folder in map(Path, sharded):
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                fs.put_file(str(f), f"{root}/{folder.name}/{f.name}")
+        remote.append(f"{url}/{folder.name}")
+    kw = dict(cache_dir=str(tmp_path / "cache"), cache_limit="200KB")  # below the 19 shards (~440KB): evicts
+    reference = take(make(sharded), 20)
+    first = make(remote, **kw)
+    assert take(first, 9) == reference[:9]
+    state = first.state_dict()
+    first.close()
+    resumed = make(remote, **kw)
+    resumed.load_state_dict(state)
+    assert take(resumed, 11) == reference[9:]
+    resumed.close()
 
 
 def test_state_size_does_not_grow_with_the_rows(sharded):
