@@ -25,6 +25,7 @@ source's `mapping()` (which column became what, which are ignored) goes into the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +38,7 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +100,12 @@ class PreprocessConfig:
     """Hash every input file instead of trusting unchanged size and mtime_ns."""
     dry_run: bool = False
     """Map and tokenize the first records (`--max-samples`, default 8) and show them; write nothing."""
+    num_slices: int | None = None
+    """Split the job into this many slices, one per machine or array task (with --slice); each
+    writes its parts and a slice manifest, and `mmtool merge` joins them into shards identical to
+    a one-machine run's."""
+    slice: int | None = None
+    """Which slice this process runs, 0 to --num-slices - 1 (e.g. $SLURM_ARRAY_TASK_ID)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,10 +374,11 @@ def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, sha
     return int(min(max(shard_bytes / 8 / avg, 16), 2048))
 
 
-def _finished_parts(partial: Path, keys: list[str]) -> tuple[dict[int, dict[str, Any]], int]:
-    """(finished parts whose key is `keys[k]`, how many finished parts read other inputs)."""
+def _finished_parts(partial: Path, keys: list[str] | dict[int, str]) -> tuple[dict[int, dict[str, Any]], int]:
+    """(finished parts whose key is `keys[k]`, how many finished parts read other inputs); `keys` is
+    a list of every part's key, or `{part: key}` of the parts to look at (a slice's)."""
     done, stale = {}, 0
-    for k, key in enumerate(keys):
+    for k, key in (keys.items() if isinstance(keys, dict) else enumerate(keys)):
         meta = partial / f"part-{k:05d}.json"
         data = partial / f"part-{k:05d}.arrow"
         if meta.is_file() and data.is_file():
@@ -444,8 +452,12 @@ def _merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _assemble(out: Path, partial: Path, parts: list[dict[str, Any]], shard_bytes: int) -> list[dict]:
-    """Joins consecutive parts into shards of about `shard_bytes` each."""
+def _assemble(out: Path, partial: Path | list[Path], parts: list[dict[str, Any]],
+              shard_bytes: int) -> list[dict]:
+    """Joins consecutive parts into shards of about `shard_bytes` each; `partial` is the folder
+    that holds every part file, or one folder per part (`mmtool merge`: each slice's)."""
+    where = partial if isinstance(partial, list) else [partial] * len(parts)
+    parts = [{**p, "dir": d} for p, d in zip(parts, where)]
     groups: list[list[dict[str, Any]]] = []
     size = 0
     for part in parts:
@@ -460,7 +472,7 @@ def _assemble(out: Path, partial: Path, parts: list[dict[str, Any]], shard_bytes
     for j, group in enumerate(groups):
         # One record batch per shard: every column is one contiguous buffer, so a reader can
         # gather any sample's tokens with numpy straight from the memory map.
-        table = pa.concat_tables(store.read_shard(partial / p["file"]["path"]) for p in group)
+        table = pa.concat_tables(store.read_shard(p["dir"] / p["file"]["path"]) for p in group)
         shards.append(store.write_shard(out / f"shard-{j:05d}.arrow",
                                         table.combine_chunks().to_batches(max_chunksize=None)))
     for stale in out.glob("shard-*.arrow"):
@@ -497,16 +509,28 @@ def _check_flags(cfg: PreprocessConfig) -> None:
         raise MMToolError(f"--num-proc {cfg.num_proc}: must be at least 1")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise MMToolError(f"--max-samples {cfg.max_samples}: must be at least 1")
+    if cfg.num_slices is None and cfg.slice is not None:
+        raise MMToolError(f"--slice {cfg.slice}: needs --num-slices (how many slices in all)")
+    if cfg.num_slices is not None:
+        if cfg.num_slices < 1:
+            raise MMToolError(f"--num-slices {cfg.num_slices}: must be at least 1")
+        if cfg.slice is None:
+            raise MMToolError(f"--num-slices {cfg.num_slices}: needs --slice (which slice this "
+                              f"process runs, 0 to {cfg.num_slices - 1})")
+        if not 0 <= cfg.slice < cfg.num_slices:
+            raise MMToolError(f"--slice {cfg.slice}: must be in 0..{cfg.num_slices - 1} "
+                              f"(--num-slices {cfg.num_slices})")
 
 
 def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[int]], partial: Path,
-               keys: list[str], progress: Callable[[int], None] | None,
+               keys: dict[int, str], progress: Callable[[int], None] | None,
                on_start: Callable[[int], None] | None,
                notify: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
-    """Runs the parts not finished yet, or finished from other inputs (`keys` differ), in this
-    process or a pool; returns (every part's summary, how many an earlier run had finished)."""
+    """Runs the parts of `keys` (all, or a slice's) not finished yet, or finished from other inputs
+    (keys differ), in this process or a pool; returns (their summaries in order, how many an
+    earlier run had finished)."""
     finished, stale = _finished_parts(partial, keys)
-    todo = [k for k in range(len(chunks)) if k not in finished]
+    todo = [k for k in keys if k not in finished]
     if stale:
         notify(f"{stale} of {stale + len(finished)} finished parts read changed inputs; redoing "
                f"them ({len(finished)} kept)")
@@ -523,17 +547,17 @@ def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[in
                 finished[futures[fut]] = fut.result()
                 if progress:
                     progress(len(chunks[futures[fut]]))
-    return [finished[k] for k in range(len(chunks))], len(chunks) - len(todo)
+    return [finished[k] for k in keys], len(keys) - len(todo)
 
 
-def _check_rejected(cfg: PreprocessConfig, out: Path, rejected: list[dict[str, Any]], records: int) -> None:
+def check_rejected(max_rejected: float, out: Path, rejected: list[dict[str, Any]], records: int) -> None:
     """Writes the rejects file; refuses the job when more than `max_rejected` of the records failed."""
     store.atomic_write_text(out / store.REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
-    if len(rejected) > cfg.max_rejected * records:
+    if len(rejected) > max_rejected * records:
         first = rejected[0]
         raise MMToolError(
             f"{len(rejected)} of {records} records ({len(rejected) / records:.1%}) "
-            f"were rejected, more than --max-rejected {cfg.max_rejected:g}; first: {first['location']}: "
+            f"were rejected, more than --max-rejected {max_rejected:g}; first: {first['location']}: "
             f"{first['reason']} (all in {out / store.REJECTED}; finished parts are kept, so raising "
             "--max-rejected and rerunning completes the job)"
         )
@@ -568,6 +592,9 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
             process, a folder made with other settings, too many rejected records, or
             (with `on_error="raise"`) the first bad record.
     """
+    if remote.is_remote(cfg.out) and cfg.num_slices is not None:
+        raise MMToolError(f"--out {remote.redact(str(cfg.out))}: a slice is written to a local (or "
+                          "shared) folder; `mmtool merge` joins the slices")
     if remote.is_remote(cfg.out):
         return _preprocess_to_url(cfg, progress=progress, on_start=on_start, notify=notify,
                                   on_mapping=on_mapping)
@@ -584,13 +611,27 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     plan = _plan(cfg, source, len(indices), overrides)
     if on_mapping:
         on_mapping(source.mapping())
-    with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
+    with _writer(cfg) as claim:
         manifest = _write(cfg, plan, source, indices, overrides, progress, on_start,
                           notify or (lambda _msg: None))
     manifest["kept_foreign"] = claim.foreign
     if not manifest["up_to_date"]:
         manifest["seconds"] = time.perf_counter() - start
     return manifest
+
+
+@contextlib.contextmanager
+def _writer(cfg: PreprocessConfig) -> Iterator[folders.Claim]:
+    """Claims and locks `--out`: the whole folder for a one-machine run (or a slice that starts
+    over with --overwrite); for a slice, only that slice's lock, so that the slices of one job may
+    share one --out (each writes its own parts)."""
+    if cfg.num_slices is None or cfg.overwrite:
+        with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
+            yield claim
+        return
+    claim = folders.claim_shared(cfg.out, "preprocess")
+    with folders.lock(cfg.out, name=f".mmtool.{slice_file(cfg.slice, cfg.num_slices)[:-5]}.lock"):
+        yield claim
 
 
 def _preprocess_to_url(cfg: PreprocessConfig, **callbacks: Any) -> dict[str, Any]:
@@ -610,8 +651,12 @@ def _preprocess_to_url(cfg: PreprocessConfig, **callbacks: Any) -> dict[str, Any
 def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices: list[int],
            overrides: dict[str, tuple[str, dict[str, Any]]], progress: Callable[[int], None] | None,
            on_start: Callable[[int], None] | None, notify: Callable[[str], None]) -> dict[str, Any]:
-    """The job inside its claimed, locked folder: confirm, resume or run the parts, then assemble."""
+    """The job inside its claimed, locked folder: confirm, resume or run the parts (all, or one
+    slice's), then assemble (or, for a slice, write its slice manifest)."""
     out = Path(cfg.out)
+    if cfg.num_slices is not None and (out / store.MANIFEST).is_file():
+        raise MMToolError(f"--out {out}: holds a finished dataset (manifest.json), not slices; "
+                          f"choose another --out for --slice {cfg.slice}")
     done_manifest, inputs = _prepare_folder(cfg, plan, source, notify)
     if done_manifest is not None:
         return {**done_manifest, "up_to_date": True, "resumed_parts": 0}
@@ -623,18 +668,37 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
     rows_per_part = _part_rows(source, indices, _WORKER_CACHE[plan["fingerprint"]][1],
                                plan["shard_size"], chunking)
     chunks = [indices[i:i + rows_per_part] for i in range(0, len(indices), rows_per_part)]
-    keys = [part_key(source, chunk, inputs["files"]) for chunk in chunks]
+    owned = range(len(chunks)) if cfg.num_slices is None else \
+        slice_parts(len(chunks), cfg.num_slices, cfg.slice)
+    keys = {k: part_key(source, chunks[k], inputs["files"]) for k in owned}
     parts, resumed = _run_parts(cfg, plan, chunks, partial, keys, progress, on_start, notify)
-    totals = _merge(parts)
+    mapping, skipped = [row.as_dict() for row in source.mapping()], source.skipped()
+    if cfg.num_slices is not None:
+        doc = _write_slice(cfg, plan, parts, len(chunks), owned, inputs, mapping, skipped)
+        unchanged = doc.pop("unchanged")
+        return {**doc, "up_to_date": unchanged and resumed == len(owned), "resumed_parts": resumed}
     rejected = [r for p in parts for r in p["rejected"]]
-    _check_rejected(cfg, out, rejected, totals["records"])
+    check_rejected(cfg.max_rejected, out, rejected, sum(p["records"] for p in parts))
     shards = _assemble(out, partial, parts, plan["shard_size"])
     _check_unique_ids(out, shards)
-    manifest = {
+    manifest = build_manifest(plan, parts, shards, mapping, skipped, inputs)
+    store.atomic_write_json(out / store.MANIFEST, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    return {**manifest, "up_to_date": False, "resumed_parts": resumed}
+
+
+def build_manifest(plan: dict[str, Any], parts: list[dict[str, Any]], shards: list[dict[str, Any]],
+                   mapping: list[dict[str, str]], skipped: dict[str, int],
+                   inputs: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a folder assembled from `parts` (every part of `plan`, in order) into
+    `shards`: a one-machine run and `mmtool merge` both write exactly this."""
+    totals = _merge(parts)
+    rejected = [r for p in parts for r in p["rejected"]]
+    return {
         "schema_version": SCHEMA_VERSION,
         "mmtool_version": __version__,
-        "source": {"name": cfg.source, "options": plan["resolved_options"], "split": cfg.split,
-                   "max_samples": cfg.max_samples},
+        "source": {"name": plan["source"], "options": plan["resolved_options"], "split": plan["split"],
+                   "max_samples": plan["max_samples"]},
         "records": totals["records"],
         "written": totals["records"] - len(rejected),
         "rows": totals["rows"],
@@ -642,9 +706,9 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         "chunked": sum(c.get("chunked", 0) for c in totals["sources"].values()),
         "chunks": sum(c.get("chunks", 0) for c in totals["sources"].values()),
         "truncated": sum(c.get("truncated", 0) for c in totals["sources"].values()),
-        "skipped": source.skipped(),
+        "skipped": skipped,
         "rejected_by_reason": _by_reason(rejected),
-        "mapping": [row.as_dict() for row in source.mapping()],
+        "mapping": mapping,
         "chunking": plan["chunking"],
         "sources": totals["sources"],
         "modalities": totals["modalities"],
@@ -654,6 +718,51 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         "plan": plan,
         "inputs": inputs,
     }
-    store.atomic_write_json(out / store.MANIFEST, manifest)
-    shutil.rmtree(partial, ignore_errors=True)
-    return {**manifest, "up_to_date": False, "resumed_parts": resumed}
+
+
+# ---------------------------------------------------------------------------------------------
+# Slices: one job split across machines (joined by `mmtool.data.slices.merge`)
+
+
+def slice_parts(n_parts: int, num_slices: int, index: int) -> range:
+    """The parts slice `index` of `num_slices` owns: a contiguous block, sizes differing by at most
+    one (a slice may own none when there are fewer parts than slices)."""
+    return range(n_parts * index // num_slices, n_parts * (index + 1) // num_slices)
+
+
+def slice_file(index: int, num_slices: int) -> str:
+    """The name of a finished slice's manifest, e.g. `slice-00002-of-00004.json`."""
+    return f"slice-{index:05d}-of-{num_slices:05d}.json"
+
+
+def _write_slice(cfg: PreprocessConfig, plan: dict[str, Any], parts: list[dict[str, Any]],
+                 n_parts: int, owned: range, inputs: dict[str, Any], mapping: list[dict[str, str]],
+                 skipped: dict[str, int]) -> dict[str, Any]:
+    """Writes the slice manifest `OUT/slice-IIIII-of-KKKKK.json`, last (a slice without it is
+    unfinished); the parts stay in `OUT/.partial`. Returns it, with `unchanged`: True when the
+    same manifest was there already (then nothing is rewritten)."""
+    rejected = sum(len(p["rejected"]) for p in parts)
+    records = sum(p["records"] for p in parts)
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "mmtool_version": __version__,
+        "slice": cfg.slice,
+        "num_slices": cfg.num_slices,
+        "parts_total": n_parts,
+        "part_range": [owned.start, owned.stop],
+        "records": records,
+        "written": records - rejected,
+        "rejected": rejected,
+        "rows": sum(p["rows"] for p in parts),
+        "fingerprint": plan["fingerprint"],
+        "plan": plan,
+        "inputs": inputs,
+        "mapping": mapping,
+        "skipped": skipped,
+        "parts": parts,
+    }
+    path = Path(cfg.out) / slice_file(cfg.slice, cfg.num_slices)
+    unchanged = read_json_object(path) == json.loads(json.dumps(doc)) if path.is_file() else False
+    if not unchanged:
+        store.atomic_write_json(path, doc)
+    return {**doc, "unchanged": unchanged}
