@@ -683,6 +683,8 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
     _check_unique_ids(out, shards)
     manifest = build_manifest(plan, parts, shards, mapping, skipped, inputs)
     store.atomic_write_json(out / store.MANIFEST, manifest)
+    for done in out.glob("slice-*-of-*.json"):  # slices run here are finished by this run
+        done.unlink()
     shutil.rmtree(partial, ignore_errors=True)
     return {**manifest, "up_to_date": False, "resumed_parts": resumed}
 
