@@ -1,0 +1,77 @@
+"""`mmtool preprocess --num-slices K --slice I` and `mmtool merge` through the real CLI: a slice
+killed with SIGKILL resumes without touching the others, and the merge is still one run's bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# 64KB shards: 276 parts (69 a slice) and 65 shards, so a slice is still running when it is killed.
+ARGS = ["preprocess", "pydocs", "--num-proc", "2", "--shard-size", "64KB"]
+
+
+def state(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """{path: (mtime_ns, bytes)} of every file of a folder but its lock files."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_killed_slice_resumes_alone_and_the_merge_is_one_runs_bytes(tmp_path, cli):
+    dirs = [tmp_path / f"s{i}" for i in range(4)]
+    for i in (0, 1, 3):
+        out = cli(*ARGS, "--num-slices", "4", "--slice", i, "--out", dirs[i]).stdout
+        assert f"slice {i} of 4 done" in out and "= written" in out
+    before = {i: state(dirs[i]) for i in (0, 1, 3)}
+
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmtool", *ARGS, "--num-slices", "4", "--slice",
+                             "2", "--out", str(dirs[2])], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((dirs[2] / ".partial").glob("part-*.json"))) < 4:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_with = len(list((dirs[2] / ".partial").glob("part-*.json")))
+    assert 4 <= killed_with < 69 and not list(dirs[2].glob("slice-*.json"))  # killed mid-run
+
+    refused = cli("merge", tmp_path / "merged", *dirs, check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert f"{dirs[2]}: holds no finished slice" in refused.stderr and "unfinished" in refused.stderr
+
+    resumed = cli(*ARGS, "--num-slices", "4", "--slice", "2", "--out", dirs[2]).stdout
+    assert "slice 2 of 4 resumed" in resumed
+    for i in (0, 1, 3):
+        assert state(dirs[i]) == before[i], f"slice {i} changed"  # mtimes and bytes
+
+    merged = cli("merge", tmp_path / "merged", *dirs).stdout
+    assert "merged 4 slice(s) from 4 folder(s)" in merged and "records 6,342 = written 6,342" in merged
+    cli(*ARGS, "--out", tmp_path / "one")
+    a = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert a["shards"] == b["shards"] and len(a["shards"]) == 65
+    assert a == b  # the whole manifest: counts, mapping, tokenizers, plan, inputs
+    for shard in b["shards"]:
+        assert (tmp_path / "merged" / shard["path"]).read_bytes() == (tmp_path / "one" / shard["path"]).read_bytes()
+
+
+def test_slice_flags_and_merge_errors_are_one_line(tmp_path, cli):
+    for flags, words in ((["--num-slices", "0", "--slice", "0"], "--num-slices 0: must be at least 1"),
+                         (["--num-slices", "4", "--slice", "4"], "--slice 4: must be in 0..3 (--num-slices 4)"),
+                         (["--slice", "1"], "--slice 1: needs --num-slices")):
+        proc = cli("preprocess", "pydocs", "--max-samples", "10", "--out", tmp_path / "x", *flags, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert words in proc.stderr
+    assert not (tmp_path / "x").exists()
+    cli("preprocess", "pydocs", "--max-samples", "40", "--shard-size", "4KB", "--num-slices", "2",
+        "--slice", "0", "--out", tmp_path / "s0")
+    proc = cli("merge", tmp_path / "m", tmp_path / "s0", check=False)
+    assert proc.returncode == 2 and "slice 1 of 2 missing" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    proc = cli("merge", tmp_path / "m", tmp_path / "nowhere", check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}: no such folder" in proc.stderr
