@@ -25,7 +25,7 @@ def merge_cmd(
 ) -> None:
     """Join the slices of `mmtool preprocess --num-slices K` into shards byte-identical to a
     one-machine run (refuses missing, duplicated, unfinished or mismatched slices)."""
-    from mmtool.data.slices import merge
+    from mmtool.data.merge import merge
 
     manifest = merge(out, list(slice_dirs), overwrite=overwrite,
                      max_rejected=parse_fraction(max_rejected, "--max-rejected"))

@@ -25,7 +25,6 @@ source's `mapping()` (which column became what, which are ignored) goes into the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +37,7 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +50,7 @@ from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
 from mmtool.data.chunking import check as check_chunking
 from mmtool.data.inputs import describe_changes, inputs_block, part_key
 from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
+from mmtool.data.slices import check_slice_flags, slice_parts, slice_writer, write_slice
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
@@ -509,17 +509,7 @@ def _check_flags(cfg: PreprocessConfig) -> None:
         raise MMToolError(f"--num-proc {cfg.num_proc}: must be at least 1")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise MMToolError(f"--max-samples {cfg.max_samples}: must be at least 1")
-    if cfg.num_slices is None and cfg.slice is not None:
-        raise MMToolError(f"--slice {cfg.slice}: needs --num-slices (how many slices in all)")
-    if cfg.num_slices is not None:
-        if cfg.num_slices < 1:
-            raise MMToolError(f"--num-slices {cfg.num_slices}: must be at least 1")
-        if cfg.slice is None:
-            raise MMToolError(f"--num-slices {cfg.num_slices}: needs --slice (which slice this "
-                              f"process runs, 0 to {cfg.num_slices - 1})")
-        if not 0 <= cfg.slice < cfg.num_slices:
-            raise MMToolError(f"--slice {cfg.slice}: must be in 0..{cfg.num_slices - 1} "
-                              f"(--num-slices {cfg.num_slices})")
+    check_slice_flags(cfg.num_slices, cfg.slice)
 
 
 def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[int]], partial: Path,
@@ -611,27 +601,13 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     plan = _plan(cfg, source, len(indices), overrides)
     if on_mapping:
         on_mapping(source.mapping())
-    with _writer(cfg) as claim:
+    with slice_writer(cfg.out, "preprocess", cfg.overwrite, cfg.num_slices, cfg.slice) as claim:
         manifest = _write(cfg, plan, source, indices, overrides, progress, on_start,
                           notify or (lambda _msg: None))
     manifest["kept_foreign"] = claim.foreign
     if not manifest["up_to_date"]:
         manifest["seconds"] = time.perf_counter() - start
     return manifest
-
-
-@contextlib.contextmanager
-def _writer(cfg: PreprocessConfig) -> Iterator[folders.Claim]:
-    """Claims and locks `--out`: the whole folder for a one-machine run (or a slice that starts
-    over with --overwrite); for a slice, only that slice's lock, so that the slices of one job may
-    share one --out (each writes its own parts)."""
-    if cfg.num_slices is None or cfg.overwrite:
-        with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
-            yield claim
-        return
-    claim = folders.claim_shared(cfg.out, "preprocess")
-    with folders.lock(cfg.out, name=f".mmtool.{slice_file(cfg.slice, cfg.num_slices)[:-5]}.lock"):
-        yield claim
 
 
 def _preprocess_to_url(cfg: PreprocessConfig, **callbacks: Any) -> dict[str, Any]:
@@ -722,49 +698,10 @@ def build_manifest(plan: dict[str, Any], parts: list[dict[str, Any]], shards: li
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Slices: one job split across machines (joined by `mmtool.data.slices.merge`)
-
-
-def slice_parts(n_parts: int, num_slices: int, index: int) -> range:
-    """The parts slice `index` of `num_slices` owns: a contiguous block, sizes differing by at most
-    one (a slice may own none when there are fewer parts than slices)."""
-    return range(n_parts * index // num_slices, n_parts * (index + 1) // num_slices)
-
-
-def slice_file(index: int, num_slices: int) -> str:
-    """The name of a finished slice's manifest, e.g. `slice-00002-of-00004.json`."""
-    return f"slice-{index:05d}-of-{num_slices:05d}.json"
-
-
 def _write_slice(cfg: PreprocessConfig, plan: dict[str, Any], parts: list[dict[str, Any]],
                  n_parts: int, owned: range, inputs: dict[str, Any], mapping: list[dict[str, str]],
                  skipped: dict[str, int]) -> dict[str, Any]:
-    """Writes the slice manifest `OUT/slice-IIIII-of-KKKKK.json`, last (a slice without it is
-    unfinished); the parts stay in `OUT/.partial`. Returns it, with `unchanged`: True when the
-    same manifest was there already (then nothing is rewritten)."""
-    rejected = sum(len(p["rejected"]) for p in parts)
-    records = sum(p["records"] for p in parts)
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "mmtool_version": __version__,
-        "slice": cfg.slice,
-        "num_slices": cfg.num_slices,
-        "parts_total": n_parts,
-        "part_range": [owned.start, owned.stop],
-        "records": records,
-        "written": records - rejected,
-        "rejected": rejected,
-        "rows": sum(p["rows"] for p in parts),
-        "fingerprint": plan["fingerprint"],
-        "plan": plan,
-        "inputs": inputs,
-        "mapping": mapping,
-        "skipped": skipped,
-        "parts": parts,
-    }
-    path = Path(cfg.out) / slice_file(cfg.slice, cfg.num_slices)
-    unchanged = read_json_object(path) == json.loads(json.dumps(doc)) if path.is_file() else False
-    if not unchanged:
-        store.atomic_write_json(path, doc)
-    return {**doc, "unchanged": unchanged}
+    """Writes this slice's manifest, with what `build_manifest` will need at the merge."""
+    return write_slice(cfg.out, "preprocess", cfg.slice, cfg.num_slices, n_parts, owned,
+                       plan["fingerprint"], parts, plan=plan, inputs=inputs, mapping=mapping,
+                       skipped=skipped)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mmtool.data import shards as store
-from mmtool.data.preprocess import PreprocessConfig, preprocess, slice_file, slice_parts
-from mmtool.data.slices import merge
+from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.slices import slice_file, slice_parts
+from mmtool.data.merge import merge
 from mmtool.errors import MMToolError
 
 from tests.folder_state import snapshot
@@ -111,7 +111,7 @@ def test_merge_refuses_an_unfinished_slice_and_a_changed_part(pydocs, tmp_path):
     unfinished = _copy(root, "s2", tmp_path / "s2-unfinished")
     (unfinished / slice_file(2, 4)).unlink()  # what a slice killed before its end leaves
     with pytest.raises(MMToolError, match=f"^{unfinished}: holds no finished slice .*an unfinished "
-                                          "slice: rerun its `mmtool preprocess"):
+                                          "slice: rerun its `--slice I` command"):
         merge(tmp_path / "m", [root / "s0", root / "s1", unfinished, root / "s3"])
     damaged = _copy(root, "s2", tmp_path / "s2-damaged")
     part = damaged / ".partial" / "part-00020.arrow"
