@@ -23,13 +23,16 @@ def merge_cmd(
     max_rejected: str = typer.Option("0.01", help="Fail when more than this fraction of all the "
                                      "slices' records was rejected (also a percentage: 1%)."),
 ) -> None:
-    """Join the slices of `mmtool preprocess --num-slices K` into shards byte-identical to a
-    one-machine run (refuses missing, duplicated, unfinished or mismatched slices)."""
+    """Join the slices of `mmtool preprocess` or `mmtool embed` `--num-slices K` into shards
+    byte-identical to a one-machine run (refuses missing, duplicated, unfinished or mismatched slices)."""
+    from mmtool.cli.embed import embed_summary
     from mmtool.data.merge import merge
+    import mmtool.embed.job  # noqa: F401  (registers the "embed" slice kind)
 
     manifest = merge(out, list(slice_dirs), overwrite=overwrite,
                      max_rejected=parse_fraction(max_rejected, "--max-rejected"))
     console = Console(highlight=False)
     console.print(f"merged {manifest['slices']} slice(s) from {len(manifest['folders'])} folder(s) "
                   f"in {manifest['seconds']:.1f}s", soft_wrap=True)
-    console.print(preprocess_summary({**manifest, "seconds": None}, str(out)))
+    summary = embed_summary if "embedding" in manifest else preprocess_summary
+    console.print(summary({**manifest, "seconds": None}, str(out)))

@@ -68,6 +68,9 @@ def test_slice_flags_and_merge_errors_are_one_line(tmp_path, cli):
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert words in proc.stderr
     assert not (tmp_path / "x").exists()
+    proc = cli("embed", tmp_path / "nowhere", "--encoder", "minilm-l6", "--out", tmp_path / "x",
+               "--num-slices", "3", "--slice", "3", check=False)
+    assert proc.returncode == 2 and "--slice 3: must be in 0..2 (--num-slices 3)" in proc.stderr
     cli("preprocess", "pydocs", "--max-samples", "40", "--shard-size", "4KB", "--num-slices", "2",
         "--slice", "0", "--out", tmp_path / "s0")
     proc = cli("merge", tmp_path / "m", tmp_path / "s0", check=False)
