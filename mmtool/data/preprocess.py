@@ -16,6 +16,10 @@ How a run is organised, and why:
    is removed. A folder with a manifest is complete; its `inputs` block (size, mtime_ns, sha256 of
    every file the source reads) is checked on a rerun, which rebuilds when the content changed.
 
+4. `--num-slices K --slice I` runs only slice I's parts, a contiguous block, and writes a slice
+   manifest instead of shards; `mmtool merge` joins the K slices into the shards this run would
+   write, byte for byte (`mmtool.data.slices`, `mmtool.data.merge`).
+
 Counts always add up: `records == written + rejected` (records read = records that became samples +
 records rejected), and `rows >= written`: a long document becomes several samples (`chunked`
 records → `chunks` rows, see `mmtool.data.chunking`); text still cut is counted as `truncated`

@@ -24,6 +24,10 @@ dataset, the source itself) is refused.
 **Resume** works as in `mmtool preprocess` (whose helpers it reuses): rows are embedded in parts of
 `part_rows`, each written atomically to `.partial/`; a rerun after an interrupt (even `kill -9`)
 reuses finished parts, and shards and the manifest are written last.
+
+**Slices** (`--num-slices K --slice I`): a slice embeds only its block of parts and writes a slice
+manifest instead of shards; `mmtool merge` joins the slices with this job's own ending (`_finish`),
+so the folder is the one a single run writes (`mmtool.data.slices`, `mmtool.data.merge`).
 """
 
 from __future__ import annotations
@@ -206,6 +210,8 @@ def _prepare(cfg: EmbedConfig, block: dict[str, Any], notify: Callable[[str], No
             notify(f"discarding an unfinished run in {out} made with other inputs "
                    f"({'; '.join(_changes(old_plan, block))})")
             shutil.rmtree(partial)
+            for stale in out.glob("slice-*-of-*.json"):  # its slices' manifests name those parts
+                stale.unlink()
     partial.mkdir(parents=True, exist_ok=True)
     store.atomic_write_json(partial / PLAN, block)
     return None
