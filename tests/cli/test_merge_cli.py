@@ -78,3 +78,23 @@ def test_slice_flags_and_merge_errors_are_one_line(tmp_path, cli):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
     proc = cli("merge", tmp_path / "m", tmp_path / "nowhere", check=False)
     assert proc.returncode == 2 and f"{tmp_path / 'nowhere'}: no such folder" in proc.stderr
+
+
+def test_slices_running_at_once_in_one_shared_out(tmp_path, cli):
+    """Four slice processes write one --out at the same time (each holds only its own lock); the
+    folder merged in place is one run's bytes."""
+    args = ["preprocess", "pydocs", "--max-samples", "400", "--shard-size", "16KB"]
+    shared = tmp_path / "shared"
+    env = {**os.environ, "NO_COLOR": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mmtool", *args, "--num-slices", "4", "--slice",
+                               str(i), "--out", str(shared)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, results
+    assert len(list(shared.glob("slice-*-of-00004.json"))) == 4
+    cli("merge", shared, shared)
+    cli(*args, "--out", tmp_path / "one")
+    for name in ["manifest.json", "rejected.jsonl"] + [s["path"] for s in json.loads(
+            (tmp_path / "one" / "manifest.json").read_text())["shards"]]:
+        assert (shared / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert not (shared / ".partial").exists() and not list(shared.glob("slice-*.json"))
