@@ -1,4 +1,4 @@
-"""`mmtool merge OUT SLICE_DIRS...`: the slices of one preprocessing job joined into one dataset."""
+"""`mmtool merge OUT SLICE_DIRS...`: the slices of one preprocess or embed job joined into one dataset."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.sources.base import SAMPLE_DATA
 from mmtool.data.slices import slice_file, slice_parts
 from mmtool.data.merge import merge
 from mmtool.errors import MMToolError
@@ -138,6 +139,24 @@ def test_merge_refuses_slices_that_read_other_inputs(tmp_path):
     with pytest.raises(MMToolError, match=f"^{tmp_path / 'b'}: slice 1 of 2 read other inputs than "
                                           f"{tmp_path / 'a'} \\(1 input file changed"):
         merge(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])
+
+
+def test_rejects_add_up_and_merge_checks_max_rejected_on_the_whole_job(tmp_path):
+    jsonl = Path(shutil.copytree(SAMPLE_DATA / "jsonl", tmp_path / "jsonl"))
+    mixed = jsonl / "mixed.jsonl"  # 12 good records, then 11 bad ones
+    mixed.write_bytes((jsonl / "records.jsonl").read_bytes() + (jsonl / "bad_records.jsonl").read_bytes())
+    cfg = dict(source="jsonl", options=[f"path={mixed}"], tokenizers=["image=patches:channels=3"],
+               shard_size="4KB")
+    one = preprocess(PreprocessConfig(out=tmp_path / "one", max_rejected=1.0, **cfg))
+    docs = [preprocess(PreprocessConfig(out=tmp_path / f"s{i}", num_slices=2, slice=i, **cfg))
+            for i in range(2)]  # a slice does not fail on its share of rejects (slice 1: 11 of 11)
+    assert [(d["records"], d["written"], d["rejected"]) for d in docs] == [(16, 12, 4), (7, 0, 7)]
+    assert one["rejected"] == 11 and one["written"] == 12
+    with pytest.raises(MMToolError, match=r"^11 of 23 records \(47\.8%\) were rejected, more than "
+                                          r"--max-rejected 0\.01"):
+        merge(tmp_path / "m", [tmp_path / "s0", tmp_path / "s1"])
+    merge(tmp_path / "m", [tmp_path / "s0", tmp_path / "s1"], max_rejected=0.5)
+    assert files(tmp_path / "m") == files(tmp_path / "one")  # rejected.jsonl included
 
 
 def test_more_slices_than_parts_and_a_shared_out(tmp_path):
