@@ -38,12 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mmtool import folders
-from mmtool.train import checkpoint
+from mmtool.train import checkpoint, distributed
 from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
@@ -54,6 +53,7 @@ from mmtool.train.loggers import resolve as resolve_loggers
 from mmtool.models.builders import feedable_objectives
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
+from mmtool.train.metrics import MetricLayout, StepMetrics, _by_source
 from mmtool.train.probes import ModalityShares
 from mmtool.train import resume as resume_rules
 from mmtool.train.rundir import folder_records, read_config_doc, write_streams
@@ -107,7 +107,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step; the loss is averaged over them, so A micro-batches train like
+    one batch A× larger. Under torchrun gradients synchronise once per step, after the last one."""
+    shard_model: bool = False
+    """Under torchrun, shard parameters, gradients and optimizer state across the ranks with FSDP2
+    (`torch.distributed.fsdp.fully_shard`) instead of replicating the model (DDP): for models that
+    outgrow one GPU. Checkpoints stay unsharded (`mmtool.train.distributed`)."""
     seed: int = 0
     """Seed of the initial weights, the mixture order and every step's masks and negatives."""
     save_every: int = 50
@@ -243,16 +248,6 @@ def with_feedable_objectives(cfg: TrainConfig, streams: list[Any]) -> tuple[Trai
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, objectives=fit)), note
 
 
-def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str]) -> dict[str, float]:
-    loss = out_samples.detach().float().cpu().numpy()
-    fold = folders.cpu().numpy()
-    result = {}
-    for f in np.unique(fold):
-        sel = fold == f
-        result[names[int(f)]] = float(loss[sel].mean())
-    return result
-
-
 def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "_Dist",
              data: list[dict[str, str]]) -> int:
     """Loads model, optimizer and this rank's loader position from `ckpt` after checking that it
@@ -264,8 +259,7 @@ def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "_Dist
         raise MMToolError(f"--resume: checkpoint {ckpt} was written by {len(doc['loader'])} rank(s), "
                           f"this run has {ddp.world}; resume with the same number of processes")
     try:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(opt_state)
+        distributed.load_full_state(model, optimizer, model_state, opt_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise MMToolError(f"checkpoint {ckpt} does not fit this model: {exc}") from None
     try:
@@ -286,49 +280,6 @@ def _nan_error(loss: torch.Tensor, output: Any, batch: Any, names: list[str], st
         f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter --grad-clip 0.5.")
 
 
-class StepMetrics:
-    """One optimizer step's metrics, accumulated over its micro-batches (`add`), then `result`.
-
-    Losses per objective are means over the micro-batches that had the objective; per stream and per
-    source, sums of `value / grad_accum`; per task, means over the micro-batches with the task.
-    """
-
-    def __init__(self, names: list[str], grad_accum: int):
-        self.names, self.grad_accum = names, grad_accum
-        self.wait, self.tokens, self.total = 0.0, 0, 0.0
-        self.losses: dict[str, list[float]] = {}
-        self.by_stream: dict[str, float] = {}
-        self.by_source: dict[str, float] = {}
-        self.by_task: dict[str, list[float]] = {}
-        self.source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
-
-    def add(self, loss: torch.Tensor, output: Any, batch: Any) -> None:
-        """Adds one micro-batch's `ModelOutput` (after its backward)."""
-        self.total += float(loss.detach()) / self.grad_accum
-        self.tokens += output.tokens
-        for k in output.counted:  # an objective with nothing in the batch has no loss to log
-            self.losses.setdefault(k, []).append(float(output.losses[k].detach()))
-        for k, v in output.by_stream.items():
-            self.by_stream[k] = self.by_stream.get(k, 0.0) + v / self.grad_accum
-        for (f, obj), v in output.by_task.items():
-            self.by_task.setdefault(f"{self.names[f]}/{obj}", []).append(v)
-        self.source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(), batch["seqlens"].cpu().numpy(),
-                                          len(self.names)).astype(np.int64)
-        for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], self.names).items():
-            self.by_source[k] = self.by_source.get(k, 0.0) + v / self.grad_accum
-
-    def result(self, seconds: float) -> dict[str, Any]:
-        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, speed)."""
-        st = self.source_tokens
-        return {"loss": self.total,
-                "losses": {k: sum(v) / len(v) for k, v in self.losses.items()},  # mean over micro-batches with it
-                "by_stream": self.by_stream, "by_source": self.by_source,
-                "by_task": {k: sum(v) / len(v) for k, v in self.by_task.items()},
-                "tokens": self.tokens,
-                "token_share": {self.names[f]: float(st[f] / max(st.sum(), 1)) for f in np.flatnonzero(st)},
-                "tokens_per_s": self.tokens / seconds, "data_wait": self.wait / seconds}
-
-
 class _Session:
     """The objects of one training process between setup and return: model, optimizer, loader,
     trackers, probes, and the step counter. `run_step` trains one optimizer step; `save` writes a
@@ -347,9 +298,8 @@ class _Session:
             from mmtool.train.probes import ProbeSet
 
             self.probes = ProbeSet(cfg.probes, cfg.probe_every, model, self.names)
-        # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.
-        self.trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
-            if ddp.world > 1 else model
+        self.trained = distributed.wrap(model, ddp.world, cfg.shard_model, device)  # DDP, FSDP2 or itself
+        self.layout = MetricLayout(model, self.names) if ddp.world > 1 else None
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
         self.batches = loader.forever()
@@ -361,9 +311,10 @@ class _Session:
             dist.all_gather_object(states, self.loader.state_dict())
         else:
             states = [self.loader.state_dict()]
+        model_state, opt_state = distributed.full_state(self.model, self.optimizer)  # collective if sharded
         if self.ddp.main:
             self.last_ckpt = checkpoint.save(
-                self.out, self.step, self.model, self.optimizer,
+                self.out, self.step, model_state, opt_state,
                 {"loader": states, "config": to_dict(self.cfg), "data": self.data}, self.cfg.keep_last)
         self.saved_step = self.step
 
@@ -375,7 +326,7 @@ class _Session:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        acc = StepMetrics(self.names, cfg.grad_accum)
+        acc = StepMetrics(self.names)
         probing = self.probes is not None and self.probes.due(step)
         # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
         shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=self.names)
@@ -385,8 +336,12 @@ class _Session:
             tw = time.perf_counter()
             batch = next(self.batches).to(self.device)
             acc.wait += time.perf_counter() - tw
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-            with self.autocast:
+            # keyed by the micro-batch's place in the step's global batch (rank r's micro m is the
+            # m·W + r-th): W ranks × A micro-batches draw what one process × A·W micro-batches draws
+            place = micro * self.ddp.world + self.ddp.rank
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + place)
+            sync = distributed.sync_unless_last(self.trained, micro, cfg.grad_accum)
+            with sync, self.autocast:
                 output = self.trained(batch, generator=gen)
             loss = output.loss
             if cfg.fault_nan_step == step:
@@ -396,7 +351,8 @@ class _Session:
             shares.add(output)
             if not torch.isfinite(loss):
                 raise _nan_error(loss, output, batch, self.names, step, self.metrics_path, self.last_ckpt)
-            (loss / cfg.grad_accum).backward()
+            with distributed.sync_unless_last(self.trained, micro, cfg.grad_accum):
+                (loss / cfg.grad_accum).backward()  # DDP: all-reduces only in the last micro-batch's
             acc.add(loss, output, batch)
         if probing:
             self.probes.after_backward()  # gradients as backward left them: before clipping
@@ -405,11 +361,9 @@ class _Session:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-        if self.ddp.world > 1:
-            reduced = torch.tensor([acc.total, acc.tokens], dtype=torch.float64)
-            dist.all_reduce(reduced)
-            acc.total, acc.tokens = float(reduced[0]) / self.ddp.world, int(reduced[1])
-        line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
+        if self.layout is not None:  # every rank's figures, summed in one all-reduce
+            self.layout.reduce(acc, shares)
+        line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
                 "epoch": self.loader.epoch, "seconds": seconds, **shares.result()}
         if probing:
             line["probes"] = self.probes.finish()
