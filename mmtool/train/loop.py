@@ -286,9 +286,9 @@ class _Session:
     checkpoint (collective under DDP: every rank calls it)."""
 
     def __init__(self, cfg: TrainConfig, ddp: _Dist, device: torch.device, loader: Loader,
-                 model: Any, optimizer: Any, data: list[dict[str, str]]):
+                 model: Any, trained: Any, optimizer: Any, data: list[dict[str, str]]):
         self.cfg, self.ddp, self.device, self.loader = cfg, ddp, device, loader
-        self.model, self.optimizer, self.data = model, optimizer, data
+        self.model, self.trained, self.optimizer, self.data = model, trained, optimizer, data
         self.out = Path(cfg.out)
         self.metrics_path = self.out / "metrics.jsonl"
         self.names = [f.name for f in loader.index.folders]
@@ -298,7 +298,6 @@ class _Session:
             from mmtool.train.probes import ProbeSet
 
             self.probes = ProbeSet(cfg.probes, cfg.probe_every, model, self.names)
-        self.trained = distributed.wrap(model, ddp.world, cfg.shard_model, device)  # DDP, FSDP2 or itself
         self.layout = MetricLayout(model, self.names) if ddp.world > 1 else None
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
@@ -431,8 +430,10 @@ def train(cfg: TrainConfig, resume: bool = False,
         check_folders(model.table.specs, cfg.model.folder_objectives,
                       [loader.index.folder_streams(f) for f in range(len(loader.index.folders))],
                       [str(f.path) for f in loader.index.folders], cfg.model.mask_ratio)
+    # DDP, or FSDP2 (shards `model`'s parameters in place: the optimizer must be built after), or itself
+    trained = distributed.wrap(model, ddp.world, cfg.shard_model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    session = _Session(cfg, ddp, device, loader, model, optimizer,
+    session = _Session(cfg, ddp, device, loader, model, trained, optimizer,
                        resume_rules.data_digests(loader.index.folders))
     if start_ckpt is not None:
         session.step = session.saved_step = _restore(start_ckpt, model, optimizer, loader, ddp, session.data)
