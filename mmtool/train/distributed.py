@@ -72,12 +72,16 @@ def wrap(model: nn.Module, world: int, shard: bool, device: torch.device) -> nn.
         reason = shard_support(device)
         if reason:
             raise MMToolError(f"--shard-model: {reason}")
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # FSDP2 allocates its all-gather buffers on the current device
+        mesh = init_device_mesh(device.type, (world,))  # one dimension: every rank holds 1/W of each tensor
         model.register_forward_hook(_touch_unused)  # before fully_shard: runs while params are unsharded
-        for block in model.trunk.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        for block in model.trunk.blocks:  # a block's full weights exist only while it runs
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the rest: embeddings, objective heads, final norm
         return model
     if world == 1:
         return model

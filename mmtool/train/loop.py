@@ -15,7 +15,7 @@ Run folder::
                          per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
                          with no targets in the step is left out, not logged as 0),
                          real tokens/s, data-wait fraction, lr, grad norm, `token_share`: each
-                         source folder's share of the step's real tokens (this rank's), and each
+                         source folder's share of the step's real tokens (all ranks'), and each
                          modality's share of the loss and of the gradient entering the trunk
                          (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
                          `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`),
@@ -25,7 +25,10 @@ Run folder::
                          their files are listed in `mmtool.train.loggers`)
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
-gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and saves.
+gradients are averaged by DDP (gloo on CPU, NCCL on CUDA) once per step, after the last micro-batch,
+or the model is sharded with FSDP2 (`--shard-model`; `mmtool.train.distributed`); every rank's
+figures are summed into each metrics line by one all-reduce (`mmtool.train.metrics`), and rank 0
+logs and saves.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ class TrainConfig:
     shard_model: bool = False
     """Under torchrun, shard parameters, gradients and optimizer state across the ranks with FSDP2
     (`torch.distributed.fsdp.fully_shard`) instead of replicating the model (DDP): for models that
-    outgrow one GPU. Checkpoints stay unsharded (`mmtool.train.distributed`)."""
+    outgrow one GPU. Checkpoints stay unsharded (`mmtool.train.distributed`). Not with `--probes`;
+    `grad_share` and `grad_trunk` are not logged."""
     seed: int = 0
     """Seed of the initial weights, the mixture order and every step's masks and negatives."""
     save_every: int = 50
@@ -160,6 +164,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise MMToolError(f"--lr must be > 0, got {cfg.lr}")
     if not cfg.data:
         raise MMToolError("no training data: give --data DIR[=WEIGHT] (repeatable)")
+    if cfg.shard_model and cfg.probes:
+        raise MMToolError("--probes with --shard-model: the probes read whole parameters and gradients, "
+                          "which FSDP2 splits across the ranks; drop one of the two")
 
 
 @dataclass
@@ -328,7 +335,10 @@ class _Session:
         acc = StepMetrics(self.names)
         probing = self.probes is not None and self.probes.due(step)
         # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
-        shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=self.names)
+        # (not under --shard-model: the extra autograd.grad passes through FSDP2's hooks break its
+        # reshard/all-gather order across ranks when gradient sync is skipped for accumulation)
+        grads = (step == 1 or step % max(cfg.probe_every, 1) == 0) and not cfg.shard_model
+        shares = ModalityShares(grads=grads, folders=self.names)
         if probing:
             self.probes.start()
         for micro in range(cfg.grad_accum):

@@ -153,23 +153,25 @@ def test_shard_model_is_refused_in_one_process(data, tmp_path, cli):
     assert proc.returncode == 2, proc.stderr
     assert "--shard-model: it shards the model across the ranks of a torchrun job" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    proc = cli(*train_args(data, tmp_path / "probed", "--shard-model", "--probes", "grad-norm"), check=False)
+    assert proc.returncode == 2 and "--probes with --shard-model" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
 def test_shard_model_equals_ddp_and_resumes(data, tmp_path):
-    """FSDP2 on 2 CPU ranks (gloo) trains what DDP trains (same losses and weights to float
-    tolerance), writes unsharded checkpoints that `load_model` reads in one process, and a run
+    """FSDP2 on 2 CPU ranks (gloo), 2 micro-batches a step, trains what DDP trains (same losses and
+    weights to float tolerance), writes unsharded checkpoints that `load_model` reads in one process, and a run
     resumed from its step-2 checkpoint logs the same step 3."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    finish([torchrun(*train_args(data, fsdp, "--shard-model"))])
-    finish([torchrun(*train_args(data, ddp))])
+    finish([torchrun(*train_args(data, fsdp, "--shard-model", "--grad-accum", "2"))])
+    finish([torchrun(*train_args(data, ddp, "--grad-accum", "2"))])
     assert_same_figures(lines(fsdp), lines(ddp), rel=1e-4)
     assert_same_weights(fsdp, ddp, atol=1e-5)
     model, cfg, _ = load_model(fsdp)  # the unsharded format: no torchrun needed to use it
     assert cfg.shard_model and model.num_parameters() > 0
     uninterrupted = lines(fsdp)
     shutil.rmtree(fsdp / "checkpoints" / f"step-{STEPS:08d}")
-    finish([torchrun(*train_args(data, fsdp, "--shard-model"), "--resume")])
+    finish([torchrun(*train_args(data, fsdp, "--shard-model", "--grad-accum", "2"), "--resume")])
     resumed = lines(fsdp)
     assert len(resumed) == STEPS
     assert resumed[-1]["losses"] == pytest.approx(uninterrupted[-1]["losses"], rel=1e-6)
