@@ -177,3 +177,48 @@ def test_shard_model_equals_ddp_and_resumes(data, tmp_path):
     assert resumed[-1]["losses"] == pytest.approx(uninterrupted[-1]["losses"], rel=1e-6)
     assert resumed[-1]["grad_norm"] == pytest.approx(uninterrupted[-1]["grad_norm"], rel=1e-6)
     assert_same_weights(fsdp, ddp, atol=1e-5)
+
+
+def test_step_figures_of_split_micro_batches_sum_to_the_whole(data):
+    """The reduction's algebra on real model outputs, in one process: 4 micro-batches accumulated by
+    one `StepMetrics`, or split 2 + 2 over two and their packed sums unpacked (what the all-reduce
+    does), give the same metrics line; the token-weighted means differ from plain means over
+    micro-batches (so the weighting is not a no-op)."""
+    from mmtool.models.model import ModelConfig, build_model
+    from mmtool.train import TrainConfig
+    from mmtool.train.metrics import MetricLayout, StepMetrics
+    from mmtool.train.probes import ModalityShares
+
+    cfg = TrainConfig(data=[str(data / "digits"), str(data / "cartpole")], batch_tokens=512, num_workers=0,
+                      mix_by="tokens", model=ModelConfig(size="tiny"))
+    with Loader(cfg.loader_config(0, 1, pin=False)) as loader:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, loader.index.streams)
+        names = [f.name for f in loader.index.folders]
+        batches = loader.forever()
+        outputs = []
+        for m in range(4):
+            batch = next(batches)
+            with torch.no_grad():
+                outputs.append((model(batch, generator=torch.Generator().manual_seed(m)), batch))
+    whole, parts = StepMetrics(names), [StepMetrics(names), StepMetrics(names)]
+    whole_shares = ModalityShares(grads=False, folders=names)
+    part_shares = [ModalityShares(grads=False, folders=names) for _ in parts]
+    for m, (out, batch) in enumerate(outputs):
+        for acc, shares in ((whole, whole_shares), (parts[m % 2], part_shares[m % 2])):
+            acc.add(out.loss, out, batch)
+            shares.add(out)
+    layout = MetricLayout(model, names)
+    layout.unpack(layout.pack(parts[0], part_shares[0]) + layout.pack(parts[1], part_shares[1]),
+                  parts[0], part_shares[0])
+    a, b = whole.result(1.0), parts[0].result(1.0)
+    for key in ("loss", "losses", "by_stream", "by_task", "by_source", "tokens", "token_share"):
+        assert a[key] == pytest.approx(b[key], rel=1e-12), key
+    got, want = part_shares[0].result(), whole_shares.result()
+    assert got.keys() == want.keys() and "task_loss_share" in want
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert a["tokens"] == sum(int(batch["seqlens"].sum()) for _, batch in outputs)
+    plain = {k: sum(float(o.losses[k]) for o, _ in outputs if k in o.counted) /
+             sum(k in o.counted for o, _ in outputs) for k in a["losses"]}
+    assert any(abs(plain[k] - a["losses"][k]) > 1e-6 for k in plain)
