@@ -161,7 +161,7 @@ def test_shard_model_is_refused_in_one_process(data, tmp_path, cli):
 def test_shard_model_equals_ddp_and_resumes(data, tmp_path):
     """FSDP2 on 2 CPU ranks (gloo), 2 micro-batches a step, trains what DDP trains (same losses and
     weights to float tolerance), writes unsharded checkpoints that `load_model` reads in one process, and a run
-    resumed from its step-2 checkpoint logs the same step 3."""
+    resumed from its step-2 checkpoint, sharded or with DDP, logs the same step 3."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     finish([torchrun(*train_args(data, fsdp, "--shard-model", "--grad-accum", "2"))])
     finish([torchrun(*train_args(data, ddp, "--grad-accum", "2"))])
@@ -176,6 +176,10 @@ def test_shard_model_equals_ddp_and_resumes(data, tmp_path):
     assert len(resumed) == STEPS
     assert resumed[-1]["losses"] == pytest.approx(uninterrupted[-1]["losses"], rel=1e-6)
     assert resumed[-1]["grad_norm"] == pytest.approx(uninterrupted[-1]["grad_norm"], rel=1e-6)
+    assert_same_weights(fsdp, ddp, atol=1e-5)
+    shutil.rmtree(fsdp / "checkpoints" / f"step-{STEPS:08d}")  # the same checkpoint resumes unsharded
+    finish([torchrun(*train_args(data, fsdp, "--grad-accum", "2"), "--resume")])
+    assert lines(fsdp)[-1]["losses"] == pytest.approx(uninterrupted[-1]["losses"], rel=1e-6)
     assert_same_weights(fsdp, ddp, atol=1e-5)
 
 
