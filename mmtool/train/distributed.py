@@ -37,7 +37,8 @@ def shard_support(device: torch.device) -> str | None:
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
-        return f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2 needs torch >= 2.6)"
+        return (f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard "
+                "(FSDP2 needs torch >= 2.6)")
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return ("it shards the model across the ranks of a torchrun job, and this is a single process; "
                 "launch with torchrun --nproc-per-node 2 (or more) or drop --shard-model")

@@ -372,7 +372,9 @@ class _Session:
         seconds = time.perf_counter() - t0
         if self.layout is not None:  # every rank's figures, summed in one all-reduce
             self.layout.reduce(acc, shares)
-        line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under --shard-model
+            grad_norm = grad_norm.full_tensor()
+        line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
                 "epoch": self.loader.epoch, "seconds": seconds, **shares.result()}
         if probing:
             line["probes"] = self.probes.finish()

@@ -45,7 +45,8 @@ class StepMetrics:
     def __init__(self, names: list[str]):
         self.names = names
         self.wait, self.tokens, self.total, self.micro = 0.0, 0, 0.0, 0
-        self.sums: dict[str, dict[str, list[float]]] = {g: {} for g in GROUPS}  # group → key → [Σ v·w, Σ w]
+        # group → key → [Σ value · weight, Σ weight]
+        self.sums: dict[str, dict[str, list[float]]] = {g: {} for g in GROUPS}
 
     def _add(self, group: str, key: str, value: float, weight: float) -> None:
         pair = self.sums[group].setdefault(key, [0.0, 0.0])
@@ -90,7 +91,8 @@ class MetricLayout:
     def __init__(self, model: Any, names: list[str]):
         objectives = list(model.objectives)
         modalities = list(model.modalities)
-        groups = [s.key for s in model.streams] + [f"{a}+{b}" for a, b in itertools.permutations(modalities, 2)]
+        pairs = [f"{a}+{b}" for a, b in itertools.permutations(modalities, 2)]  # contrastive row groups
+        groups = [s.key for s in model.streams] + pairs
         tasks = [f"{n}/{o}" for n in names for o in objectives]
         self.keys: dict[tuple[str, str], list[str]] = {
             ("sums", "losses"): objectives,

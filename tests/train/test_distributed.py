@@ -160,8 +160,8 @@ def test_shard_model_is_refused_in_one_process(data, tmp_path, cli):
 @pytest.mark.slow
 def test_shard_model_equals_ddp_and_resumes(data, tmp_path):
     """FSDP2 on 2 CPU ranks (gloo), 2 micro-batches a step, trains what DDP trains (same losses and
-    weights to float tolerance), writes unsharded checkpoints that `load_model` reads in one process, and a run
-    resumed from its step-2 checkpoint, sharded or with DDP, logs the same step 3."""
+    weights to float tolerance), writes unsharded checkpoints that `load_model` reads in one
+    process, and a run resumed from its step-2 checkpoint, sharded or with DDP, logs the same step 3."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     finish([torchrun(*train_args(data, fsdp, "--shard-model", "--grad-accum", "2"))])
     finish([torchrun(*train_args(data, ddp, "--grad-accum", "2"))])
