@@ -127,7 +127,6 @@ def rank_tokens(run: Path, rank: int, world: int, micro: int) -> list[tuple[int,
     return steps
 
 
-@pytest.mark.slow
 def test_accumulation_all_reduces_once_per_step_and_metrics_sum_the_ranks(data, tmp_path):
     """2 ranks × --grad-accum 3, every DDP all-reduce counted by a comm hook: each optimizer step
     all-reduces each gradient bucket once (not 3 times), and the logged token counts are the sum of
