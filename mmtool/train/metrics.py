@@ -137,5 +137,7 @@ class MetricLayout:
         """Sums every rank's step figures into `acc` and `shares`: one all-reduce (a collective:
         every rank calls it every step)."""
         flat = self.pack(acc, shares)
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            flat = flat.cuda()
         dist.all_reduce(flat)
-        self.unpack(flat, acc, shares)
+        self.unpack(flat.cpu(), acc, shares)
