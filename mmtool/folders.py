@@ -57,7 +57,7 @@ from mmtool.io import atomic_write_json, read_json_object
 
 MARKER = ".mmtool.json"
 LOCK = ".mmtool.lock"
-PARTIAL = ".partial"  # the same name as data.preprocess.PARTIAL (not imported: folders sits below data)
+PARTIAL = ".partial"  # unfinished work of a job (data.parts.PARTIAL is this name)
 _SHARD = re.compile(r"shard-\d{5}\.arrow|slice-\d{5}-of-\d{5}\.json")  # shards, slice manifests
 _LOCKS = re.compile(r"\.mmtool\..+\.lock")  # a slice's own lock (`lock(name=...)`)
 _TMP = re.compile(r"\..+\.tmp")  # io.tmp_path's names: an interrupted atomic write of ours

@@ -4,7 +4,7 @@ dataset whose shards and manifest are the bytes a one-machine run writes.
 `merge` reads the slice manifests, refuses (`slices.check_slices`, one line naming the folder)
 anything that would not add up to the one-machine job, then hands the slices, in order, to the
 joiner of their kind (`SLICE_KINDS`): `preprocess` here, `embed` in `mmtool.embed.job`. A joiner
-concatenates the parts with the one-machine run's own code (`_assemble`, `build_manifest`), so the
+concatenates the parts with the one-machine run's own code (`assemble`, `build_manifest`), so the
 shards, `rejected.jsonl` and `manifest.json` are the same bytes. `--max-rejected` is checked here on
 the whole job (a slice does not fail on its share of bad records: a split run must not refuse what
 one run accepts).
@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from mmtool import folders
 from mmtool.data import shards as store
-from mmtool.data.preprocess import PARTIAL, PLAN, _assemble, _check_unique_ids, build_manifest, check_rejected
+from mmtool.data.parts import PARTIAL, PLAN, assemble, check_rejected, check_unique_ids
+from mmtool.data.preprocess import build_manifest
 from mmtool.data.slices import Slice, check_slices, find_slices
 from mmtool.errors import MMToolError
 from mmtool.io import read_json_object
@@ -73,8 +74,8 @@ def _join_preprocess(out: Path, slices: list[Slice], max_rejected: float) -> dic
     parts, where = parts_and_folders(slices)
     rejected = [r for p in parts for r in p["rejected"]]
     check_rejected(max_rejected, out, rejected, sum(p["records"] for p in parts))
-    shards = _assemble(out, where, parts, plan["shard_size"])
-    _check_unique_ids(out, shards)
+    shards = assemble(out, where, parts, plan["shard_size"])
+    check_unique_ids(out, shards)
     manifest = build_manifest(plan, parts, shards, ref["mapping"], ref["skipped"], ref["inputs"])
     store.atomic_write_json(out / store.MANIFEST, manifest)
     return manifest

@@ -37,18 +37,17 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from mmtool import __version__, folders
+from mmtool import __version__
 from mmtool.data import remote
+from mmtool.data.parts import (PARTIAL, PLAN, assemble, by_reason, check_rejected, check_unique_ids,
+                               finished_parts, merge_counts)
 from mmtool.data import shards as store
 from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
 from mmtool.data.chunking import check as check_chunking
@@ -63,8 +62,6 @@ from mmtool.config import parse_value
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 from mmtool.io import read_json_object
 
-PARTIAL = ".partial"
-PLAN = "plan.json"
 ON_ERROR = ("skip", "raise")
 
 
@@ -259,14 +256,14 @@ def _count_record(stats: dict[str, Any], samples: list[Sample], cut: bool) -> No
         src["chunked"] += 1
         src["chunks"] += len(samples)
     for sample in samples:
-        _count(stats, sample)
+        count_sample(stats, sample)
 
 
 def _source_counts() -> dict[str, int]:
     return {"written": 0, "rows": 0, "tokens": 0, "chunked": 0, "chunks": 0, "truncated": 0}
 
 
-def _count(stats: dict[str, Any], sample: Sample) -> None:
+def count_sample(stats: dict[str, Any], sample: Sample) -> None:
     """Counts one sample (row): its tokens, split and modalities (`embed` counts with it too)."""
     src = stats["sources"].setdefault(sample.source, _source_counts())
     src["rows"] += 1
@@ -378,24 +375,6 @@ def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, sha
     return int(min(max(shard_bytes / 8 / avg, 16), 2048))
 
 
-def _finished_parts(partial: Path, keys: list[str] | dict[int, str]) -> tuple[dict[int, dict[str, Any]], int]:
-    """(finished parts whose key is `keys[k]`, how many finished parts read other inputs); `keys` is
-    a list of every part's key, or `{part: key}` of the parts to look at (a slice's)."""
-    done, stale = {}, 0
-    for k, key in (keys.items() if isinstance(keys, dict) else enumerate(keys)):
-        meta = partial / f"part-{k:05d}.json"
-        data = partial / f"part-{k:05d}.arrow"
-        if meta.is_file() and data.is_file():
-            stats = json.loads(meta.read_text())
-            if data.stat().st_size != stats["file"]["bytes"]:
-                continue
-            if stats.get("key", "") == key:
-                done[k] = stats
-            else:
-                stale += 1
-    return done, stale
-
-
 def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any], source: Source,
                     notify: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Resumes, rebuilds or refuses the output folder (claimed and locked already; `--overwrite`
@@ -435,75 +414,6 @@ def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any], source: Source,
     return None, inputs
 
 
-def _merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"records": 0, "rows": 0, "sources": {}, "modalities": {}, "splits": {},
-                             "tokenizers": {}}
-    for s in stats:
-        total["records"] += s["records"]
-        total["rows"] += s["rows"]
-        for key in ("sources", "modalities"):
-            for name, counts in s[key].items():
-                into = total[key].setdefault(name, defaultdict(int))
-                for k, v in counts.items():
-                    into[k] += v
-        for split, n in s["splits"].items():
-            total["splits"][split] = total["splits"].get(split, 0) + n
-        for key, conf in s["tokenizers"].items():
-            total["tokenizers"].setdefault(key, conf)
-    for key in ("sources", "modalities"):
-        total[key] = {k: dict(v) for k, v in sorted(total[key].items())}
-    total["splits"] = dict(sorted(total["splits"].items()))
-    return total
-
-
-def _assemble(out: Path, partial: Path | list[Path], parts: list[dict[str, Any]],
-              shard_bytes: int) -> list[dict]:
-    """Joins consecutive parts into shards of about `shard_bytes` each; `partial` is the folder
-    that holds every part file, or one folder per part (`mmtool merge`: each slice's)."""
-    where = partial if isinstance(partial, list) else [partial] * len(parts)
-    parts = [{**p, "dir": d} for p, d in zip(parts, where)]
-    groups: list[list[dict[str, Any]]] = []
-    size = 0
-    for part in parts:
-        if part["rows"] == 0:
-            continue
-        if not groups or size + part["file"]["bytes"] > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(part)
-        size += part["file"]["bytes"]
-    shards = []
-    for j, group in enumerate(groups):
-        # One record batch per shard: every column is one contiguous buffer, so a reader can
-        # gather any sample's tokens with numpy straight from the memory map.
-        table = pa.concat_tables(store.read_shard(p["dir"] / p["file"]["path"]) for p in group)
-        shards.append(store.write_shard(out / f"shard-{j:05d}.arrow",
-                                        table.combine_chunks().to_batches(max_chunksize=None)))
-    for stale in out.glob("shard-*.arrow"):
-        if int(stale.stem.split("-")[1]) >= len(groups):
-            stale.unlink()
-    return shards
-
-
-def _by_reason(rejected: list[dict[str, Any]]) -> dict[str, int]:
-    """Rejects counted by reason (its first 120 characters; locations are not part of it), most
-    frequent first."""
-    counts: dict[str, int] = defaultdict(int)
-    for r in rejected:
-        counts[str(r["reason"])[:120]] += 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _check_unique_ids(out: Path, shards: list[dict]) -> None:
-    ids = pa.chunked_array([store.read_shard(out / s["path"]).column("id") for s in shards]) \
-        if shards else pa.chunked_array([], pa.string())
-    counts = pc.value_counts(ids)
-    dup = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        raise MMToolError(f"{out}: {len(dup)} sample ids occur more than once "
-                          f"(e.g. {dup[0]['values'].as_py()!r}); ids must be unique within a source")
-
-
 def _check_flags(cfg: PreprocessConfig) -> None:
     if cfg.on_error not in ON_ERROR:
         raise MMToolError(f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}")
@@ -523,7 +433,7 @@ def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[in
     """Runs the parts of `keys` (all, or a slice's) not finished yet, or finished from other inputs
     (keys differ), in this process or a pool; returns (their summaries in order, how many an
     earlier run had finished)."""
-    finished, stale = _finished_parts(partial, keys)
+    finished, stale = finished_parts(partial, keys)
     todo = [k for k in keys if k not in finished]
     if stale:
         notify(f"{stale} of {stale + len(finished)} finished parts read changed inputs; redoing "
@@ -542,19 +452,6 @@ def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[in
                 if progress:
                     progress(len(chunks[futures[fut]]))
     return [finished[k] for k in keys], len(keys) - len(todo)
-
-
-def check_rejected(max_rejected: float, out: Path, rejected: list[dict[str, Any]], records: int) -> None:
-    """Writes the rejects file; refuses the job when more than `max_rejected` of the records failed."""
-    store.atomic_write_text(out / store.REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
-    if len(rejected) > max_rejected * records:
-        first = rejected[0]
-        raise MMToolError(
-            f"{len(rejected)} of {records} records ({len(rejected) / records:.1%}) "
-            f"were rejected, more than --max-rejected {max_rejected:g}; first: {first['location']}: "
-            f"{first['reason']} (all in {out / store.REJECTED}; finished parts are kept, so raising "
-            "--max-rejected and rerunning completes the job)"
-        )
 
 
 def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
@@ -659,8 +556,8 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         return {**doc, "up_to_date": unchanged and resumed == len(owned), "resumed_parts": resumed}
     rejected = [r for p in parts for r in p["rejected"]]
     check_rejected(cfg.max_rejected, out, rejected, sum(p["records"] for p in parts))
-    shards = _assemble(out, partial, parts, plan["shard_size"])
-    _check_unique_ids(out, shards)
+    shards = assemble(out, partial, parts, plan["shard_size"])
+    check_unique_ids(out, shards)
     manifest = build_manifest(plan, parts, shards, mapping, skipped, inputs)
     store.atomic_write_json(out / store.MANIFEST, manifest)
     for done in out.glob("slice-*-of-*.json"):  # slices run here are finished by this run
@@ -674,7 +571,7 @@ def build_manifest(plan: dict[str, Any], parts: list[dict[str, Any]], shards: li
                    inputs: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a folder assembled from `parts` (every part of `plan`, in order) into
     `shards`: a one-machine run and `mmtool merge` both write exactly this."""
-    totals = _merge(parts)
+    totals = merge_counts(parts)
     rejected = [r for p in parts for r in p["rejected"]]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -689,7 +586,7 @@ def build_manifest(plan: dict[str, Any], parts: list[dict[str, Any]], shards: li
         "chunks": sum(c.get("chunks", 0) for c in totals["sources"].values()),
         "truncated": sum(c.get("truncated", 0) for c in totals["sources"].values()),
         "skipped": skipped,
-        "rejected_by_reason": _by_reason(rejected),
+        "rejected_by_reason": by_reason(rejected),
         "mapping": mapping,
         "chunking": plan["chunking"],
         "sources": totals["sources"],

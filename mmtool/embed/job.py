@@ -47,7 +47,8 @@ from mmtool import __version__, folders
 from mmtool.data import shards as store
 from mmtool.data.merge import SliceKind, parts_and_folders, register_slice_kind
 from mmtool.data.mixture import split_entry
-from mmtool.data.preprocess import PARTIAL, PLAN, _assemble, _check_unique_ids, _count, _finished_parts, _merge
+from mmtool.data.parts import PARTIAL, PLAN, assemble, check_unique_ids, finished_parts, merge_counts
+from mmtool.data.preprocess import count_sample
 from mmtool.data.schema import SCHEMA_VERSION, Sample, Segment, rows_to_samples, samples_to_batch
 from mmtool.data.slices import check_slice_flags, slice_parts, slice_writer, write_slice
 from mmtool.errors import MMToolError
@@ -294,7 +295,7 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
     bounds = [(a, min(a + cfg.part_rows, n)) for a in range(0, n, cfg.part_rows)]
     owned = range(len(bounds)) if cfg.num_slices is None else \
         slice_parts(len(bounds), cfg.num_slices, cfg.slice)
-    finished, _ = _finished_parts(partial, {k: "" for k in owned})  # no part keys: the fingerprint covers all
+    finished, _ = finished_parts(partial, {k: "" for k in owned})  # no part keys: the fingerprint covers all
     todo = [k for k in owned if k not in finished]
     if on_start:
         on_start(sum(b - a for k, (a, b) in enumerate(bounds) if k in todo))
@@ -310,7 +311,7 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
                                  "sources": {}, "modalities": {}, "splits": {},
                                  "tokenizers": tokenizers, "first_id": rows[0].id, "last_id": rows[-1].id}
         for s in rows:
-            _count(stats, s)
+            count_sample(stats, s)
         base = partial / f"part-{k:05d}"
         stats["file"] = store.write_shard(base.with_suffix(".arrow"), [samples_to_batch(rows)])
         store.atomic_write_json(base.with_suffix(".json"), stats)
@@ -339,9 +340,9 @@ def _finish(out: Path, where: list[Path], parts: list[dict[str, Any]], block: di
             table: pa.Table | None = None) -> dict[str, Any]:
     """Joins every part (the files in `where`) into shards, checks the join with the source and
     writes the manifest: the end of a one-machine run and of `mmtool merge`."""
-    totals = _merge(parts)
-    shards = _assemble(out, where, parts, store.parse_size("64MB"))
-    _check_unique_ids(out, shards)
+    totals = merge_counts(parts)
+    shards = assemble(out, where, parts, store.parse_size("64MB"))
+    check_unique_ids(out, shards)
     check_join(out, src_dir, shards=shards, table=table)
     manifest = {
         "schema_version": SCHEMA_VERSION,
