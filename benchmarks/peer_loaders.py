@@ -49,7 +49,7 @@ def pad_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 
     Per stream: every sample's tokens padded to the longest in the batch, plus a bool mask; a
     sample without the stream (absent, None or empty) gets an all-False mask row; a stream no
-    sample of the batch has is left out.
+    sample of the batch has is left out. One numpy buffer per stream, filled by row copies.
 
     Returns:
         `draw` and `label` int64 `[B]`; per stream `NAME` `[B, L(, dim)]` and `NAME.mask` `[B, L]`.
@@ -58,15 +58,18 @@ def pad_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     names = sorted({k for s in samples for k, v in s.items()
                     if k not in META and not k.startswith("__") and v is not None})
     for name in names:
-        toks = [None if s.get(name) is None or len(s[name]) == 0 else torch.as_tensor(s[name])
+        toks = [None if s.get(name) is None or len(s[name]) == 0 else np.asarray(s[name])
                 for s in samples]  # empty: absent (a reader may drop an empty array's width)
         like = next((t for t in toks if t is not None), None)
         if like is None:
             continue
-        toks = [like.new_zeros((0, *like.shape[1:])) if t is None else t for t in toks]
-        lengths = torch.tensor([len(t) for t in toks])
-        out[name] = torch.nn.utils.rnn.pad_sequence(toks, batch_first=True)  # [B, L(, dim)]
-        out[name + ".mask"] = torch.arange(out[name].shape[1])[None, :] < lengths[:, None]  # [B, L]
+        lengths = np.array([0 if t is None else len(t) for t in toks])  # [B]
+        buf = np.zeros((len(toks), int(lengths.max()), *like.shape[1:]), like.dtype)  # [B, L(, dim)]
+        for b, t in enumerate(toks):
+            if t is not None:
+                buf[b, :len(t)] = t
+        out[name] = torch.from_numpy(buf)
+        out[name + ".mask"] = torch.from_numpy(np.arange(buf.shape[1])[None, :] < lengths[:, None])  # [B, L]
     return out
 
 

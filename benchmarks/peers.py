@@ -42,9 +42,10 @@ from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.data.shards import load_manifest
 
-from peer_loaders import PEERS, Stream, tokens_of
+from peer_loaders import PEERS, Stream, pad_collate, tokens_of
 
 MMTOOL = ("mmtool-padded", "mmtool-packed")
+COLLATE = "collate-only"  # the shared collate over samples already in memory: every peer's ceiling
 SAME_DRAWS = {"mix_by": "samples", "splits": ["train", "validation", "test"]}
 
 
@@ -230,10 +231,11 @@ def measure_peer(state: PeerState, workers: int, runs: dict, args, written: int)
 
 def run(args: argparse.Namespace, root: Path) -> dict:
     """Builds, writes and measures everything asked for; returns the report (rows + setup)."""
-    wanted = args.only or [*MMTOOL, *PEERS]
-    unknown = sorted(set(wanted) - {*MMTOOL, *PEERS})
+    names = [*MMTOOL, COLLATE, *PEERS]
+    wanted = args.only or names
+    unknown = sorted(set(wanted) - set(names))
     if unknown:
-        raise SystemExit(f"--only {','.join(unknown)}: unknown; choose from {', '.join([*MMTOOL, *PEERS])}")
+        raise SystemExit(f"--only {','.join(unknown)}: unknown; choose from {', '.join(names)}")
     folders = build(root / "mixture", args.cartpole_episodes, args.pydocs_modules)
     data = [f"{f}=1" for f in folders]  # equal weights
     order = Loader(LoaderConfig(data, **SAME_DRAWS, samples_per_epoch=args.samples, batch_samples=1,
@@ -254,6 +256,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
                 print(f"  writing {name}", flush=True)
                 states[name] = PeerState(PEERS[name], samples, streams, root / "peers")
     keys = [(n, w) for n in wanted if n in MMTOOL or n in states for w in args.workers]
+    keys += [(COLLATE, 0)] if COLLATE in wanted else []  # in this process: no workers
     runs: dict[tuple[str, int], list[dict]] = {k: [] for k in keys}
     for r in range(args.repeats):  # interleaved: every loader once per round, same stretch of time
         print(f"  round {r + 1}/{args.repeats}", flush=True)
@@ -264,11 +267,16 @@ def run(args: argparse.Namespace, root: Path) -> dict:
                                                     mmtool_count, written, args.timeout))
                 except Exception as e:  # mmtool's own failures are rows too, not a crash
                     runs[(name, w)].append({"error": f"read: {short(e)}"})
+            elif name == COLLATE:
+                b = args.batch
+                runs[(name, w)].append(one_pass(lambda: (pad_collate(samples[i:i + b]) for i in range(0, written, b)),
+                                                peer_count, written, args.timeout))
             else:
                 measure_peer(states[name], w, runs, args, written)
     for name, w in keys:
         st = states.get(name)
-        rows.append(summarize(name, st.form if st else "mmtool shards", w, runs[(name, w)], written, tokens,
+        form = st.form if st else ("in memory" if name == COLLATE else "mmtool shards")
+        rows.append(summarize(name, form, w, runs[(name, w)], written, tokens,
                               st.broke if st else [], st.write_s if st else None))
     order_of = {n: i for i, n in enumerate(wanted)}
     rows.sort(key=lambda r: (order_of[r["loader"]], r.get("workers", -1)))
@@ -324,7 +332,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="samples per batch")
     parser.add_argument("--workers", default="0,2", help="worker counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="passes per loader and worker count (median)")
-    parser.add_argument("--only", default="", help=f"loaders to run, comma-separated: {', '.join([*MMTOOL, *PEERS])}")
+    parser.add_argument("--only", default="", help=f"loaders to run, comma-separated: {', '.join([*MMTOOL, COLLATE, *PEERS])}")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--workdir", type=Path, help="keep the mixture and the peers' files here")
     parser.add_argument("--cartpole-episodes", type=int, default=1000)
