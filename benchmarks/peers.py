@@ -12,8 +12,11 @@ BATCH`); each peer (benchmarks/peer_loaders.py) gets the same draws, in order, w
 writer (HF `datasets` save_to_disk, LitData `optimize`, Mosaic `MDSWriter`, WebDataset tars,
 Megatron-Energon's prepared WebDataset) and read by its own loader with one shared padding collate.
 
-Per loader and worker count: samples/s and real (data) tokens/s over one full pass, timed from the
-first batch on (worker start-up excluded), median of `--repeats` interleaved passes and the min-max
+A `collate-only` row runs the shared collate over the samples already in memory (in this process,
+and through DataLoader worker processes): the ceiling of every peer, reading nothing.
+
+Per loader and worker count: samples/s and real (data) tokens/s over one full pass, timed after each
+worker's first batch (start-up excluded), median of `--repeats` interleaved passes and the min-max
 spread; whether every draw was read exactly once and every token arrived; and what broke. A peer
 whose package is missing is a `skipped` row with its ImportError; one that raises is a row with the
 exception. Workers are DataLoader processes for the peers and threads for mmtool (its default).
@@ -104,18 +107,23 @@ class Deadline:
 
 
 def one_pass(make: Callable[[], Iterable], count: Callable[[dict], tuple[np.ndarray, int]],
-             written: int, timeout: int) -> dict:
-    """One full pass: samples/s and tokens/s from the first batch on; which draws were read."""
+             written: int, timeout: int, warm: int = 1) -> dict:
+    """One full pass: samples/s and tokens/s after the first `warm` batches; which draws were read.
+
+    The first batch of each worker (workers take batches in turn) carries its start-up, which a
+    training run pays once, not per batch: those `warm` batches are counted but not timed.
+    """
     with Deadline(timeout):
         it = iter(make())
-        first = next(it)  # worker start-up and first fetch: not the steady state
-        draws, tokens = count(first)
-        seen, n0, tok0 = [draws], len(draws), tokens
-        t = time.perf_counter()
-        for batch in it:
+        seen, tokens, t, n0, tok0 = [], 0, None, 0, 0
+        for i, batch in enumerate(it):
             draws, tok = count(batch)
             seen.append(draws)
             tokens += tok
+            if i == warm - 1:
+                t, n0, tok0 = time.perf_counter(), sum(map(len, seen)), tokens
+        if t is None:
+            raise RuntimeError(f"{len(seen)} batches, fewer than the {warm} warm-up ones: nothing timed")
         dt = time.perf_counter() - t
         del it
     seen = np.concatenate(seen)
@@ -215,7 +223,7 @@ def measure_peer(state: PeerState, workers: int, runs: dict, args, written: int)
     """One pass of a peer at `workers`; on an exception, records it and moves to the next form."""
     while state.form is not None:
         try:
-            result = one_pass(state.maker(args.batch, workers), peer_count, written, args.timeout)
+            result = one_pass(state.maker(args.batch, workers), peer_count, written, args.timeout, max(1, workers))
         except Exception as e:
             if args.verbose:
                 traceback.print_exc()
@@ -229,6 +237,28 @@ def measure_peer(state: PeerState, workers: int, runs: dict, args, written: int)
         return
 
 
+def collate_only(samples: list[dict], batch: int, workers: int) -> Iterable[dict]:
+    """The shared collate over the samples in memory: in this process, or in `workers` DataLoader
+    processes (what moving the batches between processes costs, without any reading)."""
+    if workers == 0:
+        return (pad_collate(samples[i:i + batch]) for i in range(0, len(samples), batch))
+    return torch.utils.data.DataLoader(samples, batch_size=batch, collate_fn=pad_collate, num_workers=workers)
+
+
+def mixture(args: argparse.Namespace, root: Path) -> tuple[list[str], list[dict], dict[str, Stream], dict]:
+    """The built mixture's `--data` entries, its epoch of draws as samples, their streams, and
+    the draws of each sample number."""
+    folders = build(root / "mixture", args.cartpole_episodes, args.pydocs_modules)
+    data = [f"{f}=1" for f in folders]  # equal weights
+    order = Loader(LoaderConfig(data, **SAME_DRAWS, samples_per_epoch=args.samples, batch_samples=1,
+                                verify=False)).order(0)
+    samples, streams = materialize(folders, order)
+    draw_of: dict[int, list[int]] = {}
+    for d, n in enumerate(order.tolist()):
+        draw_of.setdefault(n, []).append(d)
+    return data, samples, streams, draw_of
+
+
 def run(args: argparse.Namespace, root: Path) -> dict:
     """Builds, writes and measures everything asked for; returns the report (rows + setup)."""
     names = [*MMTOOL, COLLATE, *PEERS]
@@ -236,16 +266,8 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise SystemExit(f"--only {','.join(unknown)}: unknown; choose from {', '.join(names)}")
-    folders = build(root / "mixture", args.cartpole_episodes, args.pydocs_modules)
-    data = [f"{f}=1" for f in folders]  # equal weights
-    order = Loader(LoaderConfig(data, **SAME_DRAWS, samples_per_epoch=args.samples, batch_samples=1,
-                                verify=False)).order(0)
-    samples, streams = materialize(folders, order)
+    data, samples, streams, draw_of = mixture(args, root)
     written, tokens = len(samples), sum(tokens_of(s, streams) for s in samples)
-    draw_of: dict[int, list[int]] = {}
-    for d, n in enumerate(order.tolist()):
-        draw_of.setdefault(n, []).append(d)
-
     rows, states = [], {}
     for name in wanted:
         if name in PEERS:
@@ -255,22 +277,21 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             else:
                 print(f"  writing {name}", flush=True)
                 states[name] = PeerState(PEERS[name], samples, streams, root / "peers")
-    keys = [(n, w) for n in wanted if n in MMTOOL or n in states for w in args.workers]
-    keys += [(COLLATE, 0)] if COLLATE in wanted else []  # in this process: no workers
+    keys = [(n, w) for n in wanted if n in MMTOOL or n == COLLATE or n in states for w in args.workers]
     runs: dict[tuple[str, int], list[dict]] = {k: [] for k in keys}
+    b = args.batch
     for r in range(args.repeats):  # interleaved: every loader once per round, same stretch of time
         print(f"  round {r + 1}/{args.repeats}", flush=True)
         for name, w in keys:
             if name in MMTOOL:
                 try:
-                    runs[(name, w)].append(one_pass(mmtool_pass(name, data, args.samples, args.batch, w, draw_of),
-                                                    mmtool_count, written, args.timeout))
+                    runs[(name, w)].append(one_pass(mmtool_pass(name, data, written, b, w, draw_of),
+                                                    mmtool_count, written, args.timeout, max(1, w)))
                 except Exception as e:  # mmtool's own failures are rows too, not a crash
                     runs[(name, w)].append({"error": f"read: {short(e)}"})
             elif name == COLLATE:
-                b = args.batch
-                runs[(name, w)].append(one_pass(lambda: (pad_collate(samples[i:i + b]) for i in range(0, written, b)),
-                                                peer_count, written, args.timeout))
+                runs[(name, w)].append(one_pass(lambda w=w: collate_only(samples, b, w), peer_count, written,
+                                                args.timeout, max(1, w)))
             else:
                 measure_peer(states[name], w, runs, args, written)
     for name, w in keys:
@@ -278,10 +299,9 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         form = st.form if st else ("in memory" if name == COLLATE else "mmtool shards")
         rows.append(summarize(name, form, w, runs[(name, w)], written, tokens,
                               st.broke if st else [], st.write_s if st else None))
-    order_of = {n: i for i, n in enumerate(wanted)}
-    rows.sort(key=lambda r: (order_of[r["loader"]], r.get("workers", -1)))
+    rows.sort(key=lambda r: (wanted.index(r["loader"]), r.get("workers", -1)))
     return {"setup": {"samples": written, "tokens": tokens, "unique_samples": len(draw_of),
-                      "streams": {k: [s.dtype, s.dim] for k, s in streams.items()}, "batch": args.batch,
+                      "streams": {k: [s.dtype, s.dim] for k, s in streams.items()}, "batch": b,
                       "workers": args.workers, "repeats": args.repeats, "torch": torch.__version__,
                       "cpus": os.cpu_count()},
             "rows": rows}
@@ -310,18 +330,19 @@ def fmt_rate(row: dict, key: str, scale: float = 1.0, unit: str = "") -> str:
 def table(report: dict) -> str:
     """The report as a markdown table."""
     vers = report.get("versions", {})
-    lines = ["| loader | stored as | workers | samples/s (min–max) | real tokens/s (min–max) | "
-             "read / written | what broke |", "|---|---|---|---|---|---|---|"]
+    lines = ["| loader | stored as | write s | workers | samples/s (min–max) | real tokens/s (min–max) | "
+             "read / written | what broke |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = r["loader"] + (f" {vers[r['loader']]}" if r["loader"] in vers else "")
         broke = "; ".join(r["broke"]) or "—"
         if r["status"] == "skipped":
-            lines.append(f"| {name} | | | skipped | | | {r['reason']} |")
+            lines.append(f"| {name} | | | | skipped | | | {r['reason']} |")
         elif r["status"] == "failed":
-            lines.append(f"| {name} | {r.get('form') or ''} | {r.get('workers', '')} | failed | | | {broke} |")
+            lines.append(f"| {name} | {r.get('form') or ''} | | {r.get('workers', '')} | failed | | | {broke} |")
         else:
             read = f"{r['samples_read']:,} / {r['written']:,}" + ("" if r["each_draw_once"] else " ✗")
-            lines.append(f"| {name} | {r['form']} | {r['workers']} | {fmt_rate(r, 'samples_per_s')} | "
+            write = "" if r["write_s"] is None else f"{r['write_s']:.1f}"
+            lines.append(f"| {name} | {r['form']} | {write} | {r['workers']} | {fmt_rate(r, 'samples_per_s')} | "
                          f"{fmt_rate(r, 'tokens_per_s', 1e6, 'M')} | {read} | {broke} |")
     return "\n".join(lines)
 

@@ -54,7 +54,7 @@ def test_every_loader_that_ran_read_each_draw_once_and_every_token(report):
     assert setup["samples"] == SAMPLES and 0 < setup["unique_samples"] <= SAMPLES
     assert setup["tokens"] > SAMPLES  # documents alone hold hundreds of tokens each
     ran = [r for r in rows if r["status"] == "ran"]
-    assert {r["loader"] for r in ran} >= {"mmtool-padded", "mmtool-packed"}
+    assert {r["loader"] for r in ran} >= {"mmtool-padded", "mmtool-packed", "collate-only"}
     for r in ran:
         assert r["written"] == r["samples_read"] == SAMPLES, r
         assert r["each_draw_once"], r
@@ -70,14 +70,14 @@ def test_every_loader_that_ran_read_each_draw_once_and_every_token(report):
 def test_missing_peers_are_skipped_with_their_import_error(report):
     rep, out = report
     by_name = {r["loader"]: r for r in rep["rows"]}
-    assert set(by_name) == {"mmtool-padded", "mmtool-packed", *PEERS}
+    assert set(by_name) == {"mmtool-padded", "mmtool-packed", "collate-only", *PEERS}
     for name, peer in PEERS.items():
         row = by_name[name]
         if installed(peer.module):
             assert row["status"] in ("ran", "failed"), row
         else:
             assert row["status"] == "skipped" and "No module named" in row["reason"], row
-            assert f"| {name} | | | skipped | | | {row['reason']} |" in out
+            assert f"| {name} | | | | skipped | | | {row['reason']} |" in out
     assert sum(line.startswith("| ") for line in out.splitlines()) == 2 + len(rep["rows"])  # header, rule, rows
 
 
@@ -102,3 +102,20 @@ def test_pad_collate_pads_masks_and_treats_empty_as_absent():
     assert torch.equal(out["audio"][2, 0], torch.full((3,), 2.0)) and out["audio"][0].abs().sum() == 0
     assert sum(int(v.sum()) for k, v in out.items() if k.endswith(".mask")) == sum(
         tokens_of(s, STREAMS) for s in (a, b, c)) == 7
+
+
+def test_a_reader_that_repeats_or_loses_a_sample_is_reported():
+    import peers  # benchmarks/peers.py
+
+    samples = [{"draw": d, "label": 0, "text": np.arange(d + 1, dtype=np.int32)} for d in range(6)]
+    tokens = sum(tokens_of(s, STREAMS) for s in samples)  # 21
+    good = peers.one_pass(lambda: (pad_collate(samples[i:i + 2]) for i in range(0, 6, 2)), peers.peer_count, 6, 60)
+    assert good["each_draw_once"] and (good["samples"], good["tokens"]) == (6, tokens)
+    twice = peers.one_pass(lambda: (pad_collate(s) for s in (samples[:2], samples[:2], samples[2:4])),
+                           peers.peer_count, 6, 60)
+    assert not twice["each_draw_once"] and twice["samples"] == 6  # six read, but draw 0 twice, 4 never
+    row = peers.summarize("x", "heterogeneous", 0, [twice], 6, tokens, [], None)
+    assert row["status"] == "ran" and any("not each draw once" in b for b in row["broke"])
+    assert any(f"read {twice['tokens']:,} tokens for {tokens:,} written" in b for b in row["broke"])
+    failed = peers.summarize("x", "fixed", 2, [{"error": "read: OSError: gone"}], 6, tokens, ["write heterogeneous: E"], None)
+    assert failed["status"] == "failed" and failed["broke"] == ["write heterogeneous: E", "read: OSError: gone"]
