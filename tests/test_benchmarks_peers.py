@@ -78,7 +78,7 @@ def test_missing_peers_are_skipped_with_their_import_error(report):
         else:
             assert row["status"] == "skipped" and "No module named" in row["reason"], row
             assert f"| {name} | | | | skipped | | | {row['reason']} |" in out
-    assert sum(line.startswith("| ") for line in out.splitlines()) == 2 + len(rep["rows"])  # header, rule, rows
+    assert sum(line.startswith("|") for line in out.splitlines()) == 2 + len(rep["rows"])  # header, rule, rows
 
 
 def test_only_and_an_unknown_loader(tmp_path):
