@@ -133,6 +133,7 @@ def one_pass(make: Callable[[], Iterable], count: Callable[[dict], tuple[np.ndar
 
 
 def peer_count(batch: dict) -> tuple[np.ndarray, int]:
+    """A collated batch's draws and data tokens (its masks' true entries)."""
     return batch["draw"].numpy(), int(sum(v.sum() for k, v in batch.items() if k.endswith(".mask")))
 
 
@@ -145,7 +146,9 @@ def mmtool_pass(name: str, data: list[str], samples: int, batch: int, workers: i
         queues = {k: list(v) for k, v in draw_of.items()}  # a sample drawn twice: both its draws
         try:
             for b in loader:
-                draws = np.array([queues[s].pop() for s in b["sample_index"].tolist()])
+                # a sample read more often than drawn gets the out-of-range draw `samples`: the
+                # each-draw-once check then fails (one draw fewer, or one sample more, than written)
+                draws = np.array([queues[s].pop() if queues[s] else samples for s in b["sample_index"].tolist()])
                 yield {"draws": draws, "tokens": b.real_tokens - b.num_separators}
         finally:
             loader.close()
@@ -153,11 +156,14 @@ def mmtool_pass(name: str, data: list[str], samples: int, batch: int, workers: i
 
 
 def mmtool_count(batch: dict) -> tuple[np.ndarray, int]:
+    """An mmtool batch's draws and data tokens (as `mmtool_pass` yields them)."""
     return batch["draws"], int(batch["tokens"])
 
 
 def summarize(name: str, form: str, workers: int, runs: list[dict], written: int, tokens: int,
               broke: list[str], write_s: float | None) -> dict:
+    """One table row: median and spread of the passes that ran; what broke, including a pass that
+    did not read each draw once or lost tokens (its rate is still shown)."""
     row = {"loader": name, "form": form, "workers": workers, "written": written, "write_s": write_s,
            "broke": list(broke)}
     ok = [r for r in runs if "error" not in r]
