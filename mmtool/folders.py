@@ -57,8 +57,9 @@ from mmtool.io import atomic_write_json, read_json_object
 
 MARKER = ".mmtool.json"
 LOCK = ".mmtool.lock"
-PARTIAL = ".partial"  # the same name as data.preprocess.PARTIAL (not imported: folders sits below data)
-_SHARD = re.compile(r"shard-\d{5}\.arrow")
+PARTIAL = ".partial"  # unfinished work of a job (data.parts.PARTIAL is this name)
+_SHARD = re.compile(r"shard-\d{5}\.arrow|slice-\d{5}-of-\d{5}\.json")  # shards, slice manifests
+_LOCKS = re.compile(r"\.mmtool\..+\.lock")  # a slice's own lock (`lock(name=...)`)
 _TMP = re.compile(r"\..+\.tmp")  # io.tmp_path's names: an interrupted atomic write of ours
 _SHOWN = 5  # files named in a refusal
 
@@ -226,7 +227,8 @@ def _entries(folder: Path) -> list[str]:
     """The folder's names, less the lock, the marker and a marker being written (a concurrent writer
     between its flock and its marker must not make the folder look foreign)."""
     return sorted(p.name for p in folder.iterdir()
-                  if p.name not in (MARKER, LOCK) and not p.name.startswith(f".{MARKER}."))
+                  if p.name not in (MARKER, LOCK) and not p.name.startswith(f".{MARKER}.")
+                  and not _LOCKS.fullmatch(p.name))
 
 
 def inspect(out: str | Path, kind: str, flag: str = "--out") -> str:
@@ -330,7 +332,7 @@ def _holder(path: Path) -> str:
 
 @contextmanager
 def lock(out: str | Path, command: str | None = None, flag: str = "--out",
-         wait: bool = False) -> Iterator[Path]:
+         wait: bool = False, name: str = LOCK) -> Iterator[Path]:
     """Holds the one-writer lock of folder `out` (which must exist) for the `with` block.
 
     Args:
@@ -338,6 +340,8 @@ def lock(out: str | Path, command: str | None = None, flag: str = "--out",
         command: recorded for a second writer's message (default: this process's command line).
         flag: the flag that named `out`, for messages.
         wait: block until the lock is free instead of failing (for short critical sections).
+        name: the lock file; another name locks one part of the folder (a preprocessing slice's
+            parts, `.mmtool.slice-00002-of-00004.lock`) for writers that share it.
 
     Yields:
         The lock file's path.
@@ -345,7 +349,7 @@ def lock(out: str | Path, command: str | None = None, flag: str = "--out",
     Raises:
         MMToolError: another process holds the lock (the message names its pid and command).
     """
-    path = Path(out) / LOCK
+    path = Path(out) / name
     key = str(path.resolve())
     with _HELD_GUARD:
         if key in _HELD:

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from mmtool.cli import (ablate, embed, eval_transfer, experiment, export, inspect, ls,  # noqa: F401
-                        preprocess, profile, quickstart, report, sanity, sweep, train)  # each registers its command
+                        merge, preprocess, profile, quickstart, report, sanity, sweep,
+                        train)  # each registers its command
 from mmtool.cli.app import app
 from mmtool.errors import Interrupted, MMToolError
 

@@ -62,3 +62,15 @@ def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:
         table.caption += f" · skipped {n:,} {reason}"
     table.caption_justify = "left"
     return table
+
+
+def slice_summary(doc: dict[str, Any], out: str) -> str:
+    """One slice's outcome: its parts, counts, and how to merge the slices."""
+    status = "up to date" if doc.get("up_to_date") else (
+        f"resumed ({doc['resumed_parts']} parts reused)" if doc.get("resumed_parts") else "done")
+    a, b = doc["part_range"]
+    parts = {0: f"no part (the job has {doc['parts_total']})",
+             1: f"part {a} of {doc['parts_total']}"}.get(b - a, f"parts {a}-{b - 1} of {doc['parts_total']}")
+    return (f"{out}: slice {doc['slice']} of {doc['num_slices']} {status}: {parts} · records "
+            f"{doc['records']:,} = written {doc['written']:,} + rejected {doc['rejected']:,} · rows "
+            f"{doc['rows']:,}\nwhen every slice is done: mmtool merge OUT SLICE_DIRS...")

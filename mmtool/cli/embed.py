@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
-from mmtool.cli._render import human_bytes
+from mmtool.cli._render import human_bytes, slice_summary
 from mmtool.cli.app import app
 from mmtool.config import build_config
 
@@ -69,6 +69,9 @@ def embed_cmd(
     cfg = build_config(EmbedConfig, flags={"data": data, **given_flags(ctx)})
     console = Console(highlight=False)
     manifest = run_embed(cfg, console)
+    if cfg.num_slices is not None:
+        console.print(slice_summary(manifest, str(cfg.out)), soft_wrap=True)
+        return
     console.print(embed_summary(manifest, str(cfg.out)))
 
 

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
-from mmtool.cli._render import preprocess_summary, run_preprocess
+from mmtool.cli._render import preprocess_summary, run_preprocess, slice_summary
 from mmtool.cli.app import app
 from mmtool.cli.inspect import mapping_table, render_view
 from mmtool.config import build_config
@@ -46,6 +46,9 @@ def preprocess_cmd(
         return
     manifest = run_preprocess(cfg, console, on_mapping=lambda rows: console.print(
         mapping_table([r.as_dict() for r in rows])))
+    if cfg.num_slices is not None:
+        console.print(slice_summary(manifest, str(cfg.out)), soft_wrap=True)
+        return
     console.print(preprocess_summary(manifest, manifest.get("url") or str(cfg.out)))
     if manifest.get("url"):
         console.print(f"uploaded to {manifest['url']} (shards, then manifest.json; staged in "

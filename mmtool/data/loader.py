@@ -6,11 +6,17 @@ and within a rank, worker w takes every `num_workers`-th of the rank's remaining
 PyTorch DataLoader returns worker results round-robin, so the rank sees its batches in plan order
 whatever the number of workers. Resuming is a position: (epoch, batches done in it).
 
+With `--plan shards` (`mmtool.data.shardplan`, and `auto` above `PLAN_AUTO_ROWS` rows) the epoch is
+planned one block at a time: a block's batches are dealt to ranks round-robin as above, and the
+position is (epoch, block, this rank's batches done in the block): resuming plans one block, not
+the epoch, and the state is the same few numbers at 10^3 rows or 10^9.
+
 Only rows whose `split` is in `LoaderConfig.splits` are drawn (default: train); the index still
 numbers every row, so sample numbers mean the same whatever the splits.
 
 Ranks can differ by one batch at an epoch's end (no sample is dropped or repeated to even them
-out); a distributed trainer stops each epoch at the smallest count or uses `Join`.
+out; with the shard plan, by up to one batch per block); a distributed trainer stops each epoch at
+the smallest count or uses `Join`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from mmtool.data.index import TokenIndex
 from mmtool.data.mixture import Mixture, parse_data_specs, resolve_mix_by, take_fractions
 from mmtool.data.remote import DEFAULT_CACHE_DIR, ShardCache, redact
 from mmtool.data.schema import SPLITS
+from mmtool.data.shardplan import WINDOW, ShardPlan
 from mmtool.data.shards import parse_size
 from mmtool.errors import MMToolError
 
@@ -75,6 +82,19 @@ class LoaderConfig:
     """Bytes of remote shards kept in `cache_dir` (`--cache-limit`), least recently used out."""
     prefetch_batches: int = 8
     """Batches ahead whose remote shards a background thread fetches."""
+    plan: str = "auto"
+    """How an epoch's order is planned (`--plan`): "samples" (one permutation of every draw, O(samples)
+    memory and resume time), "shards" (a shard-window shuffle built block by block from per-shard row
+    counts, O(shards); `mmtool.data.shardplan`), or "auto" (shards above `PLAN_AUTO_ROWS` rows)."""
+    shard_window: int = WINDOW
+    """With the shard plan: shards whose rows are shuffled together (`--shard-window`)."""
+
+
+PLANS = ("samples", "shards", "auto")
+WARN_DRAWS = 100_000
+"""With the shard plan, `Loader.warnings` judges this many draws of the epoch (its first blocks)."""
+PLAN_AUTO_ROWS = 10_000_000
+"""`--plan auto` plans by shards above this many rows (a per-sample epoch then costs ≥ 80 MB)."""
 
 
 class _BatchStream(IterableDataset):
@@ -85,17 +105,15 @@ class _BatchStream(IterableDataset):
     they persist across epoch boundaries.
     """
 
-    def __init__(self, loader: "Loader", epoch: int, batch: int):
-        self.loader, self.epoch, self.batch = loader, epoch, batch
+    def __init__(self, loader: "Loader", epoch: int, block: int, batch: int):
+        self.loader, self.epoch, self.block, self.batch = loader, epoch, block, batch
 
     def plans(self, worker: int = 0, workers: int = 1) -> Iterator[np.ndarray]:
-        position, epoch, start = 0, self.epoch, self.batch
-        while True:
-            for samples in self.loader.plan(epoch)[start:]:
-                if position % workers == worker:
-                    yield samples
-                position += 1
-            epoch, start = epoch + 1, 0
+        position = 0
+        for samples in self.loader.batches_from(self.epoch, self.block, self.batch):
+            if position % workers == worker:
+                yield samples
+            position += 1
 
     def ahead(self, plans: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """`plans` unchanged, but each batch's remote shards are queued for prefetching
@@ -184,9 +202,12 @@ class Loader:
             raise MMToolError(f"rank {cfg.rank} is outside world size {cfg.world_size}")
         self.epoch = 0
         self.batch = 0  # batches of this rank already yielded in `epoch`
+        self.block, self.block_batch = 0, 0  # shard plan: block of `epoch`, this rank's batches in it
         n = len(self.index.folders)
         self.drawn = Drawn([0] * n, [0] * n)
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+        self._block_cache: dict[tuple[int, int], list[np.ndarray]] = {}
+        self.shard_plan = self._shard_plan() if self._plan_kind() == "shards" else None
         self._stream: Iterator[Batch] | None = None  # open worker stream at (epoch, batch)
 
     def _cache(self) -> ShardCache:
@@ -206,20 +227,87 @@ class Loader:
                                   f"--splits {','.join(have)}")
         return np.flatnonzero(mask).astype(np.int64)
 
+    def _plan_kind(self) -> str:
+        """"samples" or "shards": `--plan`, with "auto" resolved by the number of rows."""
+        if self.cfg.plan not in PLANS:
+            raise MMToolError(f"--plan {self.cfg.plan!r}: expected {', '.join(PLANS)}")
+        if self.cfg.plan == "auto":
+            return "shards" if len(self.members) > PLAN_AUTO_ROWS else "samples"
+        return self.cfg.plan
+
+    def _shard_plan(self) -> ShardPlan:
+        """The shard plan over the rows in `members`, counted per shard (O(shards) numbers)."""
+        shard = np.searchsorted(self.index.shard_start, self.members, side="right") - 1  # [M']
+        sizes = np.bincount(shard, minlength=len(self.index.shards))  # [S]
+        folder = np.repeat(np.arange(len(self.index.folders)),
+                           [len(f.shards) for f in self.index.folders])  # [S]
+        return ShardPlan(sizes, folder, self.mixture, self.cfg.shard_window)
+
     # -- planning --------------------------------------------------------------------------------
     def order(self, epoch: int) -> np.ndarray:
         """Global sample numbers of `epoch` in mixture order (only rows of `splits`)."""
-        return self.members[self.mixture.epoch(epoch)]
+        plan = self.shard_plan or self.mixture
+        return self.members[plan.epoch(epoch)]
 
     def plan(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches (arrays of global sample numbers) for `epoch`, in order."""
+        """This rank's batches (arrays of global sample numbers) for `epoch`, in order. With the
+        shard plan this plans every block (O(samples)); iterating plans one block at a time."""
+        if self.shard_plan is not None:
+            return [b for k in range(self.shard_plan.blocks) for b in self.block_plan(epoch, k)]
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             everything = self.strategy.plan(self.index, self.order(epoch), self.size)
             self._plan_cache = (epoch, everything[self.cfg.rank::self.cfg.world_size])
         return self._plan_cache[1]
 
+    def block_plan(self, epoch: int, block: int) -> list[np.ndarray]:
+        """Shard plan: this rank's batches of one block. A block's batches are planned together
+        and dealt to ranks round-robin from rank `block mod W` (so no rank is always first)."""
+        key = (epoch, block)
+        if key not in self._block_cache:
+            order = self.members[self.shard_plan.block(epoch, block)]
+            everything = self.strategy.plan(self.index, order, self.size)
+            world = self.cfg.world_size
+            if len(self._block_cache) >= 4:
+                del self._block_cache[next(iter(self._block_cache))]
+            self._block_cache[key] = everything[(self.cfg.rank - block) % world::world]
+        return self._block_cache[key]
+
+    def batches_from(self, epoch: int, block: int, batch: int) -> Iterator[np.ndarray]:
+        """This rank's planned batches from a position on, epoch after epoch, without end."""
+        while True:
+            if self.shard_plan is None:
+                yield from self.plan(epoch)[batch:]
+            else:
+                for k in range(block, self.shard_plan.blocks):
+                    yield from self.block_plan(epoch, k)[batch:]
+                    batch = 0
+            epoch, block, batch = epoch + 1, 0, 0
+
+    def _settle(self) -> None:
+        """Moves the position past an ended epoch (shard plan: past ended blocks, and past blocks
+        that deal this rank no batch)."""
+        if self.shard_plan is None:
+            if self.batch == len(self.plan(self.epoch)):
+                self.epoch, self.batch = self.epoch + 1, 0
+            return
+        for _ in range(self.shard_plan.blocks + 1):
+            if self.block_batch < len(self.block_plan(self.epoch, self.block)):
+                return
+            self.block, self.block_batch = self.block + 1, 0
+            if self.block == self.shard_plan.blocks:
+                self.epoch, self.block, self.batch = self.epoch + 1, 0, 0
+        raise MMToolError(f"rank {self.cfg.rank} of {self.cfg.world_size} gets no batch in a whole "
+                          "epoch; use fewer ranks or smaller batches")
+
     def warnings(self) -> list[str]:
-        """Lines saying where the current epoch's batches stray from the mixture (`plan_warnings`)."""
+        """Lines saying where the current epoch's batches stray from the mixture (`plan_warnings`);
+        with the shard plan, judged on the epoch's first blocks (`WARN_DRAWS` draws or all)."""
+        if self.shard_plan is not None:
+            plan = self.shard_plan
+            blocks = range(min(plan.blocks, -(-WARN_DRAWS // plan.block_draws)))
+            order = self.members[np.concatenate([plan.block(self.epoch, b) for b in blocks])]
+            batches = [x for b in blocks for x in self.block_plan(self.epoch, b)]
+            return plan_warnings(self.index, order, batches, self.size, self.cfg.strategy)
         return plan_warnings(self.index, self.order(self.epoch), self.plan(self.epoch), self.size,
                              self.cfg.strategy)
 
@@ -229,7 +317,10 @@ class Loader:
 
     # -- iteration -------------------------------------------------------------------------------
     def _open_stream(self) -> Iterator[Batch]:
-        dataset = _BatchStream(self, self.epoch, self.batch)
+        if self.shard_plan is not None:
+            self._settle()
+        block_batch = self.batch if self.shard_plan is None else self.block_batch
+        dataset = _BatchStream(self, self.epoch, self.block, block_batch)
         if self.cfg.num_workers == 0:  # pin here too, or the "non-blocking" H2D copy is synchronous
             return (b.pin_memory() for b in dataset) if self.cfg.pin_memory else iter(dataset)
         if self.cfg.worker_type == "thread":
@@ -249,8 +340,8 @@ class Loader:
             self.drawn.tokens = (np.asarray(self.drawn.tokens) + np.bincount(
                 folders, batch["seqlens"].numpy(), minlength=n).astype(np.int64)).tolist()
             self.batch += 1
-            if self.batch == len(self.plan(self.epoch)):
-                self.epoch, self.batch = self.epoch + 1, 0
+            self.block_batch += 1
+            self._settle()
             yield batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -278,19 +369,26 @@ class Loader:
     # -- resuming --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The loader's position and counters (JSON-ready)."""
+        shards = {} if self.shard_plan is None else {
+            "block": self.block, "block_batch": self.block_batch, "shard_window": self.cfg.shard_window}
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.cfg.seed,
                 "strategy": self.cfg.strategy, "mix_by": self.mixture.mix_by,
                 "splits": list(self.cfg.splits), "rank": self.cfg.rank,
                 "world_size": self.cfg.world_size, "drawn_samples": list(self.drawn.samples),
-                "drawn_tokens": list(self.drawn.tokens)}
+                "drawn_tokens": list(self.drawn.tokens),
+                "plan": "samples" if self.shard_plan is None else "shards", **shards}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continues from a `state_dict()`; refuses one from another seed, strategy or world size."""
-        for key in ("seed", "strategy", "world_size", "mix_by", "splits"):
-            if key in state and state[key] != self.state_dict()[key]:
+        """Continues from a `state_dict()`; refuses one from another seed, strategy, world size or
+        plan (a state without `plan` is the per-sample plan's)."""
+        state = {"plan": "samples", **state}
+        mine = self.state_dict()
+        for key in ("seed", "strategy", "world_size", "mix_by", "splits", "plan", "shard_window"):
+            if key in state and key in mine and state[key] != mine[key]:
                 raise MMToolError(f"loader state was saved with {key}={state[key]!r}, "
-                                  f"but this run has {key}={self.state_dict()[key]!r}")
+                                  f"but this run has {key}={mine[key]!r}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.block, self.block_batch = int(state.get("block", 0)), int(state.get("block_batch", 0))
         self.close()  # batches prefetched from the old position are dropped
         self.drawn = Drawn(list(state["drawn_samples"]), list(state["drawn_tokens"]))
 

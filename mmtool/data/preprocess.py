@@ -16,6 +16,10 @@ How a run is organised, and why:
    is removed. A folder with a manifest is complete; its `inputs` block (size, mtime_ns, sha256 of
    every file the source reads) is checked on a rerun, which rebuilds when the content changed.
 
+4. `--num-slices K --slice I` runs only slice I's parts, a contiguous block, and writes a slice
+   manifest instead of shards; `mmtool merge` joins the K slices into the shards this run would
+   write, byte for byte (`mmtool.data.slices`, `mmtool.data.merge`).
+
 Counts always add up: `records == written + rejected` (records read = records that became samples +
 records rejected), and `rows >= written`: a long document becomes several samples (`chunked`
 records → `chunks` rows, see `mmtool.data.chunking`); text still cut is counted as `truncated`
@@ -33,23 +37,23 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from mmtool import __version__, folders
+from mmtool import __version__
 from mmtool.data import remote
+from mmtool.data.parts import (PARTIAL, PLAN, assemble, by_reason, check_rejected, check_unique_ids,
+                               finished_parts, merge_counts)
 from mmtool.data import shards as store
 from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
 from mmtool.data.chunking import check as check_chunking
 from mmtool.data.inputs import describe_changes, inputs_block, part_key
 from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
+from mmtool.data.slices import check_slice_flags, slice_parts, slice_writer, write_slice
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
 from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
@@ -58,8 +62,6 @@ from mmtool.config import parse_value
 from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
 from mmtool.io import read_json_object
 
-PARTIAL = ".partial"
-PLAN = "plan.json"
 ON_ERROR = ("skip", "raise")
 
 
@@ -99,6 +101,12 @@ class PreprocessConfig:
     """Hash every input file instead of trusting unchanged size and mtime_ns."""
     dry_run: bool = False
     """Map and tokenize the first records (`--max-samples`, default 8) and show them; write nothing."""
+    num_slices: int | None = None
+    """Split the job into this many slices, one per machine or array task (with --slice); each
+    writes its parts and a slice manifest, and `mmtool merge` joins them into shards identical to
+    a one-machine run's."""
+    slice: int | None = None
+    """Which slice this process runs, 0 to --num-slices - 1 (e.g. $SLURM_ARRAY_TASK_ID)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,14 +256,14 @@ def _count_record(stats: dict[str, Any], samples: list[Sample], cut: bool) -> No
         src["chunked"] += 1
         src["chunks"] += len(samples)
     for sample in samples:
-        _count(stats, sample)
+        count_sample(stats, sample)
 
 
 def _source_counts() -> dict[str, int]:
     return {"written": 0, "rows": 0, "tokens": 0, "chunked": 0, "chunks": 0, "truncated": 0}
 
 
-def _count(stats: dict[str, Any], sample: Sample) -> None:
+def count_sample(stats: dict[str, Any], sample: Sample) -> None:
     """Counts one sample (row): its tokens, split and modalities (`embed` counts with it too)."""
     src = stats["sources"].setdefault(sample.source, _source_counts())
     src["rows"] += 1
@@ -367,23 +375,6 @@ def _part_rows(source: Source, indices: list[int], tokenizers: TokenizerSet, sha
     return int(min(max(shard_bytes / 8 / avg, 16), 2048))
 
 
-def _finished_parts(partial: Path, keys: list[str]) -> tuple[dict[int, dict[str, Any]], int]:
-    """(finished parts whose key is `keys[k]`, how many finished parts read other inputs)."""
-    done, stale = {}, 0
-    for k, key in enumerate(keys):
-        meta = partial / f"part-{k:05d}.json"
-        data = partial / f"part-{k:05d}.arrow"
-        if meta.is_file() and data.is_file():
-            stats = json.loads(meta.read_text())
-            if data.stat().st_size != stats["file"]["bytes"]:
-                continue
-            if stats.get("key", "") == key:
-                done[k] = stats
-            else:
-                stale += 1
-    return done, stale
-
-
 def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any], source: Source,
                     notify: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Resumes, rebuilds or refuses the output folder (claimed and locked already; `--overwrite`
@@ -423,71 +414,6 @@ def _prepare_folder(cfg: PreprocessConfig, plan: dict[str, Any], source: Source,
     return None, inputs
 
 
-def _merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"records": 0, "rows": 0, "sources": {}, "modalities": {}, "splits": {},
-                             "tokenizers": {}}
-    for s in stats:
-        total["records"] += s["records"]
-        total["rows"] += s["rows"]
-        for key in ("sources", "modalities"):
-            for name, counts in s[key].items():
-                into = total[key].setdefault(name, defaultdict(int))
-                for k, v in counts.items():
-                    into[k] += v
-        for split, n in s["splits"].items():
-            total["splits"][split] = total["splits"].get(split, 0) + n
-        for key, conf in s["tokenizers"].items():
-            total["tokenizers"].setdefault(key, conf)
-    for key in ("sources", "modalities"):
-        total[key] = {k: dict(v) for k, v in sorted(total[key].items())}
-    total["splits"] = dict(sorted(total["splits"].items()))
-    return total
-
-
-def _assemble(out: Path, partial: Path, parts: list[dict[str, Any]], shard_bytes: int) -> list[dict]:
-    """Joins consecutive parts into shards of about `shard_bytes` each."""
-    groups: list[list[dict[str, Any]]] = []
-    size = 0
-    for part in parts:
-        if part["rows"] == 0:
-            continue
-        if not groups or size + part["file"]["bytes"] > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(part)
-        size += part["file"]["bytes"]
-    shards = []
-    for j, group in enumerate(groups):
-        # One record batch per shard: every column is one contiguous buffer, so a reader can
-        # gather any sample's tokens with numpy straight from the memory map.
-        table = pa.concat_tables(store.read_shard(partial / p["file"]["path"]) for p in group)
-        shards.append(store.write_shard(out / f"shard-{j:05d}.arrow",
-                                        table.combine_chunks().to_batches(max_chunksize=None)))
-    for stale in out.glob("shard-*.arrow"):
-        if int(stale.stem.split("-")[1]) >= len(groups):
-            stale.unlink()
-    return shards
-
-
-def _by_reason(rejected: list[dict[str, Any]]) -> dict[str, int]:
-    """Rejects counted by reason (its first 120 characters; locations are not part of it), most
-    frequent first."""
-    counts: dict[str, int] = defaultdict(int)
-    for r in rejected:
-        counts[str(r["reason"])[:120]] += 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _check_unique_ids(out: Path, shards: list[dict]) -> None:
-    ids = pa.chunked_array([store.read_shard(out / s["path"]).column("id") for s in shards]) \
-        if shards else pa.chunked_array([], pa.string())
-    counts = pc.value_counts(ids)
-    dup = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        raise MMToolError(f"{out}: {len(dup)} sample ids occur more than once "
-                          f"(e.g. {dup[0]['values'].as_py()!r}); ids must be unique within a source")
-
-
 def _check_flags(cfg: PreprocessConfig) -> None:
     if cfg.on_error not in ON_ERROR:
         raise MMToolError(f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}")
@@ -497,16 +423,18 @@ def _check_flags(cfg: PreprocessConfig) -> None:
         raise MMToolError(f"--num-proc {cfg.num_proc}: must be at least 1")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise MMToolError(f"--max-samples {cfg.max_samples}: must be at least 1")
+    check_slice_flags(cfg.num_slices, cfg.slice)
 
 
 def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[int]], partial: Path,
-               keys: list[str], progress: Callable[[int], None] | None,
+               keys: dict[int, str], progress: Callable[[int], None] | None,
                on_start: Callable[[int], None] | None,
                notify: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
-    """Runs the parts not finished yet, or finished from other inputs (`keys` differ), in this
-    process or a pool; returns (every part's summary, how many an earlier run had finished)."""
-    finished, stale = _finished_parts(partial, keys)
-    todo = [k for k in range(len(chunks)) if k not in finished]
+    """Runs the parts of `keys` (all, or a slice's) not finished yet, or finished from other inputs
+    (keys differ), in this process or a pool; returns (their summaries in order, how many an
+    earlier run had finished)."""
+    finished, stale = finished_parts(partial, keys)
+    todo = [k for k in keys if k not in finished]
     if stale:
         notify(f"{stale} of {stale + len(finished)} finished parts read changed inputs; redoing "
                f"them ({len(finished)} kept)")
@@ -523,20 +451,7 @@ def _run_parts(cfg: PreprocessConfig, plan: dict[str, Any], chunks: list[list[in
                 finished[futures[fut]] = fut.result()
                 if progress:
                     progress(len(chunks[futures[fut]]))
-    return [finished[k] for k in range(len(chunks))], len(chunks) - len(todo)
-
-
-def _check_rejected(cfg: PreprocessConfig, out: Path, rejected: list[dict[str, Any]], records: int) -> None:
-    """Writes the rejects file; refuses the job when more than `max_rejected` of the records failed."""
-    store.atomic_write_text(out / store.REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
-    if len(rejected) > cfg.max_rejected * records:
-        first = rejected[0]
-        raise MMToolError(
-            f"{len(rejected)} of {records} records ({len(rejected) / records:.1%}) "
-            f"were rejected, more than --max-rejected {cfg.max_rejected:g}; first: {first['location']}: "
-            f"{first['reason']} (all in {out / store.REJECTED}; finished parts are kept, so raising "
-            "--max-rejected and rerunning completes the job)"
-        )
+    return [finished[k] for k in keys], len(keys) - len(todo)
 
 
 def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = None,
@@ -568,6 +483,9 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
             process, a folder made with other settings, too many rejected records, or
             (with `on_error="raise"`) the first bad record.
     """
+    if remote.is_remote(cfg.out) and cfg.num_slices is not None:
+        raise MMToolError(f"--out {remote.redact(str(cfg.out))}: a slice is written to a local (or "
+                          "shared) folder; `mmtool merge` joins the slices")
     if remote.is_remote(cfg.out):
         return _preprocess_to_url(cfg, progress=progress, on_start=on_start, notify=notify,
                                   on_mapping=on_mapping)
@@ -584,7 +502,7 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
     plan = _plan(cfg, source, len(indices), overrides)
     if on_mapping:
         on_mapping(source.mapping())
-    with folders.writer(cfg.out, "preprocess", overwrite=cfg.overwrite) as claim:
+    with slice_writer(cfg.out, "preprocess", cfg.overwrite, cfg.num_slices, cfg.slice) as claim:
         manifest = _write(cfg, plan, source, indices, overrides, progress, on_start,
                           notify or (lambda _msg: None))
     manifest["kept_foreign"] = claim.foreign
@@ -610,8 +528,12 @@ def _preprocess_to_url(cfg: PreprocessConfig, **callbacks: Any) -> dict[str, Any
 def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices: list[int],
            overrides: dict[str, tuple[str, dict[str, Any]]], progress: Callable[[int], None] | None,
            on_start: Callable[[int], None] | None, notify: Callable[[str], None]) -> dict[str, Any]:
-    """The job inside its claimed, locked folder: confirm, resume or run the parts, then assemble."""
+    """The job inside its claimed, locked folder: confirm, resume or run the parts (all, or one
+    slice's), then assemble (or, for a slice, write its slice manifest)."""
     out = Path(cfg.out)
+    if cfg.num_slices is not None and (out / store.MANIFEST).is_file():
+        raise MMToolError(f"--out {out}: holds a finished dataset (manifest.json), not slices; "
+                          f"choose another --out for --slice {cfg.slice}")
     done_manifest, inputs = _prepare_folder(cfg, plan, source, notify)
     if done_manifest is not None:
         return {**done_manifest, "up_to_date": True, "resumed_parts": 0}
@@ -623,18 +545,39 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
     rows_per_part = _part_rows(source, indices, _WORKER_CACHE[plan["fingerprint"]][1],
                                plan["shard_size"], chunking)
     chunks = [indices[i:i + rows_per_part] for i in range(0, len(indices), rows_per_part)]
-    keys = [part_key(source, chunk, inputs["files"]) for chunk in chunks]
+    owned = range(len(chunks)) if cfg.num_slices is None else \
+        slice_parts(len(chunks), cfg.num_slices, cfg.slice)
+    keys = {k: part_key(source, chunks[k], inputs["files"]) for k in owned}
     parts, resumed = _run_parts(cfg, plan, chunks, partial, keys, progress, on_start, notify)
-    totals = _merge(parts)
+    mapping, skipped = [row.as_dict() for row in source.mapping()], source.skipped()
+    if cfg.num_slices is not None:
+        doc = _write_slice(cfg, plan, parts, len(chunks), owned, inputs, mapping, skipped)
+        unchanged = doc.pop("unchanged")
+        return {**doc, "up_to_date": unchanged and resumed == len(owned), "resumed_parts": resumed}
     rejected = [r for p in parts for r in p["rejected"]]
-    _check_rejected(cfg, out, rejected, totals["records"])
-    shards = _assemble(out, partial, parts, plan["shard_size"])
-    _check_unique_ids(out, shards)
-    manifest = {
+    check_rejected(cfg.max_rejected, out, rejected, sum(p["records"] for p in parts))
+    shards = assemble(out, partial, parts, plan["shard_size"])
+    check_unique_ids(out, shards)
+    manifest = build_manifest(plan, parts, shards, mapping, skipped, inputs)
+    store.atomic_write_json(out / store.MANIFEST, manifest)
+    for done in out.glob("slice-*-of-*.json"):  # slices run here are finished by this run
+        done.unlink()
+    shutil.rmtree(partial, ignore_errors=True)
+    return {**manifest, "up_to_date": False, "resumed_parts": resumed}
+
+
+def build_manifest(plan: dict[str, Any], parts: list[dict[str, Any]], shards: list[dict[str, Any]],
+                   mapping: list[dict[str, str]], skipped: dict[str, int],
+                   inputs: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a folder assembled from `parts` (every part of `plan`, in order) into
+    `shards`: a one-machine run and `mmtool merge` both write exactly this."""
+    totals = merge_counts(parts)
+    rejected = [r for p in parts for r in p["rejected"]]
+    return {
         "schema_version": SCHEMA_VERSION,
         "mmtool_version": __version__,
-        "source": {"name": cfg.source, "options": plan["resolved_options"], "split": cfg.split,
-                   "max_samples": cfg.max_samples},
+        "source": {"name": plan["source"], "options": plan["resolved_options"], "split": plan["split"],
+                   "max_samples": plan["max_samples"]},
         "records": totals["records"],
         "written": totals["records"] - len(rejected),
         "rows": totals["rows"],
@@ -642,9 +585,9 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         "chunked": sum(c.get("chunked", 0) for c in totals["sources"].values()),
         "chunks": sum(c.get("chunks", 0) for c in totals["sources"].values()),
         "truncated": sum(c.get("truncated", 0) for c in totals["sources"].values()),
-        "skipped": source.skipped(),
-        "rejected_by_reason": _by_reason(rejected),
-        "mapping": [row.as_dict() for row in source.mapping()],
+        "skipped": skipped,
+        "rejected_by_reason": by_reason(rejected),
+        "mapping": mapping,
         "chunking": plan["chunking"],
         "sources": totals["sources"],
         "modalities": totals["modalities"],
@@ -654,6 +597,12 @@ def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices:
         "plan": plan,
         "inputs": inputs,
     }
-    store.atomic_write_json(out / store.MANIFEST, manifest)
-    shutil.rmtree(partial, ignore_errors=True)
-    return {**manifest, "up_to_date": False, "resumed_parts": resumed}
+
+
+def _write_slice(cfg: PreprocessConfig, plan: dict[str, Any], parts: list[dict[str, Any]],
+                 n_parts: int, owned: range, inputs: dict[str, Any], mapping: list[dict[str, str]],
+                 skipped: dict[str, int]) -> dict[str, Any]:
+    """Writes this slice's manifest, with what `build_manifest` will need at the merge."""
+    return write_slice(cfg.out, "preprocess", cfg.slice, cfg.num_slices, n_parts, owned,
+                       plan["fingerprint"], parts, plan=plan, inputs=inputs, mapping=mapping,
+                       skipped=skipped)

@@ -174,6 +174,8 @@ def shard_path(folder: str | Path, shard: dict[str, Any]) -> Path | str:
     where = f"{folder / MANIFEST}: shard path {shard['path']!r}"
     if rel.is_absolute():
         raise MMToolError(f"{where} is absolute; shard paths must be inside the folder")
+    if len(rel.parts) == 1 and rel.parts[0] != ".." and not path.is_symlink():
+        return path  # a plain file name, not a link: inside (one lstat, not two resolves per shard)
     root = folder.resolve()
     if not path.resolve().is_relative_to(root):
         how = "a symlink leads" if ".." not in rel.parts else "'..' climbs"

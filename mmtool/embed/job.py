@@ -24,6 +24,10 @@ dataset, the source itself) is refused.
 **Resume** works as in `mmtool preprocess` (whose helpers it reuses): rows are embedded in parts of
 `part_rows`, each written atomically to `.partial/`; a rerun after an interrupt (even `kill -9`)
 reuses finished parts, and shards and the manifest are written last.
+
+**Slices** (`--num-slices K --slice I`): a slice embeds only its block of parts and writes a slice
+manifest instead of shards; `mmtool merge` joins the slices with this job's own ending (`_finish`),
+so the folder is the one a single run writes (`mmtool.data.slices`, `mmtool.data.merge`).
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ import pyarrow as pa
 
 from mmtool import __version__, folders
 from mmtool.data import shards as store
+from mmtool.data.merge import SliceKind, parts_and_folders, register_slice_kind
 from mmtool.data.mixture import split_entry
-from mmtool.data.preprocess import PARTIAL, PLAN, _assemble, _check_unique_ids, _count, _finished_parts, _merge
+from mmtool.data.parts import PARTIAL, PLAN, assemble, check_unique_ids, finished_parts, merge_counts
+from mmtool.data.preprocess import count_sample
 from mmtool.data.schema import SCHEMA_VERSION, Sample, Segment, rows_to_samples, samples_to_batch
+from mmtool.data.slices import check_slice_flags, slice_parts, slice_writer, write_slice
 from mmtool.errors import MMToolError
 from mmtool.embed.frozen import POOLS, FrozenEncoder, default_device, resolve_encoder
 
@@ -73,6 +80,11 @@ class EmbedConfig:
     overwrite: bool = False
     """Start over: remove what an earlier embed wrote in --out (never other files; a folder of
     another kind, or one mmtool did not make, is refused)."""
+    num_slices: int | None = None
+    """Split the job into this many slices, one per machine or array task (with --slice); join
+    them with `mmtool merge` (same hardware and software: the vectors are then the same bytes)."""
+    slice: int | None = None
+    """Which slice this process embeds, 0 to --num-slices - 1."""
 
 
 def _sha(obj: Any) -> str:
@@ -199,6 +211,8 @@ def _prepare(cfg: EmbedConfig, block: dict[str, Any], notify: Callable[[str], No
             notify(f"discarding an unfinished run in {out} made with other inputs "
                    f"({'; '.join(_changes(old_plan, block))})")
             shutil.rmtree(partial)
+            for stale in out.glob("slice-*-of-*.json"):  # its slices' manifests name those parts
+                stale.unlink()
     partial.mkdir(parents=True, exist_ok=True)
     store.atomic_write_json(partial / PLAN, block)
     return None
@@ -230,6 +244,7 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
         raise MMToolError(f"--pool {cfg.pool!r}: expected one of {', '.join(POOLS)}")
     if cfg.batch_size < 1 or cfg.part_rows < 1:
         raise MMToolError("--batch-size must be at least 1")
+    check_slice_flags(cfg.num_slices, cfg.slice)
     src_dir, out = Path(cfg.data), Path(cfg.out)
     if src_dir.resolve() == out.resolve():
         raise MMToolError(f"--out {out} is the source folder; embeddings go to a folder of their own")
@@ -252,7 +267,7 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
     block["fingerprint"] = _sha({**{k: v for k, v in block.items() if k != "source"},
                                  "source": block["source"]["content_sha256"],
                                  "schema_version": SCHEMA_VERSION})[:16]
-    with folders.writer(cfg.out, "embed", overwrite=cfg.overwrite) as claim:
+    with slice_writer(cfg.out, "embed", cfg.overwrite, cfg.num_slices, cfg.slice) as claim:
         if claim.foreign:
             notify(f"kept {len(claim.foreign)} file(s) in {cfg.out} that mmtool did not write: "
                    f"{', '.join(claim.foreign[:5])}")
@@ -264,8 +279,12 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
            enc: Any, modality: str | None, stream_conf: dict[str, Any], start: float,
            progress: Callable[[int], None] | None, on_start: Callable[[int], None] | None,
            notify: Callable[[str], None]) -> dict[str, Any]:
-    """The job inside its claimed, locked folder: confirm the cache or embed the missing parts."""
+    """The job inside its claimed, locked folder: confirm the cache or embed the missing parts
+    (all, or one slice's), then assemble (or, for a slice, write its slice manifest)."""
     out = Path(cfg.out)
+    if cfg.num_slices is not None and (out / store.MANIFEST).is_file():
+        raise MMToolError(f"--out {out}: holds a finished embedding folder, not slices; choose "
+                          f"another --out for --slice {cfg.slice}")
     done = _prepare(cfg, block, notify)
     if done is not None:
         return {**done, "up_to_date": True, "resumed_parts": 0, "seconds": time.perf_counter() - start}
@@ -274,8 +293,10 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
     table = store.read_folder(src_dir)
     n = table.num_rows
     bounds = [(a, min(a + cfg.part_rows, n)) for a in range(0, n, cfg.part_rows)]
-    finished, _ = _finished_parts(partial, [""] * len(bounds))  # no part keys: the fingerprint covers all
-    todo = [k for k in range(len(bounds)) if k not in finished]
+    owned = range(len(bounds)) if cfg.num_slices is None else \
+        slice_parts(len(bounds), cfg.num_slices, cfg.slice)
+    finished, _ = finished_parts(partial, {k: "" for k in owned})  # no part keys: the fingerprint covers all
+    todo = [k for k in owned if k not in finished]
     if on_start:
         on_start(sum(b - a for k, (a, b) in enumerate(bounds) if k in todo))
     tokenizers, _ = _out_tokenizers(source.get("tokenizers", {}), modality, cfg.keep_original, stream_conf)
@@ -290,7 +311,7 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
                                  "sources": {}, "modalities": {}, "splits": {},
                                  "tokenizers": tokenizers, "first_id": rows[0].id, "last_id": rows[-1].id}
         for s in rows:
-            _count(stats, s)
+            count_sample(stats, s)
         base = partial / f"part-{k:05d}"
         stats["file"] = store.write_shard(base.with_suffix(".arrow"), [samples_to_batch(rows)])
         store.atomic_write_json(base.with_suffix(".json"), stats)
@@ -298,15 +319,35 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
         if progress:
             progress(b - a)
 
-    parts = [finished[k] for k in range(len(bounds))]
-    totals = _merge(parts)
-    shards = _assemble(out, partial, parts, store.parse_size("64MB"))
-    _check_unique_ids(out, shards)
+    parts = [finished[k] for k in owned]
+    resumed = len(owned) - len(todo)
+    if cfg.num_slices is not None:
+        doc = write_slice(out, "embed", cfg.slice, cfg.num_slices, len(bounds), owned,
+                          block["fingerprint"], parts, embedding=block, source=source.get("source"),
+                          tokenizers=tokenizers)
+        unchanged = doc.pop("unchanged")
+        return {**doc, "up_to_date": unchanged and not todo, "resumed_parts": resumed,
+                "seconds": time.perf_counter() - start}
+    manifest = _finish(out, [partial] * len(parts), parts, block, source.get("source"), tokenizers,
+                       src_dir, table)
+    shutil.rmtree(partial, ignore_errors=True)
+    return {**manifest, "up_to_date": False, "resumed_parts": resumed,
+            "seconds": time.perf_counter() - start}
+
+
+def _finish(out: Path, where: list[Path], parts: list[dict[str, Any]], block: dict[str, Any],
+            source_block: Any, tokenizers: dict[str, Any], src_dir: Path,
+            table: pa.Table | None = None) -> dict[str, Any]:
+    """Joins every part (the files in `where`) into shards, checks the join with the source and
+    writes the manifest: the end of a one-machine run and of `mmtool merge`."""
+    totals = merge_counts(parts)
+    shards = assemble(out, where, parts, store.parse_size("64MB"))
+    check_unique_ids(out, shards)
     check_join(out, src_dir, shards=shards, table=table)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "mmtool_version": __version__,
-        "source": source.get("source"),
+        "source": source_block,
         "records": totals["records"],
         "rows": totals["rows"],
         "rejected": 0,
@@ -318,9 +359,23 @@ def _write(cfg: EmbedConfig, block: dict[str, Any], source: dict[str, Any], src_
         "embedding": block,
     }
     store.atomic_write_json(out / store.MANIFEST, manifest)
-    shutil.rmtree(partial, ignore_errors=True)
-    return {**manifest, "up_to_date": False, "resumed_parts": len(bounds) - len(todo),
-            "seconds": time.perf_counter() - start}
+    return manifest
+
+
+def _join_slices(out: Path, slices: list[Any], _max_rejected: float) -> dict[str, Any]:
+    """`mmtool merge` of embedding slices: the end of a one-machine run over their parts (the
+    source folder must be where the slices found it: the join with it is checked)."""
+    ref = slices[0].doc
+    src_dir = Path(ref["embedding"]["source"]["path"])
+    if not (src_dir / store.MANIFEST).is_file():
+        raise MMToolError(f"{slices[0].folder}: its source {src_dir} is missing (no {store.MANIFEST}); "
+                          "merge where the embedded folder is, to check the join")
+    parts, where = parts_and_folders(slices)
+    return _finish(out, where, parts, ref["embedding"], ref["source"], ref["tokenizers"], src_dir)
+
+
+register_slice_kind(SliceKind("embed", _join_slices,
+                              lambda m: (m.get("embedding") or {}).get("fingerprint")))
 
 
 def check_join(embed_dir: str | Path, source_dir: str | Path, shards: list[dict] | None = None,

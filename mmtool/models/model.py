@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -97,6 +98,9 @@ class ModelOutput:
         by_task: detached mean loss of each (folder, objective) task over its targets in the batch.
         task_losses: per (folder, objective), its attached part of `loss` (for gradient shares).
         by_task_part: the same, detached (Σ = `loss` without a balancer's extra term).
+        counts: Σ row weight (counted targets) behind each figure: per objective name, per
+            "objective/stream key" of `by_stream`, and per (folder, objective) of `by_task` — what
+            a token-weighted mean over micro-batches and ranks weighs them by (`train.metrics`).
     """
 
     loss: Tensor
@@ -111,6 +115,7 @@ class ModelOutput:
     by_task: dict[tuple[int, str], float] = field(default_factory=dict)
     task_losses: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     by_task_part: dict[tuple[int, str], float] = field(default_factory=dict)
+    counts: dict[Any, float] = field(default_factory=dict)
 
 
 class UnifiedModel(nn.Module):
@@ -302,25 +307,28 @@ class UnifiedModel(nn.Module):
             k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, d)  # [K]
             k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w.detach())  # [K]
             stats.append((name, rows.keys, torch.stack([k_sum, k_cnt])))
-        by_stream, modality_loss, by_task, counted, parts = self._read_metrics(
+        by_stream, modality_loss, by_task, counted, parts, counts = self._read_metrics(
             stats, by_modality, t_sum, t_cnt, task_part)
         names = list(self.objectives)
+        counts = {(k[0], names[k[1]]) if isinstance(k, tuple) else k: c for k, c in counts.items()}
         return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
                            modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
                                            if m in modality_loss}, hidden,
                            {(f, names[o]): v for (f, o), v in by_task.items()},
                            {(f, names[o]): task_part[f, o] for f, o in by_task},
-                           {(f, names[o]): parts[f * len(names) + o] for f, o in by_task})
+                           {(f, names[o]): parts[f * len(names) + o] for f, o in by_task}, counts)
 
     def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]], by_modality: Tensor, t_sum: Tensor,
                       t_cnt: Tensor, task_part: Tensor) -> tuple[dict[str, float], dict[str, float],
                                                                  dict[tuple[int, int], float], tuple[str, ...],
-                                                                 list[float]]:
+                                                                 list[float], dict[Any, float]]:
         """(by_stream, by_modality, by_task {(folder, objective index): mean}, counted objectives,
-        each task's part of the loss [F·O]) from one device→host read of every metric."""
+        each task's part of the loss [F·O], the row weights behind them (`ModelOutput.counts`, tasks
+        by objective index)) from one device→host read of every metric."""
         by_stream: dict[str, float] = {}
+        counts: dict[Any, float] = {}
         if not stats:
-            return by_stream, {}, {}, (), []
+            return by_stream, {}, {}, (), [], counts
         host = torch.cat([t.flatten() for *_, t in stats] + [by_modality.detach(), t_sum.flatten(),
                                                                t_cnt.flatten(), task_part.detach().flatten()]).tolist()
         at, counted = 0, []
@@ -329,16 +337,19 @@ class UnifiedModel(nn.Module):
             sums, cnts = host[at:at + k], host[at + k:at + 2 * k]
             at += 2 * k
             by_stream.update({f"{name}/{key}": s / c for key, s, c in zip(keys, sums, cnts) if c > 0})
+            counts.update({f"{name}/{key}": c for key, c in zip(keys, cnts) if c > 0})
             if sum(cnts) > 0:
                 counted.append(name)
+                counts[name] = sum(cnts)
         m, cells = len(self.modalities), t_sum.numel()
         mods, sums = host[at:at + m], host[at + m:at + m + cells]
         cnts, parts = host[at + m + cells:at + m + 2 * cells], host[at + m + 2 * cells:]
         o_n = t_sum.shape[1]
         by_task = {(i // o_n, i % o_n): s / c for i, (s, c) in enumerate(zip(sums, cnts)) if c > 0}
+        counts.update({(i // o_n, i % o_n): c for i, c in enumerate(cnts) if c > 0})
         scored = {m for key in by_stream for m in self._key_modalities(key.split("/", 1)[1])}
         return by_stream, {name: v for name, v in zip(self.modalities, mods) if name in scored}, by_task, \
-            tuple(counted), parts
+            tuple(counted), parts, counts
 
     def _key_modalities(self, key: str) -> list[str]:
         """The modalities a row group belongs to: a stream key's modality, or both of "image+text"."""

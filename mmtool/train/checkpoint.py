@@ -68,17 +68,20 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> di
     return {"state": state, "param_groups": doc["param_groups"]}
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         extra: dict[str, Any], keep_last: int = 3) -> Path:
-    """Writes checkpoint `step` atomically and prunes old ones; returns its folder."""
+def save(run_dir: Path, step: int, model: torch.nn.Module | dict[str, Any],
+         optimizer: torch.optim.Optimizer | dict[str, Any], extra: dict[str, Any], keep_last: int = 3) -> Path:
+    """Writes checkpoint `step` atomically and prunes old ones; returns its folder. `model` and
+    `optimizer` are the modules or their (unsharded) state_dicts (`mmtool.train.distributed.full_state`)."""
+    model_state = model if isinstance(model, dict) else model.state_dict()
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
         save_file(state, str(tmp / "model.safetensors"))
-        opt_tensors, opt_doc = _optimizer_split(optimizer.state_dict())
+        opt_tensors, opt_doc = _optimizer_split(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         doc = {"step": step, "optimizer": opt_doc, **extra,
                "sha256": {name: sha256_file(tmp / name) for name in TENSOR_FILES}}

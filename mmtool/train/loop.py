@@ -15,7 +15,7 @@ Run folder::
                          per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
                          with no targets in the step is left out, not logged as 0),
                          real tokens/s, data-wait fraction, lr, grad norm, `token_share`: each
-                         source folder's share of the step's real tokens (this rank's), and each
+                         source folder's share of the step's real tokens (all ranks'), and each
                          modality's share of the loss and of the gradient entering the trunk
                          (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
                          `--probe-every` steps: they cost ~30% of a step; `probes.ModalityShares`),
@@ -25,7 +25,10 @@ Run folder::
                          their files are listed in `mmtool.train.loggers`)
 
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
-gradients are averaged by DDP (gloo on CPU, NCCL on CUDA), and rank 0 logs and saves.
+gradients are averaged by DDP (gloo on CPU, NCCL on CUDA) once per step, after the last micro-batch,
+or the model is sharded with FSDP2 (`--shard-model`; `mmtool.train.distributed`); every rank's
+figures are summed into each metrics line by one all-reduce (`mmtool.train.metrics`), and rank 0
+logs and saves.
 """
 
 from __future__ import annotations
@@ -38,12 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mmtool import folders
-from mmtool.train import checkpoint
+from mmtool.train import checkpoint, distributed
 from mmtool.config import to_dict
 from mmtool.data.loader import Loader, LoaderConfig
 from mmtool.data.mixture import parse_data_specs, resolve_mix_by
@@ -56,6 +58,7 @@ from mmtool.models.compile import compile_model, compile_note
 from mmtool.models.compile import stats as compile_stats
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
+from mmtool.train.metrics import MetricLayout, StepMetrics, _by_source
 from mmtool.train.probes import ModalityShares
 from mmtool.train import resume as resume_rules
 from mmtool.train.rundir import folder_records, read_config_doc, write_streams
@@ -92,6 +95,12 @@ class TrainConfig:
     by sha256 (None: ~/.cache/mmtool/shards). Local folders are read in place."""
     cache_limit: str = "20GB"
     """Bytes of remote shards the cache keeps (e.g. 20GB, 500MB); least recently used out."""
+    plan: str = "auto"
+    """How an epoch is ordered: samples (one permutation of every draw), shards (a shard-window
+    shuffle planned block by block: O(shards) memory, resume in one block), or auto (shards above
+    10^7 rows). See `mmtool.data.shardplan`."""
+    shard_window: int = 8
+    """With --plan shards: shards whose rows are shuffled together."""
     num_workers: int = 1
     """Loader worker threads that assemble batches ahead of the model (0: on demand)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,7 +118,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step; the loss is averaged over them, so A micro-batches train like
+    one batch A× larger. Under torchrun gradients synchronise once per step, after the last one."""
+    shard_model: bool = False
+    """Under torchrun, shard parameters, gradients and optimizer state across the ranks with FSDP2
+    (`torch.distributed.fsdp.fully_shard`) instead of replicating the model (DDP): for models that
+    outgrow one GPU. Checkpoints stay unsharded (`mmtool.train.distributed`). Not with `--probes`;
+    `grad_share` and `grad_trunk` are not logged."""
     seed: int = 0
     """Seed of the initial weights, the mixture order and every step's masks and negatives."""
     save_every: int = 50
@@ -142,7 +157,8 @@ class TrainConfig:
                             samples_per_epoch=self.samples_per_epoch, num_workers=self.num_workers,
                             mix_by=self.mix_by, splits=list(self.splits),
                             rank=rank, world_size=world, pin_memory=pin,
-                            cache_dir=self.cache_dir, cache_limit=self.cache_limit)
+                            cache_dir=self.cache_dir, cache_limit=self.cache_limit,
+                            plan=self.plan, shard_window=self.shard_window)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -162,6 +178,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise MMToolError(f"--lr must be > 0, got {cfg.lr}")
     if not cfg.data:
         raise MMToolError("no training data: give --data DIR[=WEIGHT] (repeatable)")
+    if cfg.shard_model and cfg.probes:
+        raise MMToolError("--probes with --shard-model: the probes read whole parameters and gradients, "
+                          "which FSDP2 splits across the ranks; drop one of the two")
 
 
 @dataclass
@@ -250,16 +269,6 @@ def with_feedable_objectives(cfg: TrainConfig, streams: list[Any]) -> tuple[Trai
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, objectives=fit)), note
 
 
-def _by_source(out_samples: torch.Tensor, folders: torch.Tensor, names: list[str]) -> dict[str, float]:
-    loss = out_samples.detach().float().cpu().numpy()
-    fold = folders.cpu().numpy()
-    result = {}
-    for f in np.unique(fold):
-        sel = fold == f
-        result[names[int(f)]] = float(loss[sel].mean())
-    return result
-
-
 def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "_Dist",
              data: list[dict[str, str]]) -> int:
     """Loads model, optimizer and this rank's loader position from `ckpt` after checking that it
@@ -271,8 +280,7 @@ def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "_Dist
         raise MMToolError(f"--resume: checkpoint {ckpt} was written by {len(doc['loader'])} rank(s), "
                           f"this run has {ddp.world}; resume with the same number of processes")
     try:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(opt_state)
+        distributed.load_full_state(model, optimizer, model_state, opt_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise MMToolError(f"checkpoint {ckpt} does not fit this model: {exc}") from None
     try:
@@ -293,58 +301,15 @@ def _nan_error(loss: torch.Tensor, output: Any, batch: Any, names: list[str], st
         f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr or a tighter --grad-clip 0.5.")
 
 
-class StepMetrics:
-    """One optimizer step's metrics, accumulated over its micro-batches (`add`), then `result`.
-
-    Losses per objective are means over the micro-batches that had the objective; per stream and per
-    source, sums of `value / grad_accum`; per task, means over the micro-batches with the task.
-    """
-
-    def __init__(self, names: list[str], grad_accum: int):
-        self.names, self.grad_accum = names, grad_accum
-        self.wait, self.tokens, self.total = 0.0, 0, 0.0
-        self.losses: dict[str, list[float]] = {}
-        self.by_stream: dict[str, float] = {}
-        self.by_source: dict[str, float] = {}
-        self.by_task: dict[str, list[float]] = {}
-        self.source_tokens = np.zeros(len(names), np.int64)  # [F] real tokens of the step per folder
-
-    def add(self, loss: torch.Tensor, output: Any, batch: Any) -> None:
-        """Adds one micro-batch's `ModelOutput` (after its backward)."""
-        self.total += float(loss.detach()) / self.grad_accum
-        self.tokens += output.tokens
-        for k in output.counted:  # an objective with nothing in the batch has no loss to log
-            self.losses.setdefault(k, []).append(float(output.losses[k].detach()))
-        for k, v in output.by_stream.items():
-            self.by_stream[k] = self.by_stream.get(k, 0.0) + v / self.grad_accum
-        for (f, obj), v in output.by_task.items():
-            self.by_task.setdefault(f"{self.names[f]}/{obj}", []).append(v)
-        self.source_tokens += np.bincount(batch["sample_folder"].cpu().numpy(), batch["seqlens"].cpu().numpy(),
-                                          len(self.names)).astype(np.int64)
-        for k, v in _by_source(output.by_sample_loss, batch["sample_folder"], self.names).items():
-            self.by_source[k] = self.by_source.get(k, 0.0) + v / self.grad_accum
-
-    def result(self, seconds: float) -> dict[str, Any]:
-        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, speed)."""
-        st = self.source_tokens
-        return {"loss": self.total,
-                "losses": {k: sum(v) / len(v) for k, v in self.losses.items()},  # mean over micro-batches with it
-                "by_stream": self.by_stream, "by_source": self.by_source,
-                "by_task": {k: sum(v) / len(v) for k, v in self.by_task.items()},
-                "tokens": self.tokens,
-                "token_share": {self.names[f]: float(st[f] / max(st.sum(), 1)) for f in np.flatnonzero(st)},
-                "tokens_per_s": self.tokens / seconds, "data_wait": self.wait / seconds}
-
-
 class _Session:
     """The objects of one training process between setup and return: model, optimizer, loader,
     trackers, probes, and the step counter. `run_step` trains one optimizer step; `save` writes a
     checkpoint (collective under DDP: every rank calls it)."""
 
     def __init__(self, cfg: TrainConfig, ddp: _Dist, device: torch.device, loader: Loader,
-                 model: Any, optimizer: Any, data: list[dict[str, str]]):
+                 model: Any, trained: Any, optimizer: Any, data: list[dict[str, str]]):
         self.cfg, self.ddp, self.device, self.loader = cfg, ddp, device, loader
-        self.model, self.optimizer, self.data = model, optimizer, data
+        self.model, self.trained, self.optimizer, self.data = model, trained, optimizer, data
         self.out = Path(cfg.out)
         self.metrics_path = self.out / "metrics.jsonl"
         self.names = [f.name for f in loader.index.folders]
@@ -354,9 +319,7 @@ class _Session:
             from mmtool.train.probes import ProbeSet
 
             self.probes = ProbeSet(cfg.probes, cfg.probe_every, model, self.names)
-        # Streams absent from a batch leave their encoders unused: DDP must not wait for their grads.
-        self.trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \
-            if ddp.world > 1 else model
+        self.layout = MetricLayout(model, self.names) if ddp.world > 1 else None
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
         self.batches = loader.forever()
@@ -368,9 +331,10 @@ class _Session:
             dist.all_gather_object(states, self.loader.state_dict())
         else:
             states = [self.loader.state_dict()]
+        model_state, opt_state = distributed.full_state(self.model, self.optimizer)  # collective if sharded
         if self.ddp.main:
             self.last_ckpt = checkpoint.save(
-                self.out, self.step, self.model, self.optimizer,
+                self.out, self.step, model_state, opt_state,
                 {"loader": states, "config": to_dict(self.cfg), "data": self.data}, self.cfg.keep_last)
         self.saved_step = self.step
 
@@ -382,18 +346,25 @@ class _Session:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        acc = StepMetrics(self.names, cfg.grad_accum)
+        acc = StepMetrics(self.names)
         probing = self.probes is not None and self.probes.due(step)
         # each modality's share of the loss (every step) and of the trunk gradient (probe cadence)
-        shares = ModalityShares(grads=step == 1 or step % max(cfg.probe_every, 1) == 0, folders=self.names)
+        # (not under --shard-model: the extra autograd.grad passes through FSDP2's hooks break its
+        # reshard/all-gather order across ranks when gradient sync is skipped for accumulation)
+        grads = (step == 1 or step % max(cfg.probe_every, 1) == 0) and not cfg.shard_model
+        shares = ModalityShares(grads=grads, folders=self.names)
         if probing:
             self.probes.start()
         for micro in range(cfg.grad_accum):
             tw = time.perf_counter()
             batch = next(self.batches).to(self.device)
             acc.wait += time.perf_counter() - tw
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-            with self.autocast:
+            # keyed by the micro-batch's place in the step's global batch (rank r's micro m is the
+            # m·W + r-th): W ranks × A micro-batches draw what one process × A·W micro-batches draws
+            place = micro * self.ddp.world + self.ddp.rank
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + place)
+            sync = distributed.sync_unless_last(self.trained, micro, cfg.grad_accum)
+            with sync, self.autocast:
                 output = self.trained(batch, generator=gen)
             loss = output.loss
             if cfg.fault_nan_step == step:
@@ -403,7 +374,8 @@ class _Session:
             shares.add(output)
             if not torch.isfinite(loss):
                 raise _nan_error(loss, output, batch, self.names, step, self.metrics_path, self.last_ckpt)
-            (loss / cfg.grad_accum).backward()
+            with distributed.sync_unless_last(self.trained, micro, cfg.grad_accum):
+                (loss / cfg.grad_accum).backward()  # DDP: all-reduces only in the last micro-batch's
             acc.add(loss, output, batch)
         if probing:
             self.probes.after_backward()  # gradients as backward left them: before clipping
@@ -412,10 +384,10 @@ class _Session:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-        if self.ddp.world > 1:
-            reduced = torch.tensor([acc.total, acc.tokens], dtype=torch.float64)
-            dist.all_reduce(reduced)
-            acc.total, acc.tokens = float(reduced[0]) / self.ddp.world, int(reduced[1])
+        if self.layout is not None:  # every rank's figures, summed in one all-reduce
+            self.layout.reduce(acc, shares)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under --shard-model
+            grad_norm = grad_norm.full_tensor()
         line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
                 "epoch": self.loader.epoch, "seconds": seconds, **shares.result()}
         if probing:
@@ -485,10 +457,12 @@ def train(cfg: TrainConfig, resume: bool = False,
                       [loader.index.folder_streams(f) for f in range(len(loader.index.folders))],
                       [str(f.path) for f in loader.index.folders], cfg.model.mask_ratio)
     graphs_before = compile_stats().graphs
-    if cfg.compile:
+    if cfg.compile:  # before wrapping: the wrapper then runs the compiled functions
         compile_model(model)
+    # DDP, or FSDP2 (shards `model`'s parameters in place: the optimizer must be built after), or itself
+    trained = distributed.wrap(model, ddp.world, cfg.shard_model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    session = _Session(cfg, ddp, device, loader, model, optimizer,
+    session = _Session(cfg, ddp, device, loader, model, trained, optimizer,
                        resume_rules.data_digests(loader.index.folders))
     if start_ckpt is not None:
         session.step = session.saved_step = _restore(start_ckpt, model, optimizer, loader, ddp, session.data)
