@@ -34,6 +34,14 @@ def run_preprocess(cfg: PreprocessConfig, console: Console,
                                                            soft_wrap=True))
 
 
+def uploaded_line(manifest: dict[str, Any]) -> str | None:
+    """"uploaded to URL (...)" for a job whose --out was a URL (`remote.publish_dataset`), else None."""
+    if not manifest.get("url"):
+        return None
+    return (f"uploaded to {manifest['url']} (shards, then manifest.json; staged in "
+            f"{manifest['staging']})")
+
+
 def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:
     """A table of rows and tokens per source and modality, with rejects, shards and bytes."""
     status = "up to date" if manifest.get("up_to_date") else (

@@ -8,14 +8,15 @@ from typing import List
 import typer
 from rich.console import Console
 
-from mmtool.cli._render import preprocess_summary
+from mmtool.cli._render import preprocess_summary, uploaded_line
 from mmtool.cli.app import app
 from mmtool.cli.preprocess import parse_fraction
 
 
 @app.command("merge")
 def merge_cmd(
-    out: Path = typer.Argument(..., help="Dataset folder to write (new, or one of the slice folders)."),
+    out: str = typer.Argument(..., help="Dataset folder to write (new, or one of the slice folders), "
+                              "or a URL (s3://...): merged locally, then uploaded, manifest last."),
     slice_dirs: List[Path] = typer.Argument(..., help="Folders holding the finished slices "
                                             "(`mmtool preprocess --num-slices K --slice I --out DIR`)."),
     overwrite: bool = typer.Option(False, help="Replace a dataset of other settings in OUT (only "
@@ -35,4 +36,6 @@ def merge_cmd(
     console.print(f"merged {manifest['slices']} slice(s) from {len(manifest['folders'])} folder(s) "
                   f"in {manifest['seconds']:.1f}s", soft_wrap=True)
     summary = embed_summary if "embedding" in manifest else preprocess_summary
-    console.print(summary({**manifest, "seconds": None}, str(out)))
+    console.print(summary({**manifest, "seconds": None}, manifest.get("url") or str(out)))
+    if uploaded_line(manifest):
+        console.print(uploaded_line(manifest), soft_wrap=True, markup=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmtool import folders
+from mmtool.data import remote
 from mmtool.data import shards as store
 from mmtool.data.parts import PARTIAL, PLAN, assemble, check_rejected, check_unique_ids
 from mmtool.data.preprocess import build_manifest
@@ -90,7 +91,8 @@ def merge(out: str | Path, dirs: list[str | Path], overwrite: bool = False,
     """Joins the slices in `dirs` into the dataset folder `out` and returns its manifest.
 
     Args:
-        out: the folder to write (new, a dataset of the same job, or one of `dirs`).
+        out: the folder to write (new, a dataset of the same job, or one of `dirs`), or an
+            fsspec URL: merged in `remote.staging_dir(out)`, then uploaded (`remote.publish_dataset`).
         dirs: folders holding the finished slices (every slice of one job, each once).
         overwrite: replace a dataset of other settings in `out` (never one of `dirs`).
         max_rejected: refuse when more than this fraction of all records was rejected.
@@ -103,6 +105,10 @@ def merge(out: str | Path, dirs: list[str | Path], overwrite: bool = False,
             dataset or is being written; too many rejected records; duplicate sample ids.
     """
     start = time.perf_counter()
+    if remote.is_remote(out):  # merged in a local staging folder, then uploaded, manifest last
+        staging = remote.staging_dir(str(out))
+        manifest = merge(staging, dirs, overwrite=overwrite, max_rejected=max_rejected)
+        return remote.publish_dataset(staging, str(out), manifest)
     if not dirs:
         raise MMToolError("mmtool merge OUT SLICE_DIRS...: give at least one slice folder")
     if not 0 <= max_rejected <= 1:

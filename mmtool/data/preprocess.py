@@ -30,7 +30,6 @@ source's `mapping()` (which column became what, which are ignored) goes into the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -512,17 +511,12 @@ def preprocess(cfg: PreprocessConfig, progress: Callable[[int], None] | None = N
 
 
 def _preprocess_to_url(cfg: PreprocessConfig, **callbacks: Any) -> dict[str, Any]:
-    """`preprocess` into a local staging folder, then `remote.publish_folder` to the URL (old
+    """`preprocess` into a local staging folder, then `remote.publish_dataset` to the URL (old
     manifest removed first, shards and rejected.jsonl, manifest last). Credentials: the fsspec
     backend's own environment and config files."""
-    url = str(cfg.out)
-    key = hashlib.sha256(remote.redact(url).encode()).hexdigest()[:16]
-    staging = Path(cfg.staging or Path(remote.DEFAULT_STAGING_DIR) / key).expanduser()
+    staging = remote.staging_dir(str(cfg.out), cfg.staging)
     manifest = preprocess(dataclasses.replace(cfg, out=staging, staging=None), **callbacks)
-    files = [s["path"] for s in manifest["shards"]]
-    files += [store.REJECTED] if (staging / store.REJECTED).is_file() else []
-    remote.publish_folder(staging, url, files, store.MANIFEST)
-    return {**manifest, "staging": str(staging), "url": remote.redact(url)}
+    return remote.publish_dataset(staging, str(cfg.out), manifest)
 
 
 def _write(cfg: PreprocessConfig, plan: dict[str, Any], source: Source, indices: list[int],

@@ -285,3 +285,21 @@ def publish_folder(staging: Path, url: str, files: list[str], manifest: str = "m
     except Exception as exc:  # noqa: BLE001 — backend errors in one line, never the credentials
         raise MMToolError(f"--out {redact(url)}: upload failed ({type(exc).__name__}: {exc}); "
                           "rerun the same command to finish it") from None
+
+
+def staging_dir(url: str, staging: str | Path | None = None) -> Path:
+    """The local folder in which a job bound for `url` is built: `staging`, or
+    `~/.cache/mmtool/staging/<first 16 hex of sha256(url without credentials)>`, kept so that a
+    rerun of the same command resumes there."""
+    key = hashlib.sha256(redact(url).encode()).hexdigest()[:16]
+    return Path(staging or Path(DEFAULT_STAGING_DIR) / key).expanduser()
+
+
+def publish_dataset(staging: Path, url: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Uploads the finished dataset folder `staging` (its manifest's shards, `rejected.jsonl` if
+    there is one, the manifest last: `publish_folder`) to `url`; returns the manifest with
+    `staging` and the redacted `url` added."""
+    files = [s["path"] for s in manifest["shards"]]
+    files += ["rejected.jsonl"] if (staging / "rejected.jsonl").is_file() else []
+    publish_folder(staging, url, files, "manifest.json")
+    return {**manifest, "staging": str(staging), "url": redact(url)}

@@ -32,6 +32,7 @@ so the folder is the one a single run writes (`mmtool.data.slices`, `mmtool.data
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -44,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmtool import __version__, folders
+from mmtool.data import remote
 from mmtool.data import shards as store
 from mmtool.data.merge import SliceKind, parts_and_folders, register_slice_kind
 from mmtool.data.mixture import split_entry
@@ -64,7 +66,8 @@ class EmbedConfig:
     encoder: str
     """Frozen encoder (`mmtool ls frozen-encoders`): minilm-l6, hf:PATH, checkpoint:RUN[:MODALITY]."""
     out: Path
-    """Output folder: the embedding folder (a preprocessed folder with embedding segments)."""
+    """Output folder: the embedding folder (a preprocessed folder with embedding segments), or an
+    fsspec URL (s3://, gs://, memory://, ...): built in --staging, then uploaded, manifest last."""
     modality: str | None = None
     """Modality to embed; default: the one modality of the source that the encoder serves."""
     pool: str = "mean"
@@ -85,6 +88,9 @@ class EmbedConfig:
     them with `mmtool merge` (same hardware and software: the vectors are then the same bytes)."""
     slice: int | None = None
     """Which slice this process embeds, 0 to --num-slices - 1."""
+    staging: Path | None = None
+    """With a URL --out: the local folder the embeddings are built in before the upload (default:
+    ~/.cache/mmtool/staging named by the URL's hash). Kept, so a rerun resumes and re-uploads."""
 
 
 def _sha(obj: Any) -> str:
@@ -238,6 +244,13 @@ def embed(cfg: EmbedConfig, progress: Callable[[int], None] | None = None,
             that mmtool did not make, holds another kind of folder or is being written by another
             process (`mmtool.folders`).
     """
+    if remote.is_remote(cfg.out):
+        if cfg.num_slices is not None:
+            raise MMToolError(f"--out {remote.redact(str(cfg.out))}: a slice is written to a local "
+                              "(or shared) folder; `mmtool merge` joins the slices, and may upload")
+        staging = remote.staging_dir(str(cfg.out), cfg.staging)
+        manifest = embed(dataclasses.replace(cfg, out=staging, staging=None), progress, on_start, notify)
+        return remote.publish_dataset(staging, str(cfg.out), manifest)
     notify = notify or (lambda _msg: None)
     start = time.perf_counter()
     if cfg.pool not in POOLS:

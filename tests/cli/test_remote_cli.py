@@ -81,3 +81,36 @@ def test_preprocess_train_resume_on_s3_equal_local(cli, s3_env, tmp_path):
     bad = cli("train", "--data", url, "--out", tmp_path / "run-bad", *TRAIN, "--cache-dir",
               tmp_path / "cache2", env=env, check=False)
     assert bad.returncode != 0 and f"{url}/{shard['path']}: shard is corrupt" in bad.stderr + bad.stdout
+
+
+def test_slices_merge_and_embed_upload_to_s3(cli, s3_env, tmp_path):
+    """`mmtool merge s3://...` uploads the bytes a local merge writes; `mmtool embed --out s3://...`
+    uploads the bytes a local embed writes, and `train --data` reads that embedding folder back."""
+    env, fs = s3_env
+    base = f"s3://mmtool-cli/{uuid.uuid4().hex}"
+    for i in range(2):
+        cli("preprocess", "digits", "--num-slices", "2", "--slice", i, "--out", tmp_path / f"s{i}",
+            *PREP, env=env)
+    cli("merge", tmp_path / "local", tmp_path / "s0", tmp_path / "s1", env=env)
+    out = cli("merge", f"{base}/digits", tmp_path / "s0", tmp_path / "s1", env=env)
+    assert f"uploaded to {base}/digits" in out.stdout
+    local = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    assert json.loads(fs.cat_file(f"{base[5:]}/digits/manifest.json"))["shards"] == local["shards"]
+    for s in local["shards"]:
+        assert fs.cat_file(f"{base[5:]}/digits/{s['path']}") == (tmp_path / "local" / s["path"]).read_bytes()
+
+    cli("embed", tmp_path / "local", "--encoder", "minilm-l6", "--out", tmp_path / "emb", env=env)
+    out = cli("embed", tmp_path / "local", "--encoder", "minilm-l6", "--out", f"{base}/emb",
+              "--staging", tmp_path / "emb-staging", env=env)
+    assert f"uploaded to {base}/emb" in out.stdout
+    emb = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert [s["sha256"] for s in json.loads(fs.cat_file(f"{base[5:]}/emb/manifest.json"))["shards"]] == \
+        [s["sha256"] for s in emb["shards"]]
+    refused = cli("embed", tmp_path / "local", "--encoder", "minilm-l6", "--out", f"{base}/emb2",
+                  "--num-slices", "2", "--slice", "0", env=env, check=False)
+    assert refused.returncode == 2 and "a slice is written to a local" in refused.stderr
+
+    cli("train", "--data", tmp_path / "emb", "--out", tmp_path / "run-local", *TRAIN, env=env)
+    cli("train", "--data", f"{base}/emb", "--out", tmp_path / "run-s3", *TRAIN, "--cache-dir",
+        tmp_path / "cache", env=env)
+    assert losses(tmp_path / "run-s3") == losses(tmp_path / "run-local")
