@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/compile.py [--size small] [--steps 20] [--warmup 3] [--batch-tokens 4096]
                                     [--threads N] [--blocks auto|on|off] [--static]
-                                    [--parts] [--warm-cache] [--workdir DIR]
+                                    [--parts] [--warm-cache] [--bf16] [--workdir DIR]
 
 The built-in mixture of `benchmarks/train_throughput.py` (digits, spoken-digits, cartpole, pydocs at
 equal weights) is cut into packed batches of `--batch-tokens`; two copies of one model (same initial
@@ -14,7 +14,9 @@ each pair gives one ratio eager/compiled, and the median and spread of those rat
 with the compilations per 100 steps. `--static` compiles one static graph per row bucket instead of
 marking rows dynamic; the inductor cache starts empty (cold, as on a new machine) unless
 `--warm-cache`. `--parts` then times a step's parts (whole loss, trunk, text head, its bare
-matmuls) in CPU seconds: where the time goes, and so what compiling can save.
+matmuls) in CPU seconds: where the time goes, and so what compiling can save. `--bf16` runs both
+models under bfloat16 autocast (`torch.autocast("cpu")`; on a CPU with AMX its matmuls are the
+fast ones, so the memory-bound work that compiling fuses is a larger share of a step).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--blocks", choices=("auto", "on", "off"), default="auto",
                         help="compile the trunk blocks too (auto: on CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="both models under bfloat16 autocast")
     parser.add_argument("--workdir", type=Path, help="keep the preprocessed data here between runs")
     parser.add_argument("--parts", action="store_true",
                         help="also time the parts of a step: trunk, text head, its bare matmuls (CPU s)")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     def step(model, i: int) -> tuple[float, float, float]:
         """(wall seconds, CPU seconds of this process, loss) of one training step."""
         start, cpu = time.perf_counter(), time.process_time()
-        loss = model(batches[i], torch.Generator().manual_seed(i)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(batches[i], torch.Generator().manual_seed(i)).loss
         loss.backward()
         opts[id(model)].step()
         opts[id(model)].zero_grad(set_to_none=True)
@@ -93,7 +97,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.size}: "
           f"{eager.num_parameters():,} parameters; attention {eager.backend(torch.device('cpu')).registry_name}; "
           f"rows {'static per bucket' if args.static else 'dynamic'}, buckets {compiling.SETTINGS.buckets}; "
-          f"inductor cache {'warm' if args.warm_cache else 'cold'}")
+          f"inductor cache {'warm' if args.warm_cache else 'cold'}; "
+          f"{'bf16 autocast' if args.bf16 else 'float32'}")
     print(f"compiled: {compiling.compile_note('cpu')}")
     tokens = [b.real_tokens for b in batches]
     rows = sorted({compiling.SETTINGS.buckets.size(n) for n in tokens})
@@ -119,7 +124,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
         diffs.append(abs(out[id(eager)][2] - out[id(compiled)][2]))
     report(args, first, times, cpu, diffs, graphs_warm, compiling.stats().graphs)
     if args.parts:
-        parts(eager, compiled, batches[args.warmup:], loader.index.streams)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            parts(eager, compiled, batches[args.warmup:], loader.index.streams)
 
 
 def spread(ratios: list[float]) -> str:
