@@ -65,6 +65,8 @@ def run_training(cfg, resume: bool, console: Console) -> dict:
             console.print(f"mixture: weights are shares of {info['mix_by']}; splits {','.join(info['splits'])}")
             if info.get("compile"):
                 console.print(f"compile: {info['compile']}")
+            if info.get("precision") == "bf16":
+                console.print("precision: bf16 autocast (weights, gradients and optimizer state float32)")
             if info.get("amended"):
                 console.print(f"resumed with amended settings: {info['amended']} (recorded in config.json "
                               "`amendments`)")

@@ -145,6 +145,11 @@ class TrainConfig:
     torch.compile (`mmtool.models.compile`: rows padded to a few buckets and marked dynamic, so a
     run compiles a handful of graphs, in its first step). Same losses to float tolerance;
     metrics.jsonl counts the graphs (`compile_graphs`)."""
+    precision: str = "auto"
+    """Compute precision of the forward pass: fp32, bf16 (autocast: matrix products in bfloat16,
+    weights, gradients and AdamW state stay float32), or auto (bf16 on CUDA, fp32 on CPU). On a CPU
+    with AMX/AVX512-bf16, bf16 trains faster (README "--compile"); its losses differ from fp32's at
+    the ~1e-3 level."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Experiment trackers for every step's metrics, the config and eval numbers (`mmtool ls
     loggers`): jsonl (metrics.jsonl, always on), csv, tensorboard, wandb, mlflow."""
@@ -170,6 +175,21 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Values of `--precision`."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`--precision` on `device`: bf16 or fp32 (auto: bf16 on CUDA only)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of `--precision` on `device` (bf16: matrix products in bfloat16)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=resolve_precision(precision, device) == "bf16")
+
+
 def _validate(cfg: TrainConfig) -> None:
     for name in ("max_steps", "grad_accum", "save_every"):
         if getattr(cfg, name) < 1:
@@ -178,6 +198,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise MMToolError(f"--lr must be > 0, got {cfg.lr}")
     if not cfg.data:
         raise MMToolError("no training data: give --data DIR[=WEIGHT] (repeatable)")
+    if cfg.precision not in PRECISIONS:
+        raise MMToolError(f"--precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if cfg.shard_model and cfg.probes:
         raise MMToolError("--probes with --shard-model: the probes read whole parameters and gradients, "
                           "which FSDP2 splits across the ranks; drop one of the two")
@@ -320,8 +342,7 @@ class _Session:
 
             self.probes = ProbeSet(cfg.probes, cfg.probe_every, model, self.names)
         self.layout = MetricLayout(model, self.names) if ddp.world > 1 else None
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
+        self.autocast = autocast(cfg.precision, device)
         self.batches = loader.forever()
 
     def save(self) -> None:
@@ -480,6 +501,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                   "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
                   "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
                   "compile": compile_note(device) if cfg.compile else None,
+                  "precision": resolve_precision(cfg.precision, device),
                   "warnings": [objectives_note] * bool(objectives_note) + loader.warnings() + trackers.notes,
                   "amended": resume_rules.describe(changes) if start_ckpt and changes else None})
     with loader, trackers, StopSignals() as stop:

@@ -231,7 +231,7 @@ def test_shipped_experiment_runs_and_reports_intervals(path, tmp_path):
     out = tmp_path / path.stem
     proc = subprocess.run([sys.executable, "-m", "mmtool", "sweep", str(path), "--out", str(out)],
                           env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "sweep.json").read_text())
     assert len(report["points"]) >= 2 and all(not p["missing"] for p in report["points"])

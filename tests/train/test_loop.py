@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmtool.data.preprocess import PreprocessConfig, preprocess
 from mmtool.errors import MMToolError
@@ -154,3 +155,20 @@ def test_default_objectives_are_cut_to_what_the_data_feeds_and_said(folders, tmp
     proc = cli("train", "--data", folders / "pydocs", "--out", tmp_path / "explicit", "--model", "tiny",
                "--max-steps", "1", "--model.objectives", "masked-patch=1", check=False)
     assert proc.returncode == 2 and "objective 'masked-patch' needs a patch" in proc.stderr
+
+
+def test_bf16_precision_on_cpu_is_autocast_near_fp32(folders, tmp_path):
+    """`--precision bf16` really runs the matrix products in bfloat16 on CPU (the losses differ from
+    fp32's, which they would not if autocast were off) and stays close to fp32; the weights and the
+    optimizer state stay float32, so resume is exact as ever."""
+    got = {}
+    for precision in ("fp32", "bf16"):
+        train(config(folders, tmp_path / precision, max_steps=2, save_every=2, precision=precision))
+        got[precision] = [x["loss"] for x in lines(tmp_path / precision)]
+    assert got["bf16"] != got["fp32"]
+    assert got["bf16"] == pytest.approx(got["fp32"], rel=2e-2)
+    from safetensors.torch import load_file
+    weights = load_file(str(next((tmp_path / "bf16" / "checkpoints").glob("step-*")) / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    with pytest.raises(MMToolError, match="--precision 'fp16': expected one of auto, fp32, bf16"):
+        train(config(folders, tmp_path / "bad", precision="fp16"))
