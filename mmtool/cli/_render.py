@@ -34,12 +34,14 @@ def run_preprocess(cfg: PreprocessConfig, console: Console,
                                                            soft_wrap=True))
 
 
-def uploaded_line(manifest: dict[str, Any]) -> str | None:
-    """"uploaded to URL (...)" for a job whose --out was a URL (`remote.publish_dataset`), else None."""
-    if not manifest.get("url"):
-        return None
-    return (f"uploaded to {manifest['url']} (shards, then manifest.json; staged in "
-            f"{manifest['staging']})")
+def print_finished(console: Console, manifest: dict[str, Any], out: str,
+                   summary: Callable[[dict[str, Any], str], Any]) -> None:
+    """Prints a finished dataset job's `summary` under its URL when --out was one, then, for a URL,
+    where it was uploaded from (`remote.publish_dataset`)."""
+    console.print(summary(manifest, manifest.get("url") or out))
+    if manifest.get("url"):
+        console.print(f"uploaded to {manifest['url']} (shards, then manifest.json; staged in "
+                      f"{manifest['staging']})", soft_wrap=True, markup=False)
 
 
 def preprocess_summary(manifest: dict[str, Any], out: str) -> Table:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
-from mmtool.cli._render import human_bytes, slice_summary, uploaded_line
+from mmtool.cli._render import human_bytes, slice_summary, print_finished
 from mmtool.cli.app import app
 from mmtool.config import build_config
 
@@ -72,9 +72,7 @@ def embed_cmd(
     if cfg.num_slices is not None:
         console.print(slice_summary(manifest, str(cfg.out)), soft_wrap=True)
         return
-    console.print(embed_summary(manifest, manifest.get("url") or str(cfg.out)))
-    if uploaded_line(manifest):
-        console.print(uploaded_line(manifest), soft_wrap=True, markup=False)
+    print_finished(console, manifest, str(cfg.out), embed_summary)
 
 
 QUICKSTART_ENCODER = "minilm-l6"

@@ -8,7 +8,7 @@ from typing import List
 import typer
 from rich.console import Console
 
-from mmtool.cli._render import preprocess_summary, uploaded_line
+from mmtool.cli._render import preprocess_summary, print_finished
 from mmtool.cli.app import app
 from mmtool.cli.preprocess import parse_fraction
 
@@ -36,6 +36,4 @@ def merge_cmd(
     console.print(f"merged {manifest['slices']} slice(s) from {len(manifest['folders'])} folder(s) "
                   f"in {manifest['seconds']:.1f}s", soft_wrap=True)
     summary = embed_summary if "embedding" in manifest else preprocess_summary
-    console.print(summary({**manifest, "seconds": None}, manifest.get("url") or str(out)))
-    if uploaded_line(manifest):
-        console.print(uploaded_line(manifest), soft_wrap=True, markup=False)
+    print_finished(console, {**manifest, "seconds": None}, str(out), summary)

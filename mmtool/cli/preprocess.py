@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from mmtool.cli._dataclass_flags import ConfigFlags, config_command, given_flags
-from mmtool.cli._render import preprocess_summary, run_preprocess, slice_summary, uploaded_line
+from mmtool.cli._render import preprocess_summary, run_preprocess, slice_summary, print_finished
 from mmtool.cli.app import app
 from mmtool.cli.inspect import mapping_table, render_view
 from mmtool.config import build_config
@@ -49,9 +49,7 @@ def preprocess_cmd(
     if cfg.num_slices is not None:
         console.print(slice_summary(manifest, str(cfg.out)), soft_wrap=True)
         return
-    console.print(preprocess_summary(manifest, manifest.get("url") or str(cfg.out)))
-    if uploaded_line(manifest):
-        console.print(uploaded_line(manifest), soft_wrap=True, markup=False)
+    print_finished(console, manifest, str(cfg.out), preprocess_summary)
     if manifest.get("kept_foreign"):
         console.print(f"[yellow]kept {len(manifest['kept_foreign'])} file(s) in {cfg.out} that mmtool did "
                       f"not write: {', '.join(manifest['kept_foreign'][:5])}[/]")
