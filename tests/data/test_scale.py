@@ -44,6 +44,21 @@ def take(loader: Loader, n: int) -> list[bytes]:
     return [b.buffer.numpy().tobytes() for b in itertools.islice(loader.forever(), n)]
 
 
+def take_stop_resume(paths, k: int, n: int, **kw) -> list[bytes]:
+    """The first `k` batches of one loader, then `n - k` of a new loader resumed from its state."""
+    first = make(paths, **kw)
+    try:
+        got, state = take(first, k), first.state_dict()
+    finally:
+        first.close()
+    resumed = make(paths, **kw)
+    resumed.load_state_dict(state)
+    try:
+        return got + take(resumed, n - k)
+    finally:
+        resumed.close()
+
+
 # -- the plan alone, from per-shard counts -------------------------------------------------------
 SIZES = np.array([5, 7, 0, 3, 9, 4, 4, 6, 2, 11, 1])  # a shard may be empty
 FOLDER = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
@@ -151,16 +166,7 @@ def test_resume_mid_epoch_is_byte_identical(sharded, k):
 def test_workers_and_ranks_resume_exactly(sharded, worker_type):
     kw = dict(rank=1, world_size=2, num_workers=2, worker_type=worker_type, prefetch=2)
     reference = take(make(sharded, rank=1, world_size=2), 20)
-    loader = make(sharded, **kw)
-    assert take(loader, 8) == reference[:8]
-    state = loader.state_dict()
-    loader.close()
-    resumed = make(sharded, **kw)
-    resumed.load_state_dict(state)
-    try:
-        assert take(resumed, 12) == reference[8:]
-    finally:
-        resumed.close()
+    assert take_stop_resume(sharded, 8, 20, **kw) == reference
 
 
 def test_remote_shards_under_the_shard_plan_equal_local_and_resume(sharded, tmp_path):
@@ -176,14 +182,7 @@ def test_remote_shards_under_the_shard_plan_equal_local_and_resume(sharded, tmp_
         remote.append(f"{url}/{folder.name}")
     kw = dict(cache_dir=str(tmp_path / "cache"), cache_limit="200KB")  # below the 19 shards (~440KB): evicts
     reference = take(make(sharded), 20)
-    first = make(remote, **kw)
-    assert take(first, 9) == reference[:9]
-    state = first.state_dict()
-    first.close()
-    resumed = make(remote, **kw)
-    resumed.load_state_dict(state)
-    assert take(resumed, 11) == reference[9:]
-    resumed.close()
+    assert take_stop_resume(remote, 9, 20, **kw) == reference
 
 
 def test_state_size_does_not_grow_with_the_rows(sharded):
