@@ -151,8 +151,10 @@ def test_second_train_is_refused_and_the_first_completes(tmp_path, cli, data):
     run = tmp_path / "run"
     first = _start("train", "--data", data, "--out", run, *TRAIN, cwd=tmp_path)
     metrics = run / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, first)
-    first.send_signal(signal.SIGSTOP)  # certain overlap: the first holds the lock, mid-run
+    # Stop the first as soon as it holds the lock. (Waiting for its first metrics line raced: a
+    # 3-step tiny run can finish, and release the lock, within one poll; CI once saw that.)
+    _wait_for(_holds_lock(run, first), first)
+    first.send_signal(signal.SIGSTOP)  # certain overlap: the first holds the lock
     try:
         before = snapshot(run)
         second = cli("train", "--data", data, "--out", run, *TRAIN, check=False)
