@@ -32,6 +32,7 @@ def train(cli, data, out, *extra, env=None):
     return proc, lines
 
 
+@pytest.mark.slow
 def test_train_compile_reports_graphs_and_matches_eager(cli, data, tmp_path):
     _, eager = train(cli, data, tmp_path / "eager")
     proc, compiled = train(cli, data, tmp_path / "compiled", "--compile", env=EAGER_CAPTURE)

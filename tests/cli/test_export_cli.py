@@ -62,6 +62,7 @@ def _outputs(model, batch) -> dict[str, torch.Tensor]:
         return {"pooled": model.pooled(batch), "loss": out.loss.reshape(1)}
 
 
+@pytest.mark.slow
 def test_a_moved_run_without_its_data_runs_every_stage(moved, cli, tmp_path):
     run, fresh = moved["run"], moved["fresh"]
     proc = cli("eval-transfer", run, "--task", "digits", "--protocol", "linear-probe", "--fractions", "1")

@@ -71,7 +71,8 @@ def test_flags_that_would_train_nothing_or_nowhere(work, tmp_path, flags, needle
     one_line_error(proc, needle)
 
 
-@pytest.mark.parametrize("content", ['{"data": ["d"], "model": {"size": ', "[1, 2]", None])
+@pytest.mark.parametrize("content", ['{"data": ["d"], "model": {"size": ',
+                                     pytest.param("[1, 2]", marks=pytest.mark.slow), None])
 def test_broken_config_json_in_every_reader(work, tmp_path, content):
     run = tmp_path / "run"
     shutil.copytree(work / "run", run)

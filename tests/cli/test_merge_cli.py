@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 # 64KB shards: 276 parts (69 a slice) and 65 shards, so a slice is still running when it is killed.
 ARGS = ["preprocess", "pydocs", "--num-proc", "2", "--shard-size", "64KB"]
 
@@ -21,6 +23,7 @@ def state(folder: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
 
 
+@pytest.mark.slow
 def test_killed_slice_resumes_alone_and_the_merge_is_one_runs_bytes(tmp_path, cli):
     """Slices 0 and 1 in folders of their own; 3 and the killed 2 sharing one, so that "nothing
     else changed" covers a neighbour's parts in the very folder the killed slice resumes in."""

@@ -11,6 +11,8 @@ import time
 
 from pathlib import Path
 
+import pytest
+
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
 
 BAD = SAMPLE_DATA / "jsonl" / "bad_records.jsonl"
@@ -97,6 +99,7 @@ def test_ls_lists_every_registry(cli):
     assert proc.returncode == 2 and "unknown registry 'widgets'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_stage_and_reruns_cheaply(tmp_path, cli):
     out = tmp_path / "qs"
     args = ("quickstart", "--out", out, "--max-samples", "120", "--num-proc", "1", "--train-steps", "4")

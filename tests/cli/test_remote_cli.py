@@ -51,6 +51,7 @@ def train_killed_and_resumed(cli, data: str, run: Path, env: dict, *extra: str) 
     return losses(run)
 
 
+@pytest.mark.slow
 def test_preprocess_train_resume_on_s3_equal_local(cli, s3_env, tmp_path):
     env, fs = s3_env
     url = f"s3://mmtool-cli/{uuid.uuid4().hex}/digits"
@@ -83,6 +84,7 @@ def test_preprocess_train_resume_on_s3_equal_local(cli, s3_env, tmp_path):
     assert bad.returncode != 0 and f"{url}/{shard['path']}: shard is corrupt" in bad.stderr + bad.stdout
 
 
+@pytest.mark.slow
 def test_slices_merge_and_embed_upload_to_s3(cli, s3_env, tmp_path):
     """`mmtool merge s3://...` uploads the bytes a local merge writes; `mmtool embed --out s3://...`
     uploads the bytes a local embed writes, and `train --data` reads that embedding folder back."""

@@ -184,6 +184,7 @@ def s3(monkeypatch_module=None):
     server.stop()
 
 
+@pytest.mark.slow
 def test_s3_trains_and_resumes_like_local(local, reference, s3, tmp_path):
     fsspec.filesystem("s3").invalidate_cache()
     data = upload(local, f"s3://mmtool-test/{uuid.uuid4().hex}")

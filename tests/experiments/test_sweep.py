@@ -165,6 +165,7 @@ def test_list_values_labels_and_scale(tmp_path):
     assert (cfg.max_steps, cfg.warmup, cfg.save_every) == (25, 5, 12)
 
 
+@pytest.mark.slow
 def test_text_encoder_axis_and_ablate_evaluation(grid_sweep, tmp_path):
     """`text_encoder: frozen:minilm-l6` embeds the captions once (the library call behind
     `mmtool train --text-encoder`); the frozen run's loss is reported under its source's name, so it
@@ -189,6 +190,7 @@ def test_text_encoder_axis_and_ablate_evaluation(grid_sweep, tmp_path):
     assert (tmp_path / "out" / "runs" / "text_encoder-learned-s1" / "evals" / "ablate" / "ablation.json").is_file()
 
 
+@pytest.mark.slow
 def test_kill_mid_sweep_then_rerun_finishes_only_the_missing(grid_sweep, tmp_path):
     """A real `python -m mmtool sweep` SIGKILLed after its first run finished, then rerun."""
     _, out, _, _ = grid_sweep

@@ -74,9 +74,10 @@ def test_resume_refuses_shaping_settings_and_amends_the_others(data, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda doc: doc.update(step=1), "modified after it was written"),
-    (lambda doc: doc["loader"][0].update(batch=doc["loader"][0]["batch"] + 1), "modified after it was written"),
+    pytest.param(lambda doc: doc["loader"][0].update(batch=doc["loader"][0]["batch"] + 1),
+                 "modified after it was written", marks=pytest.mark.slow),  # same digest check as step
     (lambda doc: doc.pop("sha256"), "has no 'sha256'"),
-    (lambda doc: doc.clear(), "has no 'step'"),
+    pytest.param(lambda doc: doc.clear(), "has no 'step'", marks=pytest.mark.slow),
 ])
 def test_resume_refuses_an_edited_checkpoint(data, tmp_path, edit, message):
     run = tmp_path / "run"
@@ -117,8 +118,8 @@ def _interrupt_at_random(args: list, seed: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
-                                  pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 30-step runs, ~90 s each; test_loop.test_interrupted_run_resumes_bitwise runs by default
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigterm_at_a_random_moment_then_resume_equals_a_straight_run(data, tmp_path, seed):
     steps = ["--max-steps", "30", "--save-every", "7"]
     straight = tmp_path / "straight"
