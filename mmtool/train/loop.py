@@ -14,7 +14,8 @@ Run folder::
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source,
                          per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
                          with no targets in the step is left out, not logged as 0),
-                         real tokens/s, data-wait fraction, lr, grad norm, `token_share`: each
+                         real tokens/s, data-wait fraction (`data_wait`: the slowest rank's under
+                         torchrun; `data_wait_mean`), epoch, lr, grad norm, `token_share`: each
                          source folder's share of the step's real tokens (all ranks'), and each
                          modality's share of the loss and of the gradient entering the trunk
                          (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
@@ -27,8 +28,8 @@ Run folder::
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
 gradients are averaged by DDP (gloo on CPU, NCCL on CUDA) once per step, after the last micro-batch,
 or the model is sharded with FSDP2 (`--shard-model`; `mmtool.train.distributed`); every rank's
-figures are summed into each metrics line by one all-reduce (`mmtool.train.metrics`), and rank 0
-logs and saves.
+figures (the probes' too) are summed into each metrics line by one all-reduce, the data wait's max
+and the epoch's min by a second of two numbers (`mmtool.train.metrics`), and rank 0 logs and saves.
 """
 
 from __future__ import annotations
