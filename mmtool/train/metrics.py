@@ -18,7 +18,8 @@ Two more figures are each rank's own before they are reduced:
                          slowest rank stalls every other at the gradient all-reduce, so the max is
                          what the step lost
     data_wait_mean       the mean over ranks of that share (= data_wait in one process)
-    epoch                the smallest rank's loader epoch (ranks cross an epoch's end a batch apart)
+    epoch                the smallest rank's loader epoch (an epoch of batches not a multiple of W
+                         gives the ranks unequal shares, and they reach its end at different steps)
 
 Under DDP, `MetricLayout.reduce` packs the sums — and `ModalityShares`' sums, and on probe steps the
 probes' (`mmtool.train.probes`) — into one float64 tensor with a fixed layout (every key the model
