@@ -14,7 +14,8 @@ Run folder::
     RUN/metrics.jsonl    one line per step: losses (total, per objective, per stream, per source,
                          per task `by_task` {"FOLDER/OBJECTIVE": mean over its targets}; an objective
                          with no targets in the step is left out, not logged as 0),
-                         real tokens/s, data-wait fraction, lr, grad norm, `token_share`: each
+                         real tokens/s, data-wait fraction (`data_wait`: the slowest rank's under
+                         torchrun; `data_wait_mean`), epoch, lr, grad norm, `token_share`: each
                          source folder's share of the step's real tokens (all ranks'), and each
                          modality's share of the loss and of the gradient entering the trunk
                          (`loss_share` every step; `grad_share`, `grad_trunk` on step 1 and every
@@ -27,8 +28,8 @@ Run folder::
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
 gradients are averaged by DDP (gloo on CPU, NCCL on CUDA) once per step, after the last micro-batch,
 or the model is sharded with FSDP2 (`--shard-model`; `mmtool.train.distributed`); every rank's
-figures are summed into each metrics line by one all-reduce (`mmtool.train.metrics`), and rank 0
-logs and saves.
+figures (the probes' too) are summed into each metrics line by one all-reduce, the data wait's max
+and the epoch's min by a second of two numbers (`mmtool.train.metrics`), and rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -344,6 +345,7 @@ class _Session:
         self.layout = MetricLayout(model, self.names) if ddp.world > 1 else None
         self.autocast = autocast(cfg.precision, device)
         self.batches = loader.forever()
+        self.graphs_before = 0  # torch.compile graphs that existed before this run's model (`_setup`)
 
     def save(self) -> None:
         """Checkpoints the current step (all ranks call it; rank 0 writes)."""
@@ -360,7 +362,7 @@ class _Session:
         self.saved_step = self.step
 
     def run_step(self) -> dict[str, Any]:
-        """Trains step `self.step + 1` and returns its metrics line."""
+        """Trains step `self.step + 1` and returns its metrics line (all ranks' figures)."""
         cfg, step = self.cfg, self.step + 1
         self.step = step
         lr = lr_at(cfg, step)
@@ -377,27 +379,7 @@ class _Session:
         if probing:
             self.probes.start()
         for micro in range(cfg.grad_accum):
-            tw = time.perf_counter()
-            batch = next(self.batches).to(self.device)
-            acc.wait += time.perf_counter() - tw
-            # keyed by the micro-batch's place in the step's global batch (rank r's micro m is the
-            # m·W + r-th): W ranks × A micro-batches draw what one process × A·W micro-batches draws
-            place = micro * self.ddp.world + self.ddp.rank
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + place)
-            sync = distributed.sync_unless_last(self.trained, micro, cfg.grad_accum)
-            with sync, self.autocast:
-                output = self.trained(batch, generator=gen)
-            loss = output.loss
-            if cfg.fault_nan_step == step:
-                loss = loss * float("nan")
-            if probing:
-                self.probes.after_forward(batch, output)
-            shares.add(output)
-            if not torch.isfinite(loss):
-                raise _nan_error(loss, output, batch, self.names, step, self.metrics_path, self.last_ckpt)
-            with distributed.sync_unless_last(self.trained, micro, cfg.grad_accum):
-                (loss / cfg.grad_accum).backward()  # DDP: all-reduces only in the last micro-batch's
-            acc.add(loss, output, batch)
+            self._micro_step(step, micro, acc, shares, probing)
         if probing:
             self.probes.after_backward()  # gradients as backward left them: before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -405,15 +387,50 @@ class _Session:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-        if self.layout is not None:  # every rank's figures, summed in one all-reduce
-            self.layout.reduce(acc, shares)
+        acc.close(seconds, self.loader.epoch)
+        self._reduce(acc, shares, probing)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under --shard-model
             grad_norm = grad_norm.full_tensor()
         line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
-                "epoch": self.loader.epoch, "seconds": seconds, **shares.result()}
+                "seconds": seconds, **shares.result()}
         if probing:
             line["probes"] = self.probes.finish()
         return line
+
+    def _micro_step(self, step: int, micro: int, acc: StepMetrics, shares: ModalityShares,
+                    probing: bool) -> None:
+        """Forward and backward of micro-batch `micro` of `step`, its figures added to `acc`,
+        `shares` and (when `probing`) the probes."""
+        cfg = self.cfg
+        tw = time.perf_counter()
+        batch = next(self.batches).to(self.device)
+        acc.wait += time.perf_counter() - tw
+        # keyed by the micro-batch's place in the step's global batch (rank r's micro m is the
+        # m·W + r-th): W ranks × A micro-batches draw what one process × A·W micro-batches draws
+        place = micro * self.ddp.world + self.ddp.rank
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + place)
+        with distributed.sync_unless_last(self.trained, micro, cfg.grad_accum), self.autocast:
+            output = self.trained(batch, generator=gen)
+        loss = output.loss
+        if cfg.fault_nan_step == step:
+            loss = loss * float("nan")
+        if probing:
+            self.probes.after_forward(batch, output)
+        shares.add(output)
+        if not torch.isfinite(loss):
+            raise _nan_error(loss, output, batch, self.names, step, self.metrics_path, self.last_ckpt)
+        with distributed.sync_unless_last(self.trained, micro, cfg.grad_accum):
+            (loss / cfg.grad_accum).backward()  # DDP: all-reduces only in the last micro-batch's
+        acc.add(loss, output, batch)
+
+    def _reduce(self, acc: StepMetrics, shares: ModalityShares, probing: bool) -> None:
+        """Under torchrun, every rank's figures (the probes' too on a probe step) into `acc`,
+        `shares` and the probes: one SUM all-reduce and one 2-element MAX (`MetricLayout.reduce`)."""
+        if self.layout is None:
+            return
+        summed = self.layout.reduce(acc, shares, self.probes.totals() if probing else None)
+        if probing:
+            self.probes.load_totals(summed, self.ddp.world)
 
 
 def _write_run_files(session: _Session, start_ckpt: Path | None, changes: dict[str, Any]) -> None:
@@ -462,6 +479,37 @@ def train(cfg: TrainConfig, resume: bool = False,
         Interrupted: a stop signal, after the checkpoint was saved.
     """
     _validate(cfg)
+    session, start_ckpt, changes, notes = _setup(cfg, resume)
+    cfg, ddp, model, loader = session.cfg, session.ddp, session.model, session.loader
+    graphs_before = session.graphs_before
+    t_start = time.perf_counter()
+    if ddp.main:
+        _write_run_files(session, start_ckpt, changes)
+    # metrics.jsonl and the other trackers drop lines past the checkpoint: the resumed run writes them again
+    trackers = open_trackers(session.out, cfg.loggers, session.step, enabled=ddp.main)
+    if ddp.main and on_start:
+        on_start(_start_info(session, start_ckpt, changes, notes + trackers.notes))
+    with loader, trackers, StopSignals() as stop:
+        trackers.log_config(to_dict(cfg))
+        total = _train_steps(session, trackers, stop, on_step, graphs_before)
+    if ddp.world > 1:
+        dist.barrier()
+    if math.isnan(total) and ddp.main:  # a finished run resumed: nothing left to train
+        lines, _ = read_metrics(session.out)
+        total = lines[-1]["loss"] if lines else total
+    return {"steps": session.step, "final_loss": total, "parameters": model.num_parameters(),
+            "seconds": time.perf_counter() - t_start, "checkpoint": str(session.last_ckpt),
+            "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank,
+            "compile_graphs": compile_stats().graphs - graphs_before if cfg.compile else None}
+
+
+def _setup(cfg: TrainConfig, resume: bool) -> tuple[_Session, Path | None, dict[str, Any], list[str]]:
+    """Everything `train` needs before its first step: the resolved config, process group, device,
+    loader, model (compiled, wrapped), optimizer, restored from the checkpoint when resuming.
+
+    Returns:
+        (session, the checkpoint resumed from or None, the settings this resume amends, warnings).
+    """
     cfg = dataclasses.replace(cfg, loggers=resolve_loggers(cfg.loggers))  # jsonl added; packages checked
     cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     cfg = with_folder_objectives(cfg)
@@ -485,49 +533,50 @@ def train(cfg: TrainConfig, resume: bool = False,
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     session = _Session(cfg, ddp, device, loader, model, trained, optimizer,
                        resume_rules.data_digests(loader.index.folders))
+    session.graphs_before = graphs_before  # compile_graphs counts from here
     if start_ckpt is not None:
         session.step = session.saved_step = _restore(start_ckpt, model, optimizer, loader, ddp, session.data)
         session.last_ckpt = start_ckpt
-    start_step = session.step
-    total = float("nan")  # stays nan when a finished run is resumed: nothing left to train
-    t_start = time.perf_counter()
-    if ddp.main:
-        _write_run_files(session, start_ckpt, changes)
-    # metrics.jsonl and the other trackers drop lines past the checkpoint: the resumed run writes them again
-    trackers = open_trackers(session.out, cfg.loggers, start_step, enabled=ddp.main)
-    if ddp.main and on_start:
-        on_start({"parameters": model.num_parameters(), "start_step": start_step,
-                  "resumed_from": str(start_ckpt) if start_ckpt else None,
-                  "streams": [s.key for s in loader.index.streams], "world_size": ddp.world,
-                  "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
-                  "compile": compile_note(device) if cfg.compile else None,
-                  "precision": resolve_precision(cfg.precision, device),
-                  "warnings": [objectives_note] * bool(objectives_note) + loader.warnings() + trackers.notes,
-                  "amended": resume_rules.describe(changes) if start_ckpt and changes else None})
-    with loader, trackers, StopSignals() as stop:
-        trackers.log_config(to_dict(cfg))
-        while session.step < cfg.max_steps:
-            if stop.requested(ddp.world):
-                raise _interrupted(session, stop)
-            line = session.run_step()
-            if cfg.compile:  # graphs compiled so far (first step: all of them, with its time)
-                line["compile_graphs"] = compile_stats().graphs - graphs_before
-            total = line["loss"]
-            if ddp.main:
-                trackers.log_step(line)
-                if on_step:
-                    on_step(line)
-            if session.step % cfg.save_every == 0 or session.step == cfg.max_steps:
-                session.save()
-    if ddp.world > 1:
-        dist.barrier()
-    if math.isnan(total) and ddp.main:
-        lines, _ = read_metrics(session.out)
-        total = lines[-1]["loss"] if lines else total
-    return {"steps": session.step, "final_loss": total, "parameters": model.num_parameters(),
-            "seconds": time.perf_counter() - t_start, "checkpoint": str(session.last_ckpt),
-            "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank,
-            "compile_graphs": compile_stats().graphs - graphs_before if cfg.compile else None}
+    return session, start_ckpt, changes, [objectives_note] * bool(objectives_note) + loader.warnings()
+
+
+def _start_info(session: _Session, start_ckpt: Path | None, changes: dict[str, Any],
+                warnings: list[str]) -> dict[str, Any]:
+    """What `train` hands `on_start`: parameters, resume point, streams, settings, warnings."""
+    cfg, device, loader = session.cfg, session.device, session.loader
+    return {"parameters": session.model.num_parameters(), "start_step": session.step,
+            "resumed_from": str(start_ckpt) if start_ckpt else None,
+            "streams": [s.key for s in loader.index.streams], "world_size": session.ddp.world,
+            "mix_by": loader.mixture.mix_by, "splits": list(cfg.splits),
+            "compile": compile_note(device) if cfg.compile else None,
+            "precision": resolve_precision(cfg.precision, device), "warnings": warnings,
+            "amended": resume_rules.describe(changes) if start_ckpt and changes else None}
+
+
+def _train_steps(session: _Session, trackers: Any, stop: StopSignals,
+                 on_step: Callable[[dict[str, Any]], None] | None, graphs_before: int) -> float:
+    """Steps until `max_steps` (logging and checkpointing as they go) and returns the last step's
+    loss (nan when there was no step left to train).
+
+    Raises:
+        Interrupted: a stop signal reached any rank, after the checkpoint was saved.
+    """
+    cfg, ddp = session.cfg, session.ddp
+    total = float("nan")
+    while session.step < cfg.max_steps:
+        if stop.requested(ddp.world):
+            raise _interrupted(session, stop)
+        line = session.run_step()
+        if cfg.compile:  # graphs compiled so far (first step: all of them, with its time)
+            line["compile_graphs"] = compile_stats().graphs - graphs_before
+        total = line["loss"]
+        if ddp.main:
+            trackers.log_step(line)
+            if on_step:
+                on_step(line)
+        if session.step % cfg.save_every == 0 or session.step == cfg.max_steps:
+            session.save()
+    return total
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Any, TrainConfig, Loader]:

@@ -12,9 +12,20 @@ token-weighted — each micro-batch's mean loss weighs by the targets behind it:
     by_source[FOLDER]    Σ mean sample loss · real tokens / Σ real tokens of the folder
     tokens, token_share  real tokens of the step, each folder's share of them
 
-Under DDP, `MetricLayout.reduce` packs all of these — and `ModalityShares`' sums — into one float64
-tensor with a fixed layout (every key the model can produce, known at setup) and all-reduces it
-once per step; rank 0 then logs the all-rank values.
+Two more figures are each rank's own before they are reduced:
+
+    data_wait            the largest rank's share of its step spent waiting for its loader: the
+                         slowest rank stalls every other at the gradient all-reduce, so the max is
+                         what the step lost
+    data_wait_mean       the mean over ranks of that share (= data_wait in one process)
+    epoch                the smallest rank's loader epoch (an epoch of batches not a multiple of W
+                         gives the ranks unequal shares, and they reach its end at different steps)
+
+Under DDP, `MetricLayout.reduce` packs the sums — and `ModalityShares`' sums, and on probe steps the
+probes' (`mmtool.train.probes`) — into one float64 tensor with a fixed layout (every key the model
+can produce, known at setup) and all-reduces it (SUM) once per step; then a second, 2-element
+all-reduce (MAX) of (data wait, −epoch) gives the max and the min, which no sum can carry. Those two
+collectives per step are all the metrics cost; rank 0 then logs the all-rank values.
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ class StepMetrics:
     def __init__(self, names: list[str]):
         self.names = names
         self.wait, self.tokens, self.total, self.micro = 0.0, 0, 0.0, 0
+        self.wait_max = self.wait_mean = 0.0  # shares of the step spent waiting (`close`, `reduce`)
+        self.epoch = 0
         # group → key → [Σ value · weight, Σ weight]
         self.sums: dict[str, dict[str, list[float]]] = {g: {} for g in GROUPS}
 
@@ -69,14 +82,22 @@ class StepMetrics:
         for name, v in _by_source(output.by_sample_loss, batch["sample_folder"], self.names).items():
             self._add("by_source", name, v, float(tokens[self.names.index(name)]))
 
+    def close(self, seconds: float, epoch: int) -> None:
+        """Ends this rank's step (`seconds` long, its loader in `epoch`): its data-wait share is both
+        the max and the mean until `MetricLayout.reduce` makes them all ranks'."""
+        self.wait_max = self.wait_mean = self.wait / seconds
+        self.epoch = epoch
+
     def result(self, seconds: float) -> dict[str, Any]:
-        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, speed)."""
+        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, speed,
+        data wait, epoch); after `close`."""
         means = {g: {k: n / w for k, (n, w) in self.sums[g].items() if w > 0} for g in GROUPS}
         source = {k: w for k, (_, w) in self.sums["by_source"].items() if w > 0}
         all_tokens = max(sum(source.values()), 1)
         return {"loss": self.total / max(self.micro, 1), **means, "tokens": self.tokens,
                 "token_share": {k: source[k] / all_tokens for k in self.names if k in source},
-                "tokens_per_s": self.tokens / seconds, "data_wait": self.wait / seconds}
+                "tokens_per_s": self.tokens / seconds, "data_wait": self.wait_max,
+                "data_wait_mean": self.wait_mean, "epoch": self.epoch}
 
 
 class MetricLayout:
@@ -133,11 +154,32 @@ class MetricLayout:
                 if b > 0:
                     table[k] = [a, b] if where[0] == "sums" else a
 
-    def reduce(self, acc: StepMetrics, shares: Any) -> None:
-        """Sums every rank's step figures into `acc` and `shares`: one all-reduce (a collective:
-        every rank calls it every step)."""
-        flat = self.pack(acc, shares)
-        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-            flat = flat.cuda()
-        dist.all_reduce(flat)
-        self.unpack(flat.cpu(), acc, shares)
+    def reduce(self, acc: StepMetrics, shares: Any, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Sums every rank's step figures into `acc` and `shares`, and `extra` (a float64 tensor of
+        further sums, the same size on every rank: the probes') with them, in one all-reduce; then
+        takes the max data wait and the min epoch in a second, 2-element one. Collectives: every
+        rank calls this every step, after `acc.close`.
+
+        Returns:
+            `extra` summed over the ranks (None without `extra`).
+        """
+        world = dist.get_world_size()
+        local = self.pack(acc, shares)
+        parts = [local, torch.tensor([acc.wait_mean], dtype=torch.float64)]
+        if extra is not None:
+            parts.append(extra.to(torch.float64).flatten())
+        flat = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM)
+        self.unpack(flat[:self.size], acc, shares)
+        acc.wait_mean = float(flat[self.size]) / world
+        peak = _all_reduce(torch.tensor([acc.wait_max, -float(acc.epoch)], dtype=torch.float64),
+                           dist.ReduceOp.MAX)
+        acc.wait_max, acc.epoch = float(peak[0]), int(-peak[1])
+        return flat[self.size + 1:] if extra is not None else None
+
+
+def _all_reduce(flat: torch.Tensor, op: Any) -> torch.Tensor:
+    """`flat` reduced over every rank with `op`, on the CPU (NCCL reduces device tensors only)."""
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat, op=op)
+    return flat.cpu()

@@ -30,6 +30,23 @@ Measured cost on the tiny model (digits + spoken-digits + pydocs, 4096-token bat
 on the steps that take them (the text head's [tokens, 30522] product is redone per modality), so
 not every step; `loss_share` is free (read with the step's other metrics).
 
+Under `torchrun` (DDP) every probe figure is the whole step's, all ranks' micro-batches, as one
+process with `--grad-accum A·W` logs it (`tests/train/test_distributed.py` checks it against one):
+each probe keeps its figures as sums (`Probe.totals`), and `train` adds every rank's in the step's
+one metrics all-reduce (`mmtool.train.metrics.MetricLayout.reduce`), then `Probe.load_totals`:
+
+* `attention` — the summed attention mass and the query counts add over ranks: the shares are means
+  over every rank's sampled queries (at most `queries` per micro-batch on each rank).
+* `grad-norm` — `tokens` and `per_token`: squared gradients at the encoder outputs add over ranks
+  (different tokens), divided by W², because each rank's backward is of its own mean loss and the
+  step's loss is the mean over the W ranks (DDP averages); token counts add. `params` is read after
+  backward, from gradients DDP has already averaged over the ranks: the same on every rank, kept.
+* `loss` — per-micro-batch means: their sums and counts add, so each figure is the mean over every
+  micro-batch of every rank.
+
+`--shard-model` (FSDP2) refuses `--probes`: each rank holds 1/W of every parameter and gradient,
+and `grad-norm` would need them whole (the sharded norms could be all-reduced in squares, not done).
+
 Probes off (the default) register nothing: `train` never builds a `ProbeSet`, so no hook exists.
 On, hooks live only during probe steps (`ProbeSet.start` / `finish`); other steps run unobserved.
 Probes never touch the random generator or the computation, so the losses are identical with and
@@ -38,6 +55,7 @@ without them. The overhead: `benchmarks/probes.py`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, ClassVar
 
@@ -81,6 +99,14 @@ class Probe:
 
     def result(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def totals(self) -> Tensor:
+        """[n] float64: the sums `result` is computed from, in a fixed order and size (the same on
+        every rank, whatever its data): what the all-reduce adds across ranks. Default: none."""
+        return torch.zeros(0, dtype=torch.float64)
+
+    def load_totals(self, flat: Tensor, world: int) -> None:
+        """Replaces this rank's sums by every rank's (`flat`: `totals` summed over `world` ranks)."""
 
     def stop(self) -> None:
         """Removes every hook."""
@@ -171,6 +197,15 @@ class AttentionProbe(Probe):
         self.mass[layer].index_add_(0, frm, torch.cat(shares).double().cpu())
         self.count[layer].index_add_(0, frm, torch.ones(len(frm), dtype=torch.float64))
 
+    def totals(self) -> Tensor:
+        """[L·M·M + L·M]: the summed attention mass, then the query counts."""
+        return torch.cat([self.mass.flatten(), self.count.flatten()])
+
+    def load_totals(self, flat: Tensor, world: int) -> None:
+        cut = self.mass.numel()
+        self.mass = flat[:cut].reshape(self.mass.shape).clone()
+        self.count = flat[cut:].reshape(self.count.shape).clone()
+
     def result(self) -> dict[str, Any]:
         names = self.model.modalities
         layers = []
@@ -221,6 +256,19 @@ class GradNormProbe(Probe):
                      if p.grad is not None]
             self.params[name] = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
 
+    def totals(self) -> Tensor:
+        """[2·M]: Σ squared gradients at the encoder outputs, then tokens, per modality."""
+        names = list(self.by_modality)
+        return torch.tensor([self.sq[n] for n in names] + [float(self.tokens[n]) for n in names],
+                            dtype=torch.float64)
+
+    def load_totals(self, flat: Tensor, world: int) -> None:
+        """Each rank's activation gradients are of its own loss, W times its share of the step's
+        (the mean over ranks): squares add, then scale by 1/W². `params` stays: DDP averaged them."""
+        names, values = list(self.by_modality), flat.tolist()
+        self.sq = {n: values[i] / world**2 for i, n in enumerate(names)}
+        self.tokens = {n: int(round(values[len(names) + i])) for i, n in enumerate(names)}
+
     def result(self) -> dict[str, Any]:
         seen = [n for n in self.by_modality if self.tokens[n] > 0]
         return {"params": {n: self.params.get(n, 0.0) for n in seen},
@@ -234,27 +282,54 @@ class LossProbe(Probe):
 
     name = "loss"
 
+    def __init__(self, model, folders):
+        super().__init__(model, folders)
+        self.modality = {s.key: s.modality for s in model.streams}
+        pairs = [f"{a}+{b}" for a, b in itertools.permutations(model.modalities, 2)]  # contrastive
+        names = list(dict.fromkeys([s.modality for s in model.streams] + pairs))
+        self.keys = [(n, o) for n in names for o in model.objectives]  # every (modality, objective)
+
     def start(self) -> None:
-        self.parts: dict[tuple[str, str], list[float]] = {}
+        self.parts: dict[tuple[str, str], list[float]] = {}  # key → [Σ micro-batch mean, micro-batches]
         self.sources: dict[str, list[float]] = {}
 
     def after_forward(self, batch, output) -> None:
-        modality = {s.key: s.modality for s in self.model.streams}
         for key, value in output.by_stream.items():
             objective, stream = key.split("/", 1)
-            name = modality.get(stream, stream)  # contrastive keys ("image+text") stay as they are
-            self.parts.setdefault((name, objective), []).append(value)
+            name = self.modality.get(stream, stream)  # contrastive keys ("image+text") stay as they are
+            _add(self.parts, (name, objective), float(value))
         loss = output.by_sample_loss.detach().float().cpu().numpy()
         folder = batch["sample_folder"].cpu().numpy()
         for f in np.unique(folder):
-            self.sources.setdefault(self.folders[int(f)], []).append(float(loss[folder == f].mean()))
+            _add(self.sources, self.folders[int(f)], float(loss[folder == f].mean()))
+
+    def totals(self) -> Tensor:
+        """[2·(K + F)]: (Σ, count) of each (modality, objective) key, then of each folder."""
+        unknown = set(self.parts) - set(self.keys)
+        if unknown:
+            raise MMToolError(f"loss probe key(s) {sorted(unknown)} are outside its all-rank layout; this is a bug")
+        pairs = [self.parts.get(k, [0.0, 0.0]) for k in self.keys] + \
+            [self.sources.get(f, [0.0, 0.0]) for f in self.folders]
+        return torch.tensor(pairs, dtype=torch.float64).flatten()
+
+    def load_totals(self, flat: Tensor, world: int) -> None:
+        pairs = flat.reshape(-1, 2).tolist()
+        self.parts = {k: v for k, v in zip(self.keys, pairs) if v[1] > 0}
+        self.sources = {f: v for f, v in zip(self.folders, pairs[len(self.keys):]) if v[1] > 0}
 
     def result(self) -> dict[str, Any]:
         by_modality: dict[str, dict[str, float]] = {}
-        for (name, objective), values in sorted(self.parts.items()):
-            by_modality.setdefault(name, {})[objective] = float(np.mean(values))
+        for (name, objective), (total, n) in sorted(self.parts.items()):
+            by_modality.setdefault(name, {})[objective] = total / n
         return {"by_modality": by_modality,
-                "by_source": {k: float(np.mean(v)) for k, v in sorted(self.sources.items())}}
+                "by_source": {k: total / n for k, (total, n) in sorted(self.sources.items())}}
+
+
+def _add(table: dict[Any, list[float]], key: Any, value: float) -> None:
+    """Adds `value` to the [Σ, count] pair of `key`."""
+    pair = table.setdefault(key, [0.0, 0.0])
+    pair[0] += value
+    pair[1] += 1
 
 
 def trunk_grad_norms(output: Any, losses: dict[Any, Tensor] | None = None) -> dict[Any, float]:
@@ -361,6 +436,17 @@ class ProbeSet:
     def after_backward(self) -> None:
         for p in self.probes:
             p.after_backward()
+
+    def totals(self) -> Tensor:
+        """Every probe's `totals`, concatenated (what `train` adds over ranks)."""
+        parts = [p.totals() for p in self.probes]
+        self._sizes = [len(t) for t in parts]
+        return torch.cat(parts)
+
+    def load_totals(self, flat: Tensor, world: int) -> None:
+        """Hands each probe its part of the all-rank `flat` (laid out as the last `totals`)."""
+        for p, part in zip(self.probes, torch.split(flat, self._sizes)):
+            p.load_totals(part, world)
 
     def finish(self) -> dict[str, Any]:
         """Removes the hooks and returns `{probe name: result}`."""

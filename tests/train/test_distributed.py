@@ -109,9 +109,9 @@ def test_two_nodes_equal_one_process_with_the_same_global_batch(data, tmp_path):
     assert_same_weights(nodes, one, atol=1e-5)
 
 
-def rank_tokens(run: Path, rank: int, world: int, micro: int) -> list[tuple[int, dict[int, int]]]:
+def rank_tokens(run: Path, rank: int, world: int, micro: int) -> list[tuple[int, dict[int, int], int]]:
     """Real tokens of each step on `rank`, read from a fresh loader of the run's own config:
-    [(tokens, {folder: tokens})] per step."""
+    [(tokens, {folder: tokens}, the loader's epoch after the step)] per step."""
     with Loader(read_config(run).loader_config(rank, world, pin=False)) as loader:
         batches = loader.forever()
         steps = []
@@ -123,17 +123,30 @@ def rank_tokens(run: Path, rank: int, world: int, micro: int) -> list[tuple[int,
                 total += sum(seq)
                 for f, n in zip(fold, seq):
                     per[f] = per.get(f, 0) + n
-            steps.append((total, per))
+            steps.append((total, per, loader.epoch))
     return steps
 
 
-def test_accumulation_all_reduces_once_per_step_and_metrics_sum_the_ranks(data, tmp_path):
-    """2 ranks × --grad-accum 3, every DDP all-reduce counted by a comm hook: each optimizer step
-    all-reduces each gradient bucket once (not 3 times), and the logged token counts are the sum of
-    the two ranks' own counts (not rank 0's)."""
-    run, counts = tmp_path / "run", tmp_path / "calls.json"
-    finish([torchrun(str(counts), *train_args(data, run, "--grad-accum", "3"),
+PROBES = ("--probes", "attention,grad-norm,loss", "--probe-every", "1")
+
+
+@pytest.fixture(scope="module")
+def accumulated(data, tmp_path_factory):
+    """2 ranks × --grad-accum 3, every probe on every step, every DDP all-reduce counted by a comm
+    hook: (run folder, counts file prefix)."""
+    root = tmp_path_factory.mktemp("accumulated")
+    run, counts = root / "run", root / "calls.json"
+    finish([torchrun(str(counts), *train_args(data, run, "--grad-accum", "3", *PROBES),
                      script=[str(REPO / "tests" / "train" / "ddp_sync_count.py")])])
+    return run, counts
+
+
+def test_accumulation_all_reduces_once_per_step_and_metrics_sum_the_ranks(accumulated):
+    """Each optimizer step all-reduces each gradient bucket once (not 3 times); the logged token
+    counts are the sum of the two ranks' own counts (not rank 0's); `data_wait` is the slower rank's
+    share and `data_wait_mean` the ranks' mean (so the other rank's, 2·mean − max, lies in
+    [0, max]), `epoch` the ranks' smallest."""
+    run, counts = accumulated
     for rank in (0, 1):
         buckets = json.loads(Path(f"{counts}.{rank}").read_text())["buckets"]
         assert buckets.count(0) == STEPS, buckets  # one synchronising backward per step, not 3
@@ -145,6 +158,39 @@ def test_accumulation_all_reduces_once_per_step_and_metrics_sum_the_ranks(data, 
         assert x["tokens"] == r0[0] + r1[0] and x["tokens"] != r0[0]
         both = {names[f]: r0[1].get(f, 0) + r1[1].get(f, 0) for f in range(2)}
         assert x["token_share"] == pytest.approx({k: v / x["tokens"] for k, v in both.items() if v})
+        assert x["epoch"] == min(r0[2], r1[2])
+        # two ranks' loader waits (perf_counter differences) are never bitwise equal
+        assert 0 < x["data_wait_mean"] < x["data_wait"] < 1, x
+        assert 0 <= 2 * x["data_wait_mean"] - x["data_wait"] <= x["data_wait"]
+
+
+def test_probe_figures_of_two_ranks_equal_one_process(accumulated, data, tmp_path):
+    """The --probes figures of 2 ranks × --grad-accum 3 are those of one process with --grad-accum 6
+    (the same global batch): attention shares and query counts over both ranks' queries, gradient
+    norms at the encoder outputs of the step's (all-rank mean) loss, losses per modality and source
+    over every micro-batch; the metrics too."""
+    run, _ = accumulated
+    one = tmp_path / "one"
+    single = subprocess.run([sys.executable, "-m", "mmtool", *train_args(data, one, "--grad-accum", "6", *PROBES)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, ref = lines(run), lines(one)
+    assert_same_figures(two, ref, rel=1e-4)
+    for x, y in zip(two, ref):
+        a, b = x["probes"], y["probes"]
+        assert a["attention"]["queries"] == b["attention"]["queries"]
+        assert len(a["attention"]["layers"]) == len(b["attention"]["layers"]) > 0
+        for la, lb in zip(a["attention"]["layers"], b["attention"]["layers"]):
+            assert la.keys() == lb.keys()
+            for frm in la:
+                assert la[frm] == pytest.approx(lb[frm], rel=1e-4, abs=1e-6), (x["step"], frm)
+        for key in ("params", "tokens", "per_token"):
+            assert a["grad-norm"][key] == pytest.approx(b["grad-norm"][key], rel=1e-4), (x["step"], key)
+        assert a["loss"]["by_source"] == pytest.approx(b["loss"]["by_source"], rel=1e-4)
+        assert a["loss"]["by_modality"].keys() == b["loss"]["by_modality"].keys()
+        for name, per in a["loss"]["by_modality"].items():
+            assert per == pytest.approx(b["loss"]["by_modality"][name], rel=1e-4), (x["step"], name)
+    assert sum(ref[0]["probes"]["attention"]["queries"].values()) > 0
 
 
 def test_shard_model_is_refused_in_one_process(data, tmp_path, cli):

@@ -61,6 +61,8 @@ def test_train_writes_config_metrics_checkpoints(folders, tmp_path):
     assert all(v > 0 for x in log for v in x["losses"].values())
     assert set(first["by_source"]) <= {"digits", "cartpole", "pydocs"} and first["tokens"] > 0
     assert 0 <= first["data_wait"] < 1 and first["lr"] == pytest.approx(1.5e-3)
+    assert all(x["data_wait_mean"] == x["data_wait"] for x in log)  # one process: max = mean
+    assert [x["epoch"] for x in log] == sorted(x["epoch"] for x in log)
     ckpts = sorted((run / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["step-00000006"]
 
