@@ -6,7 +6,7 @@ Usage: python benchmarks/precision.py [--size small] [--steps 12] [--warmup 2] [
 The built-in mixture of `benchmarks/train_throughput.py` (digits, spoken-digits, cartpole, pydocs at
 equal weights) is cut into packed batches; two copies of one model (same initial weights,
 next-token + masked-patch) train on the very same batches with the same masks, one in float32 and
-one under the autocast that `mmtool train --precision bf16` uses (`mmtool.train.loop.autocast`:
+one under the autocast that `mmtool train --precision bf16` uses (`mmtool.train.device.autocast`:
 matrix products in bfloat16, weights and AdamW state float32). After `--warmup` steps each, steps
 alternate fp32, bf16, bf16, fp32, ... so that a busy machine slows both alike; each pair gives
 one ratio fp32/bf16, printed as median and spread (wall and CPU seconds), with the largest loss
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     from mmtool.data.batching import assemble
     from mmtool.data.loader import Loader, LoaderConfig
     from mmtool.models.model import ModelConfig, build_model
-    from mmtool.train.loop import autocast
+    from mmtool.train.device import autocast
 
     if args.threads:
         torch.set_num_threads(args.threads)

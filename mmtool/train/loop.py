@@ -59,6 +59,8 @@ from mmtool.models.compile import compile_model, compile_note
 from mmtool.models.compile import stats as compile_stats
 from mmtool.models.model import ModelConfig, build_model
 from mmtool.models.tasks import check_folders
+from mmtool.train.device import (PRECISIONS, Dist, autocast, init_distributed, resolve_device,
+                                 resolve_precision)
 from mmtool.train.metrics import MetricLayout, StepMetrics, _by_source
 from mmtool.train.probes import ModalityShares
 from mmtool.train import resume as resume_rules
@@ -176,21 +178,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-"""Values of `--precision`."""
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`--precision` on `device`: bf16 or fp32 (auto: bf16 on CUDA only)."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
-
-
-def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The autocast context of `--precision` on `device` (bf16: matrix products in bfloat16)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=resolve_precision(precision, device) == "bf16")
-
-
 def _validate(cfg: TrainConfig) -> None:
     for name in ("max_steps", "grad_accum", "save_every"):
         if getattr(cfg, name) < 1:
@@ -204,46 +191,6 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.shard_model and cfg.probes:
         raise MMToolError("--probes with --shard-model: the probes read whole parameters and gradients, "
                           "which FSDP2 splits across the ranks; drop one of the two")
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_kind: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return _Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    """The torch device of `--device` (auto: cuda when available); a one-line error otherwise."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name if name != "cuda" else f"cuda:{local_rank}")
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise MMToolError(f"--device {name!r}: not a device mmtool trains on ({', '.join(DEVICES)})")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MMToolError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MMToolError(f"--device {name}: MPS is not available on this machine")
-    return device
 
 
 def _prepare_run(cfg: TrainConfig, resume: bool) -> tuple[Path | None, dict[str, Any]]:
@@ -292,7 +239,7 @@ def with_feedable_objectives(cfg: TrainConfig, streams: list[Any]) -> tuple[Trai
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, objectives=fit)), note
 
 
-def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "_Dist",
+def _restore(ckpt: Path, model: Any, optimizer: Any, loader: Loader, ddp: "Dist",
              data: list[dict[str, str]]) -> int:
     """Loads model, optimizer and this rank's loader position from `ckpt` after checking that it
     was trained on the same data (`data`: the folders' manifest sha256) by as many ranks; returns
@@ -329,7 +276,7 @@ class _Session:
     trackers, probes, and the step counter. `run_step` trains one optimizer step; `save` writes a
     checkpoint (collective under DDP: every rank calls it)."""
 
-    def __init__(self, cfg: TrainConfig, ddp: _Dist, device: torch.device, loader: Loader,
+    def __init__(self, cfg: TrainConfig, ddp: Dist, device: torch.device, loader: Loader,
                  model: Any, trained: Any, optimizer: Any, data: list[dict[str, str]]):
         self.cfg, self.ddp, self.device, self.loader = cfg, ddp, device, loader
         self.model, self.trained, self.optimizer, self.data = model, trained, optimizer, data
@@ -514,8 +461,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> tuple[_Session, Path | None, dict[
     cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     cfg = with_folder_objectives(cfg)
     kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    ddp = _init_distributed(kind)
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    ddp = init_distributed(kind)
     loader = Loader(cfg.loader_config(ddp.rank, ddp.world, pin=device.type == "cuda"))
     cfg, objectives_note = with_feedable_objectives(cfg, loader.index.streams)
     start_ckpt, changes = _prepare_run(cfg, resume)
