@@ -58,10 +58,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_throughput import build
+    from train_throughput import mixture_batches
 
-    from mmtool.data.batching import assemble
-    from mmtool.data.loader import Loader, LoaderConfig
     from mmtool.models import compile as compiling
     from mmtool.models.model import ModelConfig, build_model
 
@@ -69,18 +67,10 @@ def run(args: argparse.Namespace, root: Path) -> None:
     compiling.SETTINGS.blocks = {"auto": None, "on": True, "off": False}[args.blocks]
     if args.threads:
         torch.set_num_threads(args.threads)
-    folders = [root / name for name in ("digits", "spoken-digits", "cartpole", "pydocs")]
-    if not all((f / "manifest.json").exists() for f in folders):
-        folders = build(root)
-    loader = Loader(LoaderConfig([f"{f}=1" for f in folders], strategy="packed",
-                                 batch_tokens=args.batch_tokens, samples_per_epoch=8000))
-    plans = loader.plan(0)[: args.warmup + args.steps]
-    batches = [assemble(loader.index, p, "packed") for p in plans]
-    if len(batches) < args.warmup + args.steps:
-        raise SystemExit(f"the mixture gives {len(batches)} batches; lower --steps")
+    batches, index = mixture_batches(root, args.batch_tokens, args.warmup + args.steps)
     torch.manual_seed(0)
     eager = build_model(ModelConfig(size=args.size, objectives={"next-token": 1.0, "masked-patch": 1.0}),
-                        loader.index.streams)
+                        index.streams)
     compiled = compiling.compile_model(copy.deepcopy(eager))
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (eager, compiled)}
 
@@ -125,7 +115,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     report(args, first, times, cpu, diffs, graphs_warm, compiling.stats().graphs)
     if args.parts:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            parts(eager, compiled, batches[args.warmup:], loader.index.streams)
+            parts(eager, compiled, batches[args.warmup:], index.streams)
 
 
 def spread(ratios: list[float]) -> str:

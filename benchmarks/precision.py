@@ -54,26 +54,17 @@ def cpu_bf16_flags() -> str:
 def run(args: argparse.Namespace, root: Path) -> None:
     import torch
     from compile import spread
-    from train_throughput import build
+    from train_throughput import mixture_batches
 
-    from mmtool.data.batching import assemble
-    from mmtool.data.loader import Loader, LoaderConfig
     from mmtool.models.model import ModelConfig, build_model
     from mmtool.train.device import autocast
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    folders = [root / name for name in ("digits", "spoken-digits", "cartpole", "pydocs")]
-    if not all((f / "manifest.json").exists() for f in folders):
-        folders = build(root)
-    loader = Loader(LoaderConfig([f"{f}=1" for f in folders], strategy="packed",
-                                 batch_tokens=args.batch_tokens, samples_per_epoch=8000))
-    batches = [assemble(loader.index, p, "packed") for p in loader.plan(0)[: args.warmup + args.steps]]
-    if len(batches) < args.warmup + args.steps:
-        raise SystemExit(f"the mixture gives {len(batches)} batches; lower --steps")
+    batches, index = mixture_batches(root, args.batch_tokens, args.warmup + args.steps)
     torch.manual_seed(0)
     fp32 = build_model(ModelConfig(size=args.size, objectives={"next-token": 1.0, "masked-patch": 1.0}),
-                       loader.index.streams)
+                       index.streams)
     models = {"fp32": fp32, "bf16": copy.deepcopy(fp32)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     cpu = torch.device("cpu")

@@ -52,6 +52,24 @@ def build(root: Path) -> list[Path]:
     return folders
 
 
+def mixture_batches(root: Path, batch_tokens: int, count: int) -> tuple[list, object]:
+    """(the first `count` packed batches of the built-in mixture at equal weights, its loader's
+    index): the fixed inputs of `compile.py` and `precision.py`. The folders are built in `root`
+    unless they are there already."""
+    from mmtool.data.batching import assemble
+    from mmtool.data.loader import Loader, LoaderConfig
+
+    folders = [root / name for name, _, _ in MIXTURE]
+    if not all((f / "manifest.json").exists() for f in folders):
+        folders = build(root)
+    loader = Loader(LoaderConfig([f"{f}=1" for f in folders], strategy="packed",
+                                 batch_tokens=batch_tokens, samples_per_epoch=8000))
+    batches = [assemble(loader.index, p, "packed") for p in loader.plan(0)[:count]]
+    if len(batches) < count:
+        raise SystemExit(f"the mixture gives {len(batches)} batches; lower --steps")
+    return batches, loader.index
+
+
 def text_rows(pydocs: Path, out: Path, lengths: list[int]) -> Path:
     """A text-only folder whose sample i is `lengths[i]` consecutive wordpiece ids of pydocs."""
     index = TokenIndex([pydocs], verify=False)
