@@ -10,7 +10,7 @@ class MMToolError(Exception):
 RECORD_FAILURES = (RecursionError, OverflowError, UnicodeError, ValueError, TypeError, MemoryError)
 """Exceptions that, raised while one record is read or tokenized, mean "this record is bad" (JSON
 nested thousands deep, integers beyond int64, lone surrogates, malformed fields, a size that
-cannot be allocated): `preprocess.to_sample` turns each into a `RecordError` for that record."""
+cannot be allocated): `tokenizing.to_sample` turns each into a `RecordError` for that record."""
 
 
 class RecordError(MMToolError):

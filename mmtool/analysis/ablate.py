@@ -234,6 +234,161 @@ def _plan_batches(cfg: AblateConfig, index: TokenIndex) -> tuple[np.random.Gener
     return rng, plans, held
 
 
+def _load_run(cfg: AblateConfig, model: Any, run_cfg: Any) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(model in eval mode, its run config, the run's folder records): the run folder's newest
+    checkpoint, or the `model` and `run_cfg` given (whose folders are read from their --data)."""
+    from mmtool.train.rundir import load_model
+
+    if model is None:  # the run folder alone; data is read from --data (else the run's own)
+        model, run_cfg, info = load_model(cfg.run, device=cfg.device)
+        run_folders = info.folders
+    else:
+        run_folders = _records_from_data(list(run_cfg.data))
+    model.eval()
+    return model, run_cfg, run_folders
+
+
+def _check_modalities(want: list[str] | None, names: list[str]) -> None:
+    unknown = sorted(set(want or []) - set(names))
+    if unknown:
+        raise MMToolError(f"--modalities {','.join(unknown)}: the run has no such modality "
+                          f"(it has {', '.join(n for n in names if n != SEPARATOR)})")
+
+
+class _Gatherer:
+    """The evaluation loop's raw measurements, per model ("trained", "twin"): the intact pooled
+    features of every evaluated sample, and per (modality, mode) ablation the affected samples'
+    remaining-modality losses (intact and ablated) and ablated features."""
+
+    def __init__(self, cfg: AblateConfig, model: Any, models: dict[str, Any], index: TokenIndex,
+                 fmap: np.ndarray):
+        self.cfg, self.models, self.index, self.fmap = cfg, models, index, fmap
+        self.device = next(model.parameters()).device
+        self.names = list(model.modalities)
+        self.mod_of_stream = model.modality_of_stream.cpu().numpy()
+        self.sep = self.names.index(SEPARATOR) if SEPARATOR in self.names else -1
+        self.stream_modality = {s.key: s.modality for s in model.streams}
+        self.causal = model.causal
+        self.cross = any(kind == "sample" for _, kind in model.fusion.phases())
+        self.answer = [i for i, n in enumerate(self.names) if n in NOT_INPUTS]
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.feats_intact: dict[str, dict[int, np.ndarray]] = {w: {} for w in models}
+        self.ablated_feats: dict[str, dict[tuple[str, str], list[tuple[int, int, np.ndarray]]]] = \
+            {w: {} for w in models}
+        self.present: set[str] = set()
+
+    def forward(self, net: Any, batch: Batch, seed: int) -> dict[str, float]:
+        gen = torch.Generator().manual_seed(seed)
+        return net(batch.to(self.device), generator=gen).by_stream
+
+    def features(self, net: Any, batch: Batch) -> np.ndarray:
+        """[B, d] pooled features without label tokens (they would give the probe the answer)."""
+        stream = batch.numpy("slot_stream")
+        hide = np.isin(self.mod_of_stream[np.maximum(stream, 0)], self.answer) & (stream >= 0)
+        if hide.any():
+            slots = sample_slots(batch)
+            batch = rebuild(batch, [s[~hide[s]] for s in slots], list(range(len(slots))))
+        return net.pooled(batch.to(self.device)).float().cpu().numpy()
+
+    def batch(self, bi: int, samples: np.ndarray, rng: np.random.Generator) -> None:
+        """Measures evaluation batch `bi` (its samples, in order): intact, then every ablation."""
+        batch = assemble(self.index, samples, "packed")
+        batch["sample_folder"][:] = torch.from_numpy(self.fmap[batch.numpy("sample_folder")].astype(np.int32))
+        for which, net in self.models.items():
+            for s, f in zip(samples.tolist(), self.features(net, batch)):  # [B, d]
+                self.feats_intact[which][s] = f
+        slot_mod = self._slot_modalities(batch)
+        sig = self.index.signature[samples]
+        for m in self._targets(slot_mod):
+            for mode in self.cfg.modes:
+                self._ablation(bi, samples, batch, slot_mod, m, mode, sig, rng)
+
+    def _slot_modalities(self, batch: Batch) -> np.ndarray:
+        """[slots] modality number of each slot, -1 for separators."""
+        stream = batch.numpy("slot_stream")
+        slot_mod = np.where(stream >= 0, self.mod_of_stream[np.maximum(stream, 0)], -1)
+        return np.where(slot_mod == self.sep, -1, slot_mod)
+
+    def _targets(self, slot_mod: np.ndarray) -> list[int]:
+        """The modalities of the batch to ablate: --modalities, else every input one (noted as present)."""
+        want, out = self.cfg.modalities, []
+        for m in sorted(set(slot_mod[slot_mod >= 0].tolist())):
+            name = self.names[m]
+            if (want and name not in want) or (not want and name in NOT_INPUTS):
+                continue
+            self.present.add(name)
+            out.append(m)
+        return out
+
+    def _ablation(self, bi: int, samples: np.ndarray, batch: Batch, slot_mod: np.ndarray, m: int,
+                  mode: str, sig: np.ndarray, rng: np.random.Generator) -> None:
+        """One (modality `m`, mode) ablation of the batch, measured on every model."""
+        name = self.names[m]
+        chosen, intact, abl = ablated_orders(batch, slot_mod, m, mode, sig, rng)
+        if not chosen:
+            return
+        seed = self.cfg.seed * 1_000_003 + bi  # the same corruption masks intact/ablated, trained/twin
+        a = rebuild(batch, intact, chosen)
+        z = rebuild(batch, abl, chosen, keep_positions=ABLATIONS.get(mode).keep_positions)
+        rec = self.records.setdefault((name, mode), {"samples": [], "no_loss": 0, "structural": True,
+                                                     **{w: {"intact": [], "ablated": []} for w in self.models}})
+        rec["samples"].append(len(chosen))
+        rec["structural"] &= cannot_change_others(slot_mod, intact, m, self.causal, self.cross)
+        ids = samples[np.asarray(chosen)]
+        for which, net in self.models.items():
+            self._losses(rec, which, net, a, z, name, seed)
+            self.ablated_feats[which].setdefault((name, mode), []).extend(
+                (bi, int(s), f) for s, f in zip(ids.tolist(), self.features(net, z)))
+
+    def _losses(self, rec: dict[str, Any], which: str, net: Any, a: Batch, z: Batch, name: str,
+                seed: int) -> None:
+        """Appends the weighted loss of the modalities other than `name`, intact (`a`) and ablated (`z`)."""
+        out_a, out_z = self.forward(net, a, seed), self.forward(net, z, seed)
+        keys = remaining_keys(out_a, self.stream_modality, name) & set(out_z)  # same groups
+        if not keys and which == "trained":  # nothing left to score (no objective)
+            rec["no_loss"] += 1
+        rec[which]["intact"].append(weighted_loss(out_a, net.weights, keys) if keys else np.nan)
+        rec[which]["ablated"].append(weighted_loss(out_z, net.weights, keys) if keys else np.nan)
+
+
+def _ranking(cfg: AblateConfig, results: dict[str, dict[str, Any]], models: list[str]
+             ) -> tuple[list[str], list[list[str]], dict[str, list[list[str]]]]:
+    """(ranking, tie groups, {"<model>_ranking_groups": each model's own groups, with a twin}) by the
+    first mode's importance; sets each importance entry's `status`."""
+    view = {n: results[n][cfg.modes[0]]["importance"] for n in results if cfg.modes[0] in results[n]}
+    ranked, groups, status = rank(view)
+    for n, s in status.items():
+        view[n]["status"] = s
+    alone_groups = {}
+    if cfg.twin:  # what each model alone would rank (the twin's is what training must beat)
+        for which in models:
+            alone = {n: {"value": v[which], "ci95": v[f"{which}_ci95"], "structural_zero": v["structural_zero"]}
+                     for n, v in view.items()}
+            alone_groups[f"{which}_ranking_groups"] = rank(alone)[1]
+    return ranked, groups, alone_groups
+
+
+def _result(cfg: AblateConfig, data: list[str], plans: list[np.ndarray], held: np.ndarray,
+            index: TokenIndex, g: _Gatherer) -> dict[str, Any]:
+    """The JSON-ready result from the gathered measurements: probes, intervals, importance, ranking."""
+    models = list(g.models)
+    labels, folder = index.labels, index.sample_folder
+    probes = {w: fit_probe(g.feats_intact[w], held, labels, folder, cfg.probe_c) for w in models}
+    notes = [] if probes["trained"] is not None else \
+        ["no accuracy: fewer than 10 labelled training samples or 2 classes"]
+
+    boot = np.random.default_rng(cfg.seed + 2)
+    results, diffs = summarise(g.records, models, probes, g.feats_intact, g.ablated_feats, held, labels,
+                               folder, cfg.probe_c, cfg.bootstrap, boot)
+    label = add_importance(results, diffs, models, cfg.metric, cfg.twin, cfg.bootstrap, boot)
+    ranked, groups, alone_groups = _ranking(cfg, results, models)
+    return {"run": str(cfg.run), "data": data, "settings": json_ready(asdict(cfg)),
+            "modalities": sorted(g.present), "results": results, "ranking": ranked,
+            "ranking_groups": groups, "ranking_mode": cfg.modes[0], "importance_metric": label,
+            "baseline": "untrained twin" if cfg.twin else "none", "notes": notes,
+            "batches": len(plans), "samples": int(sum(len(p) for p in plans)), **alone_groups}
+
+
 def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
            on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Runs every (modality, mode) ablation on `cfg.batches` batches, on the trained model and (with
@@ -248,119 +403,22 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
         MMToolError: bad flags, a run that does not load, data with streams the run never saw,
             or fewer than 2 samples to evaluate.
     """
-    from mmtool.train.rundir import load_model
-
     _check_flags(cfg)
-    if model is None:  # the run folder alone; data is read from --data (else the run's own)
-        model, run_cfg, info = load_model(cfg.run, device=cfg.device)
-        run_folders = info.folders
-    else:
-        run_folders = _records_from_data(list(run_cfg.data))
-    model.eval()
-    device = next(model.parameters()).device
+    model, run_cfg, run_folders = _load_run(cfg, model, run_cfg)
     models = {"trained": model}
     if cfg.twin:
-        models["twin"] = untrained_twin(run_cfg, list(model.streams), device)
+        models["twin"] = untrained_twin(run_cfg, list(model.streams), next(model.parameters()).device)
     data = _eval_data(cfg, run_cfg)
     index = _RunStreamIndex([s.path for s in parse_data_specs(data)], model.streams)
-    fmap = _folder_map(index, run_folders)
-    names = list(model.modalities)
-    mod_of_stream = model.modality_of_stream.cpu().numpy()
-    sep = names.index(SEPARATOR) if SEPARATOR in names else -1
-    stream_modality = {s.key: s.modality for s in model.streams}
-    cross = any(kind == "sample" for _, kind in model.fusion.phases())
-
     rng, plans, held = _plan_batches(cfg, index)
-
-    want = cfg.modalities
-    unknown = sorted(set(want or []) - set(names))
-    if unknown:
-        raise MMToolError(f"--modalities {','.join(unknown)}: the run has no such modality "
-                          f"(it has {', '.join(n for n in names if n != SEPARATOR)})")
-    records: dict[tuple[str, str], dict[str, Any]] = {}
-    feats_intact: dict[str, dict[int, np.ndarray]] = {w: {} for w in models}
-    ablated_feats: dict[str, dict[tuple[str, str], list[tuple[int, int, np.ndarray]]]] = {w: {} for w in models}
-    present_mods: set[str] = set()
-    answer = [i for i, n in enumerate(names) if n in NOT_INPUTS]
-
-    def forward(net: Any, batch: Batch, seed: int) -> dict[str, float]:
-        gen = torch.Generator().manual_seed(seed)
-        return net(batch.to(device), generator=gen).by_stream
-
-    def features(net: Any, batch: Batch) -> np.ndarray:
-        """[B, d] pooled features without label tokens (they would give the probe the answer)."""
-        stream = batch.numpy("slot_stream")
-        hide = np.isin(mod_of_stream[np.maximum(stream, 0)], answer) & (stream >= 0)
-        if hide.any():
-            slots = sample_slots(batch)
-            batch = rebuild(batch, [s[~hide[s]] for s in slots], list(range(len(slots))))
-        return net.pooled(batch.to(device)).float().cpu().numpy()
-
+    _check_modalities(cfg.modalities, list(model.modalities))
+    gathered = _Gatherer(cfg, model, models, index, _folder_map(index, run_folders))
     with torch.no_grad():
         for bi, samples in enumerate(plans):
-            batch = assemble(index, samples, "packed")
-            batch["sample_folder"][:] = torch.from_numpy(fmap[batch.numpy("sample_folder")].astype(np.int32))
-            for which, net in models.items():
-                for s, f in zip(samples.tolist(), features(net, batch)):  # [B, d]
-                    feats_intact[which][s] = f
-            slot_mod = np.where(batch.numpy("slot_stream") >= 0,
-                                mod_of_stream[np.maximum(batch.numpy("slot_stream"), 0)], -1)
-            slot_mod = np.where(slot_mod == sep, -1, slot_mod)
-            sig = index.signature[samples]
-            for m in sorted(set(slot_mod[slot_mod >= 0].tolist())):
-                name = names[m]
-                if (want and name not in want) or (not want and name in NOT_INPUTS):
-                    continue
-                present_mods.add(name)
-                for mode in cfg.modes:
-                    chosen, intact, abl = ablated_orders(batch, slot_mod, m, mode, sig, rng)
-                    if not chosen:
-                        continue
-                    seed = cfg.seed * 1_000_003 + bi  # the same corruption masks intact/ablated, trained/twin
-                    a = rebuild(batch, intact, chosen)
-                    z = rebuild(batch, abl, chosen, keep_positions=ABLATIONS.get(mode).keep_positions)
-                    rec = records.setdefault((name, mode), {"samples": [], "no_loss": 0, "structural": True,
-                                                            **{w: {"intact": [], "ablated": []} for w in models}})
-                    rec["samples"].append(len(chosen))
-                    rec["structural"] &= cannot_change_others(slot_mod, intact, m, model.causal, cross)
-                    ids = samples[np.asarray(chosen)]
-                    for which, net in models.items():
-                        out_a, out_z = forward(net, a, seed), forward(net, z, seed)
-                        keys = remaining_keys(out_a, stream_modality, name) & set(out_z)  # same groups
-                        if not keys and which == "trained":  # nothing left to score (no objective)
-                            rec["no_loss"] += 1
-                        rec[which]["intact"].append(weighted_loss(out_a, net.weights, keys) if keys else np.nan)
-                        rec[which]["ablated"].append(weighted_loss(out_z, net.weights, keys) if keys else np.nan)
-                        ablated_feats[which].setdefault((name, mode), []).extend(
-                            (bi, int(s), f) for s, f in zip(ids.tolist(), features(net, z)))
+            gathered.batch(bi, samples, rng)
             if on_progress:
                 on_progress(bi + 1, len(plans))
-
-    labels, folder = index.labels, index.sample_folder
-    probes = {w: fit_probe(feats_intact[w], held, labels, folder, cfg.probe_c) for w in models}
-    notes = [] if probes["trained"] is not None else \
-        ["no accuracy: fewer than 10 labelled training samples or 2 classes"]
-
-    boot = np.random.default_rng(cfg.seed + 2)
-    results, diffs = summarise(records, list(models), probes, feats_intact, ablated_feats, held, labels,
-                               folder, cfg.probe_c, cfg.bootstrap, boot)
-    label = add_importance(results, diffs, list(models), cfg.metric, cfg.twin, cfg.bootstrap, boot)
-
-    first = cfg.modes[0]
-    view = {n: results[n][first]["importance"] for n in results if first in results[n]}
-    ranked, groups, status = rank(view)
-    for n, s in status.items():
-        view[n]["status"] = s
-    out = {"run": str(cfg.run), "data": data, "settings": json_ready(asdict(cfg)),
-           "modalities": sorted(present_mods), "results": results, "ranking": ranked,
-           "ranking_groups": groups, "ranking_mode": first, "importance_metric": label,
-           "baseline": "untrained twin" if cfg.twin else "none", "notes": notes,
-           "batches": len(plans), "samples": int(sum(len(p) for p in plans))}
-    if cfg.twin:  # what each model alone would rank (the twin's is what training must beat)
-        for which in models:
-            alone = {n: {"value": v[which], "ci95": v[f"{which}_ci95"], "structural_zero": v["structural_zero"]}
-                     for n, v in view.items()}
-            out[f"{which}_ranking_groups"] = rank(alone)[1]
+    out = _result(cfg, data, plans, held, index, gathered)
     from mmtool.train.loggers import ablation_numbers, log_eval  # headline numbers → the run's trackers
 
     log_eval(cfg.run, None, ablation_numbers(out))

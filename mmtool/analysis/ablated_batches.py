@@ -91,51 +91,23 @@ def rebuild(batch: Batch, orders: list[np.ndarray], keep: list[int], keep_positi
         raise MMToolError("rebuild needs a packed batch")
     keep = np.asarray(keep, np.int64)
     lens = np.array([len(o) for o in orders], np.int64)
-    src = np.concatenate(orders).astype(np.int64) if len(orders) else np.zeros(0, np.int64)
+    src = np.concatenate(orders).astype(np.int64) if len(orders) else np.zeros(0, np.int64)  # [n] old slots
     b, n = len(orders), int(lens.sum())
     starts = np.zeros(b, np.int64)
     if b > 1:
         np.cumsum(lens[:-1], out=starts[1:])
-    slot_stream = batch.numpy("slot_stream")
-    which = np.full(batch.num_slots, -1, np.int64)  # token number of each old slot in its stream
-    for k in batch.streams:
-        which[batch.numpy(f"s{k}.slot")] = np.arange(len(batch.numpy(f"s{k}.slot")))
-    new_stream = slot_stream[src]  # [n]
+    new_stream = batch.numpy("slot_stream")[src]  # [n]
     old_seg = batch.numpy("slot_segment")[src]  # [n]
-    has = old_seg >= 0
-    first = np.unique(old_seg[has], return_index=True)[1]  # first occurrence of each old segment
-    seg_order = old_seg[has][np.sort(first)]  # old segments in order of appearance
-    seg_new = np.full(max(int(batch.numpy("seg_stream").shape[0]), 1), -1, np.int64)
-    seg_new[seg_order] = np.arange(len(seg_order))
     sample_of_new = np.repeat(np.arange(b), lens)  # [n]
-    seg_sample = np.zeros(len(seg_order), np.int64)
-    seg_sample[seg_new[old_seg[has]]] = sample_of_new[has]
-
-    present = [k for k in batch.streams if (new_stream == k).any()]
-    plan = BufferBuilder()
-    for name, dtype, shape in (("slot_sample", np.int32, (n,)), ("slot_pos", np.int32, (n,)),
-                               ("slot_stream", np.int32, (n,)), ("slot_segment", np.int32, (n,)),
-                               ("cu_seqlens", np.int32, (b + 1,)), ("seqlens", np.int32, (b,)),
-                               ("sample_folder", np.int32, (b,)), ("sample_index", np.int64, (b,)),
-                               ("label", np.int64, (b,)), ("seg_sample", np.int32, (len(seg_order),)),
-                               ("seg_stream", np.int32, (len(seg_order),))):
-        plan.add(name, dtype, shape)
-    if "seg_role" in batch:  # role loss masks (next-token:roles=...) read it
-        plan.add("seg_role", np.int32, (len(seg_order),))
-    rows = {}
-    for k in present:
-        rows[k] = np.flatnonzero(new_stream == k)  # new slots of stream k
-        if f"s{k}.ids" in batch:
-            plan.add(f"s{k}.ids", np.int32, (len(rows[k]),))
-        elif f"s{k}.values" in batch:
-            plan.add(f"s{k}.values", np.float32, (len(rows[k]), batch[f"s{k}.values"].shape[1]))
-        plan.add(f"s{k}.slot", np.int32, (len(rows[k]),))
-        plan.add(f"s{k}.pos", np.int32, (len(rows[k]),))
+    seg_order, seg_of_slot, seg_sample = _renumber_segments(
+        old_seg, sample_of_new, max(int(batch.numpy("seg_stream").shape[0]), 1))
+    rows = {k: np.flatnonzero(new_stream == k) for k in batch.streams if (new_stream == k).any()}  # new slots
+    plan = _plan(batch, n, b, len(seg_order), rows)
     buf, v = plan.allocate()
     v["slot_sample"][:] = sample_of_new
     v["slot_pos"][:] = batch.numpy("slot_pos")[src] if keep_positions else np.arange(n) - np.repeat(starts, lens)
     v["slot_stream"][:] = new_stream
-    v["slot_segment"][:] = np.where(has, seg_new[np.maximum(old_seg, 0)], -1)
+    v["slot_segment"][:] = seg_of_slot
     v["cu_seqlens"][:-1], v["cu_seqlens"][-1] = starts, n
     v["seqlens"][:] = lens
     for name in ("sample_folder", "sample_index", "label"):
@@ -144,14 +116,68 @@ def rebuild(batch: Batch, orders: list[np.ndarray], keep: list[int], keep_positi
     v["seg_stream"][:] = batch.numpy("seg_stream")[seg_order]
     if "seg_role" in v:
         v["seg_role"][:] = batch.numpy("seg_role")[seg_order]
-    for k in present:
-        tok = which[src[rows[k]]]  # token numbers in the old stream arrays
+    _copy_tokens(batch, src, rows, v)
+    return Batch.from_numpy(buf, plan.specs, "packed", tuple(rows))
+
+
+def _renumber_segments(old_seg: np.ndarray, sample_of_new: np.ndarray, n_old: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segments of the new slots numbered in order of first appearance.
+
+    Args:
+        old_seg: [n] each new slot's segment in the old batch (-1: none).
+        sample_of_new: [n] each new slot's sample.
+        n_old: segments of the old batch (at least 1).
+
+    Returns:
+        (old segment of each new one [S], new segment of each slot [n] (-1: none), sample of each new one [S]).
+    """
+    has = old_seg >= 0
+    first = np.unique(old_seg[has], return_index=True)[1]  # first occurrence of each old segment
+    seg_order = old_seg[has][np.sort(first)]  # old segments in order of appearance
+    seg_new = np.full(n_old, -1, np.int64)
+    seg_new[seg_order] = np.arange(len(seg_order))
+    seg_sample = np.zeros(len(seg_order), np.int64)
+    seg_sample[seg_new[old_seg[has]]] = sample_of_new[has]
+    return seg_order, np.where(has, seg_new[np.maximum(old_seg, 0)], -1), seg_sample
+
+
+def _plan(batch: Batch, n: int, b: int, segments: int, rows: dict[int, np.ndarray]) -> BufferBuilder:
+    """The fields of a packed batch of `n` slots, `b` samples and `segments` segments, with the
+    streams of `rows` (stream → its new slots), each with the ids or values part `batch` has."""
+    plan = BufferBuilder()
+    for name, dtype, shape in (("slot_sample", np.int32, (n,)), ("slot_pos", np.int32, (n,)),
+                               ("slot_stream", np.int32, (n,)), ("slot_segment", np.int32, (n,)),
+                               ("cu_seqlens", np.int32, (b + 1,)), ("seqlens", np.int32, (b,)),
+                               ("sample_folder", np.int32, (b,)), ("sample_index", np.int64, (b,)),
+                               ("label", np.int64, (b,)), ("seg_sample", np.int32, (segments,)),
+                               ("seg_stream", np.int32, (segments,))):
+        plan.add(name, dtype, shape)
+    if "seg_role" in batch:  # role loss masks (next-token:roles=...) read it
+        plan.add("seg_role", np.int32, (segments,))
+    for k, new in rows.items():
+        if f"s{k}.ids" in batch:
+            plan.add(f"s{k}.ids", np.int32, (len(new),))
+        elif f"s{k}.values" in batch:
+            plan.add(f"s{k}.values", np.float32, (len(new), batch[f"s{k}.values"].shape[1]))
+        plan.add(f"s{k}.slot", np.int32, (len(new),))
+        plan.add(f"s{k}.pos", np.int32, (len(new),))
+    return plan
+
+
+def _copy_tokens(batch: Batch, src: np.ndarray, rows: dict[int, np.ndarray], v: dict[str, np.ndarray]) -> None:
+    """Fills each stream's ids or values, slots and positions of the new slots `rows[k]` (which are
+    the old slots `src[rows[k]]`) into the views `v`."""
+    which = np.full(batch.num_slots, -1, np.int64)  # token number of each old slot in its stream
+    for k in batch.streams:
+        which[batch.numpy(f"s{k}.slot")] = np.arange(len(batch.numpy(f"s{k}.slot")))
+    for k, new in rows.items():
+        tok = which[src[new]]  # token numbers in the old stream arrays
         for part in ("ids", "values"):
             if f"s{k}.{part}" in batch:
                 v[f"s{k}.{part}"][:] = batch.numpy(f"s{k}.{part}")[tok]
-        v[f"s{k}.slot"][:] = rows[k]
+        v[f"s{k}.slot"][:] = new
         v[f"s{k}.pos"][:] = batch.numpy(f"s{k}.pos")[tok]
-    return Batch.from_numpy(buf, plan.specs, "packed", tuple(present))
 
 
 def sample_slots(batch: Batch) -> list[np.ndarray]:

@@ -195,6 +195,67 @@ class _H2D:
         return out
 
 
+class _Tally:
+    """What the measured batches held: samples, real tokens, slots, padding, and per folder real tokens."""
+
+    def __init__(self, folders: int):
+        self.samples = self.real = self.slots = 0
+        self.pads: list[float] = []
+        self.folder_tokens = np.zeros(folders)  # [F] real tokens of the measured batches per folder
+        self.single = 0  # measured batches that hold one folder only
+
+    def add(self, batch: Batch, size: BatchSize) -> None:
+        self.samples += batch.batch_size
+        self.real += batch.real_tokens
+        self.slots += batch.num_slots
+        self.pads.append(padding_fraction(batch, size))
+        folders = batch.numpy("sample_folder")
+        self.folder_tokens += np.bincount(folders, batch.numpy("seqlens"), len(self.folder_tokens))
+        self.single += int(folders.min() == folders.max())
+
+
+def _synced_seconds(device: str, work: Callable[[], Any]) -> float:
+    """Wall seconds of `work()`, waiting for the device to finish it on CUDA."""
+    t0 = time.perf_counter()
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _warm_up(cfg: ProfileConfig, stream: Any) -> list[float]:
+    """Draws `cfg.warmup` batches; returns the model's step times on them (the first one compiles,
+    with --compile), empty without a `step_fn`."""
+    warm: list[float] = []
+    for _ in range(cfg.warmup):
+        batch = next(stream)
+        if cfg.step_fn is not None:
+            warm.append(_synced_seconds(cfg.device, lambda: cfg.step_fn(batch.to(cfg.device))))
+    return warm
+
+
+def _measure(cfg: ProfileConfig, stream: Any, size: BatchSize, h2d: _H2D, tally: _Tally) -> dict[str, float]:
+    """Draws, moves and (with a `step_fn`) steps on `cfg.steps` batches; returns the seconds of the
+    pipeline (`seconds`: without the per-field copy comparison and the slot-field derivation), of
+    waiting for data, of the model steps, and of deriving the slot-level fields."""
+    wait = step = compare = derive = 0.0
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        t0 = time.perf_counter()
+        batch = next(stream)
+        wait += time.perf_counter() - t0
+        tally.add(batch, size)
+        per_field_before = h2d.seconds["per_field"]
+        moved = h2d.move(batch)
+        compare += h2d.seconds["per_field"] - per_field_before  # not part of the pipeline
+        # computes (and caches) every slot-level field on the device
+        derive += _synced_seconds(cfg.device, lambda: moved["slot_stream"])
+        if cfg.step_fn is not None:
+            step += _synced_seconds(cfg.device, lambda: cfg.step_fn(moved))
+    seconds = time.perf_counter() - start - compare - derive
+    return {"seconds": seconds, "wait": wait, "step": step, "derive": derive}
+
+
 def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
                      verify: bool = True) -> dict[str, Any]:
     """Measures one strategy (see the module docstring); JSON-ready."""
@@ -204,77 +265,39 @@ def profile_strategy(cfg: ProfileConfig, strategy: str, size: BatchSize,
     stream = loader.forever()
     h2d = _H2D(cfg.device)
     names = [f.name for f in loader.index.folders]
-    folder_tokens = np.zeros(len(names))  # [F] real tokens of the measured batches per folder
-    single = 0  # measured batches that hold one folder only
+    tally = _Tally(len(names))
     warnings = loader.warnings()
-    warm: list[float] = []  # the model's warm-up step times (the first one compiles, with --compile)
     graphs_before = _graphs()
     try:
-        for _ in range(cfg.warmup):
-            batch = next(stream)
-            if cfg.step_fn is not None:
-                t0 = time.perf_counter()
-                cfg.step_fn(batch.to(cfg.device))
-                if cfg.device == "cuda":
-                    torch.cuda.synchronize()
-                warm.append(time.perf_counter() - t0)
-        samples = real = slots = 0
-        pads: list[float] = []
-        wait = step = compare = derive = 0.0
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            t0 = time.perf_counter()
-            batch = next(stream)
-            t1 = time.perf_counter()
-            wait += t1 - t0
-            samples += batch.batch_size
-            real += batch.real_tokens
-            slots += batch.num_slots
-            pads.append(padding_fraction(batch, size))
-            folders = batch.numpy("sample_folder")
-            folder_tokens += np.bincount(folders, batch.numpy("seqlens"), len(names))
-            single += int(folders.min() == folders.max())
-            per_field_before = h2d.seconds["per_field"]
-            moved = h2d.move(batch)
-            compare += h2d.seconds["per_field"] - per_field_before  # not part of the pipeline
-            t_derive = time.perf_counter()
-            moved["slot_stream"]  # computes (and caches) every slot-level field on the device
-            if cfg.device == "cuda":
-                torch.cuda.synchronize()
-            derive += time.perf_counter() - t_derive
-            if cfg.step_fn is not None:
-                t2 = time.perf_counter()
-                cfg.step_fn(moved)
-                if cfg.device == "cuda":
-                    torch.cuda.synchronize()
-                step += time.perf_counter() - t2
-        seconds = time.perf_counter() - start - compare - derive
+        warm = _warm_up(cfg, stream)
+        took = _measure(cfg, stream, size, h2d, tally)
     finally:
         stream.close()
         loader.close()  # ends worker threads/processes now rather than at exit
         del loader, stream
         gc.collect()
+    seconds, t = took["seconds"], tally
     result: dict[str, Any] = {
         "layout": STRATEGIES.get(strategy).layout,
-        "batches": cfg.steps, "samples": samples, "real_tokens": real, "token_slots": slots,
-        "seconds": seconds, "data_wait_seconds": wait,
-        "samples_per_s": samples / seconds, "real_tokens_per_s": real / seconds,
-        "batches_per_s": cfg.steps / seconds, "mean_batch_samples": samples / cfg.steps,
-        "padding_fraction": float(np.mean(pads)),
-        "padding_fraction_max": float(np.max(pads)),
+        "batches": cfg.steps, "samples": t.samples, "real_tokens": t.real, "token_slots": t.slots,
+        "seconds": seconds, "data_wait_seconds": took["wait"],
+        "samples_per_s": t.samples / seconds, "real_tokens_per_s": t.real / seconds,
+        "batches_per_s": cfg.steps / seconds, "mean_batch_samples": t.samples / cfg.steps,
+        "padding_fraction": float(np.mean(t.pads)),
+        "padding_fraction_max": float(np.max(t.pads)),
         "h2d": h2d.report(cfg.steps),
-        "slot_fields_seconds_per_batch": derive / cfg.steps,
+        "slot_fields_seconds_per_batch": took["derive"] / cfg.steps,
         "rss_mb": {"before": rss_before, "after": (now := _rss_mb()),
                    # Linux updates ru_maxrss lazily: it can trail the current RSS by a few pages
                    "peak_so_far": max(_peak_rss_mb(), now)},
         "step": None,
-        "token_share": {n: float(t / folder_tokens.sum()) for n, t in zip(names, folder_tokens)},
-        "single_source_fraction": single / cfg.steps,
+        "token_share": {n: float(x / t.folder_tokens.sum()) for n, x in zip(names, t.folder_tokens)},
+        "single_source_fraction": t.single / cfg.steps,
         "warnings": warnings,
     }
     if cfg.step_fn is not None:
-        result["step"] = {"real_tokens_per_s": real / seconds, "step_seconds": step,
-                          "data_wait_fraction": wait / seconds,
+        result["step"] = {"real_tokens_per_s": t.real / seconds, "step_seconds": took["step"],
+                          "data_wait_fraction": took["wait"] / seconds,
                           "first_step_seconds": warm[0] if warm else None,
                           "compile_graphs": _graphs() - graphs_before if cfg.compile else None}
     return result

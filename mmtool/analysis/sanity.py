@@ -139,46 +139,46 @@ def importance_checks(result: dict[str, Any], informative: str, margin: float) -
     ]
 
 
-def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Runs the check (see the module docstring); returns the numbers, the checks and `passed`.
-
-    With `cfg.steps == 0` nothing is trained: the model checked is the run's initial weights (its
-    own twin), which must fail. Keys: informative, noise, steps, passed, checks (each {check,
-    passed, detail}), importance ({modality: the ablation's importance entry: value (trained −
-    twin), ci95, trained, trained_ci95, twin, twin_ci95, status}), gap (informative − noise
-    importance), attention_contrast, grad_log_ratio, ablation (path of the full ablation JSON).
-    """
-    from mmtool.analysis.ablate import AblateConfig, ablate, untrained_twin
-    from mmtool.data.index import TokenIndex
-    from mmtool.data.preprocess import PreprocessConfig, preprocess
-    from mmtool.models.model import ModelConfig
-    from mmtool.train import TrainConfig, train
-    from mmtool.train.loggers import read_metrics
-
-    say = say or (lambda _m: None)
+def _check_flags(cfg: SanityConfig) -> None:
     if cfg.informative not in ("image", "text"):
         raise MMToolError(f"--informative {cfg.informative}: expected image or text")
     if cfg.steps < 0:
         raise MMToolError(f"--steps {cfg.steps}: expected ≥ 0 (0: check the untrained model)")
-    noise = "text" if cfg.informative == "image" else "image"
-    work = Path(cfg.workdir)
+
+
+def _fresh_workdir(work: Path) -> None:
+    """An empty `work`, replacing an earlier check's folder; refuses a folder holding anything else."""
     if work.exists():
         if not (work / "sanity.json").is_file() and any(work.iterdir()):
             raise MMToolError(f"--workdir {work}: exists and holds something else than a sanity check; "
                               "choose another folder")
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    say(f"known-answer data: {cfg.samples} samples, {cfg.informative} carries the label")
-    preprocess(PreprocessConfig("known-answer", work / "data", tokenizers=[f"text={cfg.text_tokenizer}"],
-                                options=[f"informative={cfg.informative}", f"samples={cfg.samples}",
-                                         f"classes={cfg.classes}", f"seed={cfg.seed}"]))
-    run = work / "run"
-    tcfg = TrainConfig(data=[str(work / "data")], out=run, batch_samples=32, batch_tokens=None,
+
+
+def _train_config(cfg: SanityConfig, work: Path) -> Any:
+    """The tiny run that must learn the known answer: label loss only, mid fusion, probes at both ends."""
+    from mmtool.models.model import ModelConfig
+    from mmtool.train import TrainConfig
+
+    return TrainConfig(data=[str(work / "data")], out=work / "run", batch_samples=32, batch_tokens=None,
                        max_steps=max(cfg.steps, 1), warmup=5, lr=cfg.lr, num_workers=0,
                        save_every=max(cfg.steps, 1), seed=cfg.seed, probes=["attention", "grad-norm"],
                        probe_every=max(cfg.steps, 1),
                        model=ModelConfig(size="tiny", fusion="mid", fusion_layer=1,
                                          objectives={"next-token:modalities=label": 1.0}))
+
+
+def _train_and_ablate(cfg: SanityConfig, tcfg: Any, work: Path, say: Callable[[str], None]
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the ablation result, the run's metrics lines): trains and ablates the run `work/run`, or
+    with `cfg.steps == 0` ablates its initial weights (no metrics)."""
+    from mmtool.analysis.ablate import AblateConfig, ablate, untrained_twin
+    from mmtool.data.index import TokenIndex
+    from mmtool.train import train
+    from mmtool.train.loggers import read_metrics
+
+    run = work / "run"
     acfg = AblateConfig(run=run, batches=cfg.batches, batch_samples=32, seed=cfg.seed, metric=cfg.metric)
     lines: list[dict[str, Any]] = []
     if cfg.steps:
@@ -193,11 +193,12 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
         model = untrained_twin(tcfg, TokenIndex([work / "data"]).streams)
         result = ablate(acfg, model=model, run_cfg=tcfg)
     (run / "ablation.json").write_text(json.dumps(result, indent=1))
+    return result, lines
 
-    mode = result["ranking_mode"]
-    imp = {m: result["results"][m][mode]["importance"] for m in (cfg.informative, noise)}
-    gap = imp[cfg.informative]["value"] - imp[noise]["value"]
-    checks = importance_checks(result, cfg.informative, cfg.margin)
+
+def _probe_checks(cfg: SanityConfig, noise: str, lines: list[dict[str, Any]]
+                  ) -> tuple[list[float], list[float], list[dict[str, Any]]]:
+    """(attention contrast, grad log ratio — each [first probe step, last] —, their two checks)."""
     probed = [x for x in lines if "probes" in x]
     att = grad = [float("nan"), float("nan")]
     if len(probed) >= 2:
@@ -208,7 +209,7 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
         span = "no training steps: no direction to measure"
     # The probe directions are a control for image; for text they are informational (`PROBES_REQUIRED`).
     required = PROBES_REQUIRED[cfg.informative]
-    checks += [
+    return att, grad, [
         {"check": "label attention moves toward the informative modality",
          "passed": bool(att[1] > att[0]), "required": required,
          "detail": f"share({cfg.informative}) − share({noise}): {att[0]:+.3f} → {att[1]:+.3f} ({span})"},
@@ -216,6 +217,37 @@ def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = No
          "passed": bool(grad[1] > grad[0]), "required": required,
          "detail": f"log(grad {cfg.informative} / grad {noise}) per token: {grad[0]:+.2f} → {grad[1]:+.2f} ({span})"},
     ]
+
+
+def known_answer_check(cfg: SanityConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs the check (see the module docstring); returns the numbers, the checks and `passed`.
+
+    With `cfg.steps == 0` nothing is trained: the model checked is the run's initial weights (its
+    own twin), which must fail. Keys: informative, noise, steps, passed, checks (each {check,
+    passed, detail}), importance ({modality: the ablation's importance entry: value (trained −
+    twin), ci95, trained, trained_ci95, twin, twin_ci95, status}), gap (informative − noise
+    importance), attention_contrast, grad_log_ratio, ablation (path of the full ablation JSON).
+    """
+    from mmtool.data.preprocess import PreprocessConfig, preprocess
+
+    say = say or (lambda _m: None)
+    _check_flags(cfg)
+    noise = "text" if cfg.informative == "image" else "image"
+    work = Path(cfg.workdir)
+    _fresh_workdir(work)
+    say(f"known-answer data: {cfg.samples} samples, {cfg.informative} carries the label")
+    preprocess(PreprocessConfig("known-answer", work / "data", tokenizers=[f"text={cfg.text_tokenizer}"],
+                                options=[f"informative={cfg.informative}", f"samples={cfg.samples}",
+                                         f"classes={cfg.classes}", f"seed={cfg.seed}"]))
+    result, lines = _train_and_ablate(cfg, _train_config(cfg, work), work, say)
+    run = work / "run"
+
+    mode = result["ranking_mode"]
+    imp = {m: result["results"][m][mode]["importance"] for m in (cfg.informative, noise)}
+    gap = imp[cfg.informative]["value"] - imp[noise]["value"]
+    checks = importance_checks(result, cfg.informative, cfg.margin)
+    att, grad, probe_checks = _probe_checks(cfg, noise, lines)
+    checks += probe_checks
     out = {"informative": cfg.informative, "noise": noise, "steps": cfg.steps,
            "final_loss": lines[-1]["loss"] if lines else None, "importance": imp, "gap": gap,
            "metric": result["importance_metric"], "attention_contrast": att, "grad_log_ratio": grad,

@@ -54,6 +54,67 @@ ABLATE_BATCHES = 8
 """Evaluation batches of 16 samples in the ablate stage; seconds."""
 
 
+def _preprocess_stage(out: Path, num_proc: int, max_samples: int, console: Console) -> dict[str, dict]:
+    """Preprocesses every built-in source into `out/data/SOURCE`; returns their summaries."""
+    made = {}
+    for source, options in BUILTIN_MIXTURE.items():
+        cfg = PreprocessConfig(source=source, out=out / "data" / source, options=options,
+                               max_samples=max_samples, num_proc=num_proc)
+        made[source] = run_preprocess(cfg, console)
+        m = made[source]
+        state = "up to date" if m.get("up_to_date") else "written"
+        console.print(f"  {source:<14} {m['rows']:>6,} rows  {state}")
+    return made
+
+
+def _data_table(made: dict[str, dict], out: Path) -> Table:
+    """One row per preprocessed source: rows, rejected, tokens, modalities, shards, bytes."""
+    table = Table(title=f"quickstart data in {out / 'data'}", title_justify="left", show_edge=False)
+    for col in ("source", "rows", "rejected", "tokens", "modalities", "shards", "bytes"):
+        table.add_column(col, justify="left" if col in ("source", "modalities") else "right")
+    for source, m in made.items():
+        tokens = sum(c["tokens"] for c in m["sources"].values())
+        table.add_row(source, f"{m['rows']:,}", f"{m['rejected']:,}", f"{tokens:,}",
+                      ", ".join(m["modalities"]), str(len(m["shards"])),
+                      human_bytes(sum(s["bytes"] for s in m["shards"])))
+    return table
+
+
+def _train_stage(out: Path, mixture: list[str], train_steps: int, console: Console) -> Path:
+    """Trains (or resumes) the tiny `QUICKSTART_MODEL` on the mixture into `out/run`; returns the run."""
+    from mmtool.cli.train import run_training
+    from mmtool.models.model import ModelConfig
+    from mmtool.train import TrainConfig
+
+    run = out / "run"
+    model = ModelConfig(**{**QUICKSTART_MODEL, "objectives": dict(QUICKSTART_MODEL["objectives"])})
+    train_cfg = TrainConfig(data=mixture, out=run, max_steps=train_steps, batch_tokens=PROFILE_BATCH_TOKENS,
+                            warmup=10, save_every=max(train_steps // 2, 1), model=model)
+    run_training(train_cfg, resume=(run / "config.json").is_file(), console=console)
+    return run
+
+
+def _ablate_stage(run: Path, console: Console) -> None:
+    from mmtool.analysis.ablate import AblateConfig
+    from mmtool.cli.ablate import run_ablate
+
+    run_ablate(AblateConfig(run=run, modes=["drop"], batches=ABLATE_BATCHES, batch_samples=16), console)
+    console.print("  (late fusion: no modality's tokens reach another modality's loss, so each loss-based "
+                  "importance is a structural zero by construction; the accuracy columns — a probe refit "
+                  "without the modality — are the measurement here. README \"Recipe: where to fuse\" "
+                  "compares fusions over seeds)")
+
+
+def _report_stage(out: Path, run: Path, console: Console) -> None:
+    from mmtool.cli.report import report_table
+    from mmtool.analysis.report import write_report
+
+    report = write_report([run, out / "transfer"], out / "report")
+    console.print(report_table(report))
+    console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'} · "
+                  f"{out / 'profile.png'} · {run / 'metrics.jsonl'} · {out / 'report'}")
+
+
 @app.command("quickstart")
 def quickstart(
     out: Path = typer.Option(Path("mmtool-quickstart"), "--out", "-o", help="Folder for everything quickstart makes."),
@@ -67,42 +128,18 @@ def quickstart(
     with folders.writer(out, "quickstart"):  # each stage also claims its own subfolder
         console = Console(highlight=False)
         console.rule("[bold]1. preprocess the built-in sources")
-        made = {}
-        for source, options in BUILTIN_MIXTURE.items():
-            cfg = PreprocessConfig(source=source, out=out / "data" / source, options=options,
-                                   max_samples=max_samples, num_proc=num_proc)
-            made[source] = run_preprocess(cfg, console)
-            m = made[source]
-            state = "up to date" if m.get("up_to_date") else "written"
-            console.print(f"  {source:<14} {m['rows']:>6,} rows  {state}")
-        table = Table(title=f"quickstart data in {out / 'data'}", title_justify="left", show_edge=False)
-        for col in ("source", "rows", "rejected", "tokens", "modalities", "shards", "bytes"):
-            table.add_column(col, justify="left" if col in ("source", "modalities") else "right")
-        for source, m in made.items():
-            tokens = sum(c["tokens"] for c in m["sources"].values())
-            table.add_row(source, f"{m['rows']:,}", f"{m['rejected']:,}", f"{tokens:,}",
-                          ", ".join(m["modalities"]), str(len(m["shards"])),
-                          human_bytes(sum(s["bytes"] for s in m["shards"])))
-        console.print(table)
+        made = _preprocess_stage(out, num_proc, max_samples, console)
+        console.print(_data_table(made, out))
 
         console.rule("[bold]2. profile batching strategies")
         from mmtool.analysis.profile import ProfileConfig  # imports torch: only when this stage runs
 
         mixture = [f"{out / 'data' / source}=1" for source in made]  # equal shares of tokens
-        profile = ProfileConfig(data=mixture,
-                                batch_tokens=PROFILE_BATCH_TOKENS, steps=PROFILE_STEPS)
+        profile = ProfileConfig(data=mixture, batch_tokens=PROFILE_BATCH_TOKENS, steps=PROFILE_STEPS)
         run_profile(profile, console, out / "profile.json", out / "profile.png")
 
         console.rule("[bold]3. train a tiny unified model on the mixture (late fusion, contrastive + next-token)")
-        from mmtool.cli.train import run_training
-        from mmtool.models.model import ModelConfig
-        from mmtool.train import TrainConfig
-
-        run = out / "run"
-        train_cfg = TrainConfig(data=mixture, out=run,
-                                max_steps=train_steps, batch_tokens=PROFILE_BATCH_TOKENS, warmup=10,
-                                save_every=max(train_steps // 2, 1), model=ModelConfig(**{**QUICKSTART_MODEL, "objectives": dict(QUICKSTART_MODEL["objectives"])}))
-        run_training(train_cfg, resume=(run / "config.json").is_file(), console=console)
+        run = _train_stage(out, mixture, train_steps, console)
 
         console.rule("[bold]4. embed the digits captions with a frozen encoder (minilm-l6)")
         from mmtool.cli.embed import quickstart_embed
@@ -115,20 +152,7 @@ def quickstart(
         quickstart_stage(out, console)  # linear probe + small k-shot on image-only digits; seconds
 
         console.rule("[bold]6. ablate: each modality dropped from the run's inputs")
-        from mmtool.analysis.ablate import AblateConfig
-        from mmtool.cli.ablate import run_ablate
-
-        run_ablate(AblateConfig(run=run, modes=["drop"], batches=ABLATE_BATCHES, batch_samples=16), console)
-        console.print("  (late fusion: no modality's tokens reach another modality's loss, so each loss-based "
-                      "importance is a structural zero by construction; the accuracy columns — a probe refit "
-                      "without the modality — are the measurement here. README \"Recipe: where to fuse\" "
-                      "compares fusions over seeds)")
+        _ablate_stage(run, console)
 
         console.rule("[bold]7. report: the run, its ablation and its transfer side by side")
-        from mmtool.cli.report import report_table
-        from mmtool.analysis.report import write_report
-
-        report = write_report([run, out / "transfer"], out / "report")
-        console.print(report_table(report))
-        console.print(f"\nInspect: [bold]mmtool ls[/] · {out / 'data' / 'digits' / 'manifest.json'} · "
-                      f"{out / 'profile.png'} · {run / 'metrics.jsonl'} · {out / 'report'}")
+        _report_stage(out, run, console)

@@ -17,7 +17,7 @@ capacity is B·L for padded layouts and the token budget for `packed` with `--ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -324,20 +324,49 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
         layout: "packed" (back to back) or "padded" (rows of the longest length).
     """
     samples = np.asarray(samples, np.int64)
-    b = len(samples)
     lens = index.lengths[samples]  # [B]
-    if layout == "packed":
-        starts = _excl_cumsum(lens)  # [B]
-        n_slots = int(lens.sum())
-    elif layout == "padded":
-        width = int(lens.max()) if b else 0
-        starts = np.arange(b, dtype=np.int64) * width  # [B]
-        n_slots = b * width
-    else:
-        raise MMToolError(f"unknown layout {layout!r}")
+    starts, n_slots = _sample_starts(lens, layout)
+    segs = _runs(index, samples)
+    n_sep = int(index.steps[samples].sum())
+    plan = _plan(index, len(samples), len(segs.segs), segs.per_stream)
+    buf, v = plan.allocate()
+    _fill_rows(v, index, samples, lens, starts, n_slots, segs)
+    _gather_tokens(v, index, segs)
+    sep_id = index.stream_ids[SEPARATOR]
+    streams = tuple(segs.per_stream) + ((sep_id,) if n_sep else ())
+    return Batch.from_numpy(buf, plan.specs, layout, streams, num_slots=n_slots,
+                            real_tokens=int(lens.sum()), sep_stream=sep_id if n_sep else -1,
+                            num_separators=n_sep)
 
-    # Segments of the batch, and the order their tokens are stored in: by (stream, shard), so
-    # that each run is one gather; `seg_order` maps stored position → batch-local segment.
+
+def _sample_starts(lens: np.ndarray, layout: str) -> tuple[np.ndarray, int]:
+    """(first slot of each sample [B], slots of the batch) in `layout`: packed back to back, or
+    padded to rows of the longest length."""
+    if layout == "packed":
+        return _excl_cumsum(lens), int(lens.sum())
+    if layout == "padded":
+        b = len(lens)
+        width = int(lens.max()) if b else 0
+        return np.arange(b, dtype=np.int64) * width, b * width
+    raise MMToolError(f"unknown layout {layout!r}")
+
+
+class _Runs(NamedTuple):
+    """A batch's segments and the order their tokens are stored in: by (stream, shard), so that each
+    run — segments of one stream in one shard — is one gather."""
+
+    segs: np.ndarray  # [G] global segment numbers, in batch order
+    count: np.ndarray  # [B] segments per sample
+    stream: np.ndarray  # [G] stream of each segment, batch order
+    order: np.ndarray  # [G] stored position → batch-local segment
+    stored: np.ndarray  # [G] global segment numbers, stored order
+    ntok: np.ndarray  # [G] tokens per segment, stored order
+    tok_first: np.ndarray  # [G] first stored token of each segment, stored order
+    runs: list[tuple[int, int, int, int, int, int]]  # (stream, shard, g0, g1, first token, end token)
+    per_stream: dict[int, list[int]]  # stream → [first, end) stored tokens
+
+
+def _runs(index: TokenIndex, samples: np.ndarray) -> _Runs:
     seg_first = index.seg_offsets[samples]  # [B]
     seg_count = index.seg_offsets[samples + 1] - seg_first  # [B]
     segs = _ranges(seg_first, seg_count)  # [G]
@@ -355,16 +384,19 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     per_stream: dict[int, list[int]] = {}  # stream → [first, end) stored tokens
     for k, _, _, _, t0, t1 in runs:
         per_stream.setdefault(k, [t0, t1])[1] = t1
-    n_sep = int(index.steps[samples].sum())
+    return _Runs(segs, seg_count, stream, seg_order, segs_g, ntok, tok_first, runs, per_stream)
 
+
+def _plan(index: TokenIndex, b: int, g: int, per_stream: dict[int, list[int]]) -> BufferBuilder:
+    """The fields of a batch of `b` samples and `g` segments, with each stream's stored tokens."""
     plan = BufferBuilder()
     for name, dtype, n in (("cu_seqlens", _I32, b + 1), ("seqlens", _I32, b),
                            ("sample_folder", _I32, b), ("sample_index", _I64, b), ("label", _I64, b),
                            ("sample_steps", _I32, b), ("sample_sep", _I32, b), ("sample_step_len", _I32, b),
-                           ("seg_sample", _I32, len(segs)), ("seg_stream", _I32, len(segs)),
-                           ("seg_order", _I32, len(segs)), ("seg_ntok", _I32, len(segs)),
-                           ("seg_base", _I32, len(segs)), ("seg_step", _I32, len(segs)),
-                           ("seg_stride", _I32, len(segs)), ("seg_role", _I32, len(segs))):
+                           ("seg_sample", _I32, g), ("seg_stream", _I32, g),
+                           ("seg_order", _I32, g), ("seg_ntok", _I32, g),
+                           ("seg_base", _I32, g), ("seg_step", _I32, g),
+                           ("seg_stride", _I32, g), ("seg_role", _I32, g)):
         plan.add(name, dtype, (n,))
     for k, (t0, t1) in per_stream.items():
         info = index.streams[k]
@@ -372,8 +404,12 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
             plan.add(f"s{k}.ids", _I32, (t1 - t0,))
         else:
             plan.add(f"s{k}.values", _F32, (t1 - t0, info.dim))
-    buf, v = plan.allocate()
+    return plan
 
+
+def _fill_rows(v: dict[str, np.ndarray], index: TokenIndex, samples: np.ndarray, lens: np.ndarray,
+               starts: np.ndarray, n_slots: int, segs: _Runs) -> None:
+    """The per-sample and per-segment rows: where each sample starts, what each segment holds."""
     v["seqlens"][:] = lens
     v["cu_seqlens"][:-1] = starts
     v["cu_seqlens"][-1] = n_slots
@@ -383,20 +419,22 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
     v["sample_steps"][:] = index.steps[samples]
     v["sample_sep"][:] = index.sep[samples]
     v["sample_step_len"][:] = index.step_len[samples]
-    v["seg_sample"][:] = np.repeat(np.arange(b, dtype=np.int32), seg_count)
-    v["seg_stream"][:] = stream
-    v["seg_order"][:] = seg_order
+    v["seg_sample"][:] = np.repeat(np.arange(len(samples), dtype=np.int32), segs.count)
+    v["seg_stream"][:] = segs.stream
+    v["seg_order"][:] = segs.order
     for name, per_seg in (("seg_ntok", index.seg_ntok), ("seg_base", index.seg_base),
                           ("seg_step", index.seg_step), ("seg_stride", index.seg_stride),
                           ("seg_role", index.seg_role)):
-        v[name][:] = per_seg[segs]
+        v[name][:] = per_seg[segs.segs]
 
-    # The tokens, run by run: one gather of ids or vector rows each.
-    for k, sh, g0, g1, t0, t1 in runs:
-        first = per_stream[k][0]
-        n = ntok[g0:g1]  # [g]
-        start = index.seg_start[segs_g[g0:g1]]  # [g] first id, or first float, in the shard
-        back = tok_first[g0:g1] - t0  # [g] the run's token number of each segment's token 0
+
+def _gather_tokens(v: dict[str, np.ndarray], index: TokenIndex, segs: _Runs) -> None:
+    """The tokens, run by run: one gather of ids or vector rows each."""
+    for k, sh, g0, g1, t0, t1 in segs.runs:
+        first = segs.per_stream[k][0]
+        n = segs.ntok[g0:g1]  # [g]
+        start = index.seg_start[segs.stored[g0:g1]]  # [g] first id, or first float, in the shard
+        back = segs.tok_first[g0:g1] - t0  # [g] the run's token number of each segment's token 0
         src = index.shards[sh]
         info = index.streams[k]
         if info.kind == "ids":  # token i of the run, in segment g, is id start[g] + i - back[g]
@@ -405,11 +443,6 @@ def assemble(index: TokenIndex, samples: np.ndarray, layout: str = "packed") -> 
             np.take(src.ids, at, out=v[f"s{k}.ids"][t0 - first:t1 - first])
         else:
             _gather_rows(src.values, info.dim, start, back, n, v[f"s{k}.values"][t0 - first:t1 - first])
-    sep_id = index.stream_ids[SEPARATOR]
-    streams = tuple(per_stream) + ((sep_id,) if n_sep else ())
-    return Batch.from_numpy(buf, plan.specs, layout, streams, num_slots=n_slots,
-                            real_tokens=int(lens.sum()), sep_stream=sep_id if n_sep else -1,
-                            num_separators=n_sep)
 
 
 def _gather_rows(values: np.ndarray, dim: int, start: np.ndarray, back: np.ndarray, n: np.ndarray,

@@ -12,6 +12,7 @@ contiguous). Trajectory segments (roles observation/action/reward of a sample th
 observations and actions, shape `[T, k]`) have `step = k` and `stride = ` the timestep length, which
 interleaves them as Gato does: `obs_t | separator | action_t | reward_t`, for t = 0..T-1, after any
 other segments (e.g. a prompt). Separators are tokens of the data-less `separator` stream.
+`placement.py` computes it for a whole shard at once.
 
 Each segment also carries its role as a stable integer (`role_code`, `seg_role`), so that a loss
 mask can select segments by role (`next-token:roles=assistant` trains on a conversation's
@@ -35,12 +36,11 @@ import pyarrow.compute as pc
 
 from mmtool.data import remote
 from mmtool.data import shards as store
+from mmtool.data.placement import AFTER_SEPARATOR, TIMESTEP_ROLES, placement  # noqa: F401  (re-exported)
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 
 SEPARATOR = "separator"
-TIMESTEP_ROLES = ("observation", "action", "reward")
-AFTER_SEPARATOR = ("action", "reward")
 # Config keys that only bound a vocabulary or a length: folders that differ in them still mix.
 NON_SEMANTIC = {"vocab_size", "num_classes", "max_tokens", "max_seconds", "max_pixels"}
 
@@ -126,10 +126,37 @@ def _list_parts(arr: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return offsets, flat
 
 
-def _excl_cumsum_in_groups(x: np.ndarray, group_start: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Exclusive cumulative sum of `x` restarting at each group (groups are consecutive runs)."""
-    cs = np.cumsum(x) - x  # [G] exclusive over everything
-    return cs - np.repeat(cs[group_start], counts) if len(x) else cs
+def _segment_tokens(struct: pa.StructArray) -> dict[str, np.ndarray]:
+    """Where each segment's tokens are in the shard's flat buffers: `ids` and `values` (the flat
+    buffers), and per segment [G] `has_ids`, `first_dim` and `last_dim` (its shape's leading and
+    last entries), `ntok` (tokens) and `start` (first id, or first float)."""
+    ids_off, ids = _list_parts(struct.field("ids"))
+    val_off, values = _list_parts(struct.field("values"))
+    shape_off, shape_flat = _list_parts(struct.field("shape"))
+    has_ids = pc.is_valid(struct.field("ids")).to_numpy(zero_copy_only=False)  # [G]
+    last_dim = shape_flat[shape_off[1:] - 1].astype(np.int64)  # [G] last shape entry
+    first_dim = shape_flat[shape_off[:-1]].astype(np.int64)  # [G] leading shape entry
+    ntok = np.where(has_ids, np.diff(ids_off), np.diff(val_off) // np.maximum(last_dim, 1))  # [G]
+    start = np.where(has_ids, ids_off[:-1], val_off[:-1])  # [G]
+    return {"ids": ids, "values": values, "has_ids": has_ids, "first_dim": first_dim, "last_dim": last_dim,
+            "ntok": ntok, "start": start}
+
+
+def _segment_roles(struct: pa.StructArray) -> tuple[np.ndarray, np.ndarray]:
+    """(role of each segment [G] (object; read once per shard), int32 [G] its `role_code`)."""
+    role = struct.field("role").to_numpy(zero_copy_only=False)  # [G] object; once per shard
+    role_enc = pc.dictionary_encode(struct.field("role"))
+    role_lookup = np.array([role_code(r) for r in role_enc.dictionary.to_pylist()] or [0], np.int32)
+    seg_role = role_lookup[role_enc.indices.to_numpy(zero_copy_only=False)] if len(struct) \
+        else np.zeros(0, np.int32)  # [G]
+    return role, seg_role
+
+
+def _labels(table: pa.Table) -> np.ndarray:
+    """int64 [n] each sample's label, -1 when missing."""
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    return np.where(pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False),
+                    np.nan_to_num(labels.astype(np.float64), nan=-1), -1).astype(np.int64)
 
 
 def _split_codes(column: pa.ChunkedArray) -> np.ndarray:
@@ -341,18 +368,26 @@ class TokenIndex:
         seg_offsets, _ = _list_parts(segs)
         seg_offsets = seg_offsets - seg_offsets[0]
         struct = segs.values  # [G] structs (already offset-sliced by Arrow)
-        g = len(struct)
-        ids_off, ids = _list_parts(struct.field("ids"))
-        val_off, values = _list_parts(struct.field("values"))
-        shape_off, shape_flat = _list_parts(struct.field("shape"))
-        has_ids = pc.is_valid(struct.field("ids")).to_numpy(zero_copy_only=False)  # [G]
-        last_dim = shape_flat[shape_off[1:] - 1].astype(np.int64)  # [G] last shape entry
-        first_dim = shape_flat[shape_off[:-1]].astype(np.int64)  # [G] leading shape entry
-        n_ids = np.diff(ids_off)
-        n_vals = np.diff(val_off)
-        seg_ntok = np.where(has_ids, n_ids, n_vals // np.maximum(last_dim, 1))  # [G]
-        seg_start = np.where(has_ids, ids_off[:-1], val_off[:-1])  # [G]
+        tok = _segment_tokens(struct)
+        seg_stream = self._segment_streams(path, struct)
+        self._check_dims(path, seg_stream, tok["has_ids"], tok["last_dim"])
+        role, seg_role = _segment_roles(struct)
+        place = placement(seg_offsets, role, tok["first_dim"], tok["ntok"], n)
+        return Shard(path=path, table=table, n=n, seg_offsets=seg_offsets.astype(np.int64),
+                     ids=np.asarray(tok["ids"], np.int32), values=np.asarray(tok["values"], np.float32),
+                     seg_start=tok["start"].astype(np.int64), seg_ntok=tok["ntok"].astype(np.int64),
+                     seg_stream=seg_stream, seg_base=place.seg_base, seg_step=place.seg_step,
+                     seg_stride=place.seg_stride, seg_role=seg_role.astype(np.int32),
+                     sample_len=place.sample_len, sample_steps=place.sample_steps,
+                     sample_sep=place.sample_sep, sample_step_len=place.sample_step_len,
+                     labels=_labels(table), split=_split_codes(table.column("split")))
 
+    def _segment_streams(self, path: Path, struct: pa.StructArray) -> np.ndarray:
+        """int16 [G] each segment's stream (its "modality:tokenizer" key in `stream_ids`).
+
+        Raises:
+            MMToolError: a key the manifests do not describe.
+        """
         keys = pc.binary_join_element_wise(struct.field("modality"), struct.field("tokenizer"), ":")
         enc = pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) \
             else pc.dictionary_encode(keys)
@@ -362,52 +397,7 @@ class TokenIndex:
             if key not in self.stream_ids:
                 raise MMToolError(f"{path}: segments of {key!r} are not described in its manifest")
             lookup.append(self.stream_ids[key])
-        seg_stream = np.asarray(lookup, np.int16)[codes] if g else np.zeros(0, np.int16)
-        self._check_dims(path, seg_stream, has_ids, last_dim)
-
-        role = struct.field("role").to_numpy(zero_copy_only=False)  # [G] object; once per shard
-        role_enc = pc.dictionary_encode(struct.field("role"))
-        role_lookup = np.array([role_code(r) for r in role_enc.dictionary.to_pylist()] or [0], np.int32)
-        seg_role = role_lookup[role_enc.indices.to_numpy(zero_copy_only=False)] if g \
-            else np.zeros(0, np.int32)  # [G]
-        is_obs = role == "observation"
-        is_act = role == "action"
-        n_seg = np.diff(seg_offsets)  # [n]
-        sample_of_seg = np.repeat(np.arange(n), n_seg)  # [G]
-        traj = (np.bincount(sample_of_seg, is_obs, n) > 0) & (np.bincount(sample_of_seg, is_act, n) > 0)
-        steps = np.zeros(n, np.int64)
-        obs_first = np.flatnonzero(is_obs)
-        steps[sample_of_seg[obs_first[::-1]]] = first_dim[obs_first[::-1]]  # first obs seg wins
-        steps = np.where(traj, steps, 0)
-        aligned = np.isin(role, TIMESTEP_ROLES) & traj[sample_of_seg] \
-            & (first_dim == steps[sample_of_seg]) & (steps[sample_of_seg] > 0)  # [G]
-        per_step = np.where(aligned, seg_ntok // np.maximum(steps[sample_of_seg], 1), seg_ntok)
-        after_sep = aligned & np.isin(role, AFTER_SEPARATOR)
-        group_start = seg_offsets[:-1][n_seg > 0]
-        counts = n_seg[n_seg > 0]
-        plain_tok = np.where(aligned, 0, seg_ntok)
-        step_tok = np.where(aligned, per_step, 0)
-        prefix = np.bincount(sample_of_seg, plain_tok, n).astype(np.int64)  # [n]
-        step_len = np.bincount(sample_of_seg, step_tok, n).astype(np.int64) + traj  # [n] (+1 sep)
-        obs_tok = np.bincount(sample_of_seg, np.where(aligned & ~after_sep, per_step, 0), n).astype(np.int64)
-        base_plain = _excl_cumsum_in_groups(plain_tok, group_start, counts)
-        base_step = _excl_cumsum_in_groups(step_tok, group_start, counts) + after_sep
-        seg_base = np.where(aligned, prefix[sample_of_seg] + base_step, base_plain)
-        seg_stride = np.where(aligned, step_len[sample_of_seg], 0)
-        sample_len = prefix + steps * step_len
-        labels = table.column("label").to_numpy(zero_copy_only=False)
-        labels = np.where(pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False),
-                          np.nan_to_num(labels.astype(np.float64), nan=-1), -1).astype(np.int64)
-        split = _split_codes(table.column("split"))
-        return Shard(path=path, table=table, n=n, seg_offsets=seg_offsets.astype(np.int64),
-                     ids=np.asarray(ids, np.int32), values=np.asarray(values, np.float32),
-                     seg_start=seg_start.astype(np.int64), seg_ntok=seg_ntok.astype(np.int64),
-                     seg_stream=seg_stream, seg_base=seg_base.astype(np.int64),
-                     seg_step=np.maximum(per_step, 1).astype(np.int64),
-                     seg_stride=seg_stride.astype(np.int64), seg_role=seg_role.astype(np.int32),
-                     sample_len=sample_len,
-                     sample_steps=steps, sample_sep=prefix + obs_tok,
-                     sample_step_len=step_len, labels=labels, split=split)
+        return np.asarray(lookup, np.int16)[codes] if len(struct) else np.zeros(0, np.int16)
 
     def _check_dims(self, path: Path, seg_stream: np.ndarray, has_ids: np.ndarray,
                     last_dim: np.ndarray) -> None:

@@ -229,7 +229,7 @@ def dry_run(cfg: Any, n: int = 8) -> dict[str, Any]:
          "summary" (counts over the records read)}.
     """
     from mmtool.data.chunking import split_options
-    from mmtool.data.preprocess import TokenizerSet, parse_tokenizer_overrides, to_samples
+    from mmtool.data.tokenizing import TokenizerSet, parse_tokenizer_overrides, to_samples
     from mmtool.data.sources import build_source
 
     options, chunking = split_options(cfg.options)

@@ -48,17 +48,16 @@ from mmtool.data import remote
 from mmtool.data.parts import (PARTIAL, PLAN, assemble, by_reason, check_rejected, check_unique_ids,
                                finished_parts, merge_counts)
 from mmtool.data import shards as store
-from mmtool.data.chunking import Chunking, chunkable, encode_text, split_options
+from mmtool.data.chunking import Chunking, split_options
 from mmtool.data.chunking import check as check_chunking
 from mmtool.data.inputs import describe_changes, inputs_block, part_key
-from mmtool.data.schema import SCHEMA_VERSION, Record, Sample, check_label, samples_to_batch
+from mmtool.data.schema import SCHEMA_VERSION, Sample, samples_to_batch
 from mmtool.data.slices import check_slice_flags, slice_parts, slice_writer, write_slice
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
-from mmtool.data.tokenizers import DEFAULT_TOKENIZERS, Tokenizer, build_tokenizer
-from mmtool.data.tokenizers.text import check_unicode
-from mmtool.config import parse_value
-from mmtool.errors import RECORD_FAILURES, MMToolError, RecordError
+from mmtool.data.tokenizing import (TokenizerSet, parse_tokenizer_overrides, to_sample,  # noqa: F401
+                                    to_samples)  # (to_sample: re-exported)
+from mmtool.errors import MMToolError, RecordError
 from mmtool.io import read_json_object
 
 ON_ERROR = ("skip", "raise")
@@ -109,89 +108,6 @@ class PreprocessConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer selection
-
-
-def parse_tokenizer_overrides(specs: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Parses `--tokenizer MODALITY=NAME[:k=v,...]` flags into `{modality: (name, options)}`."""
-    out = {}
-    for spec in specs:
-        modality, sep, rest = spec.partition("=")
-        if not sep or not rest:
-            raise MMToolError(f"--tokenizer {spec!r}: expected MODALITY=NAME[:key=value,...]")
-        name, _, opts = rest.partition(":")
-        options = {}
-        for pair in filter(None, opts.split(",")):
-            key, eq, value = pair.partition("=")
-            if not eq:
-                raise MMToolError(f"--tokenizer {spec!r}: option {pair!r} is not key=value")
-            options[key] = parse_value(value)
-        build_tokenizer(name, **options)  # fail now, naming the flag, rather than in a worker
-        out[modality] = (name, options)
-    return out
-
-
-class TokenizerSet:
-    """Picks and caches the tokenizer of each field: override, else the field's own, else default."""
-
-    def __init__(self, overrides: dict[str, tuple[str, dict[str, Any]]]):
-        self.overrides = overrides
-        self._cache: dict[str, Tokenizer] = {}
-        self.configs: dict[str, dict[str, Any]] = {}  # "modality/role" → tokenizer config
-
-    def encode(self, field_: Any) -> Any:
-        """Tokenizes one field into one segment (text is cut at the tokenizer's cap)."""
-        tok = self.tokenizer(field_)
-        segment = tok.encode(field_.data, field_.role)
-        segment.modality = field_.modality  # e.g. continuous actions through `mulaw` stay actions
-        return segment
-
-    def encode_record(self, record: Record, chunking: Chunking) -> tuple[list[list[Any]], bool]:
-        """Tokenizes a record: a list of segment lists, one per sample (several when a document is
-        chunked), and whether any text was cut."""
-        split = chunkable(record, chunking)
-        segments, cut = [], False
-        for f in record.fields:
-            if f.modality == "text":
-                segs, was_cut = encode_text(self.tokenizer(f), f, chunking, split)
-                cut = cut or was_cut
-                if split:
-                    return [[s] for s in segs], cut
-                segments.append(segs[0])
-            else:
-                segments.append(self.encode(f))
-        return [segments], cut
-
-    def tokenizer(self, field_: Any) -> Tokenizer:
-        """The tokenizer of `field_` (built once), its config recorded under "modality/role"."""
-        own = field_.tokenizer or DEFAULT_TOKENIZERS.get(field_.modality)
-        if field_.modality in self.overrides:
-            name, options = self.overrides[field_.modality]
-            options = {**(field_.options if name == own else {}), **options}
-        elif own is None:
-            raise RecordError(f"no tokenizer for modality {field_.modality!r}")
-        else:
-            name, options = own, field_.options
-        key = json.dumps([name, options], sort_keys=True, default=str)
-        tok = self._cache.get(key)
-        if tok is None:
-            try:
-                tok = build_tokenizer(name, **options)
-            except RecordError:
-                raise
-            except MMToolError as exc:  # options that came from the record, e.g. num_classes=1e12
-                raise RecordError(str(exc)) from None
-            self._cache[key] = tok
-        role_key = f"{field_.modality}/{field_.role}"
-        if self.configs.get(role_key, {}).get("name", name) != name:
-            # One role, two tokenizers (e.g. discrete and mulaw actions in one jsonl): describe
-            # both, or the segments of the second cannot be read back against the manifest.
-            role_key = f"{role_key}:{name}"
-        self.configs.setdefault(role_key, {"name": name, **tok.config()})
-        return tok
-
-
-# ---------------------------------------------------------------------------------------------
 # Work on one part (runs in the parent or in a worker process)
 
 _WORKER_CACHE: dict[str, tuple[Source, TokenizerSet, Chunking]] = {}
@@ -206,44 +122,6 @@ def _runtime(plan: dict[str, Any]) -> tuple[Source, TokenizerSet, Chunking]:
         _WORKER_CACHE.clear()
         _WORKER_CACHE[key] = (source, TokenizerSet(overrides), chunking)
     return _WORKER_CACHE[key]
-
-
-def to_samples(source: Source, tokenizers: TokenizerSet, index: int,
-               chunking: Chunking = Chunking()) -> tuple[list[Sample], bool]:
-    """Reads record `index` and tokenizes it into its samples (one, or one per chunk of a long
-    document: ids `ID#0`, `ID#1`, ...) and whether text was cut; a `RecordError` names the
-    record's location.
-
-    Any failure within the record (see `RECORD_FAILURES`) becomes a `RecordError`, and so does a
-    record whose id, task or meta could not be stored (lone surrogates, unserialisable meta).
-    """
-    location = source.location(index)
-    try:
-        try:
-            record: Record = source.read(index)
-            if not record.fields:
-                raise RecordError("record has no fields")
-            groups, cut = tokenizers.encode_record(record, chunking)
-            rid = check_unicode(str(record.id), "id")
-            samples = []
-            for k, segments in enumerate(groups):
-                meta = record.meta if len(groups) == 1 else \
-                    {**record.meta, "record": rid, "chunk": k, "chunks": len(groups)}
-                samples.append(Sample(
-                    id=rid if len(groups) == 1 else f"{rid}#{k}", source=source.name,
-                    task=check_unicode(str(record.task), "task"), split=source.split_of(index),
-                    segments=segments, label=check_label(record.label), meta=meta))
-            json.dumps(samples[0].meta, sort_keys=True)  # what the shard will store; fails here if at all
-        except RECORD_FAILURES as exc:
-            raise RecordError.from_exception(exc) from None
-    except RecordError as exc:
-        raise exc.at(location)
-    return samples, cut
-
-
-def to_sample(source: Source, tokenizers: TokenizerSet, index: int) -> Sample:
-    """Reads record `index` as one sample (text cut at the tokenizer's cap, never chunked)."""
-    return to_samples(source, tokenizers, index, Chunking(long_text="cut"))[0][0]
 
 
 def _count_record(stats: dict[str, Any], samples: list[Sample], cut: bool) -> None:

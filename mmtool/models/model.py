@@ -240,7 +240,33 @@ class UnifiedModel(nn.Module):
         view = PackedView.of(batch, self.keep_padding)
         folder = batch["sample_folder"].long()  # [B]
         task_w, member = self._tasks_of(view, folder)  # [B, O], bool [B, O] | None
-        # Input corruptions, drawn in objective order, then stream order: one draw sequence per batch.
+        own, merged = self._corrupt(batch, view, generator, member)
+        hidden, final = self._trunk(batch, view, merged)  # [N, d]
+        n_f = max(self.task_weight.shape[0], max(view.folders, default=0) + 1)
+        scored, losses, t_sum, t_cnt = self._score(batch, view, hidden, final, own, member, folder, n_f)
+        if self.task_weight.shape[0] == 1:  # one task table row: balance per objective, all folders
+            b_sum, b_cnt = t_sum.sum(0, keepdim=True), t_cnt.sum(0, keepdim=True)  # [1, O]
+        else:
+            b_sum, b_cnt = t_sum, t_cnt  # [F, O]
+        mult, extra = self.balancer(b_sum / b_cnt.clamp(min=1e-12), b_cnt > 0)  # [F or 1, O] each
+        total, by_sample, by_modality, task_part, stats = self._combine(
+            view, hidden, scored, folder, task_w, mult, extra, b_cnt, n_f)
+        by_stream, modality_loss, by_task, counted, parts, counts = self._read_metrics(
+            stats, by_modality, t_sum, t_cnt, task_part)
+        names = list(self.objectives)
+        counts = {(k[0], names[k[1]]) if isinstance(k, tuple) else k: c for k, c in counts.items()}
+        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
+                           modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
+                                           if m in modality_loss}, hidden,
+                           {(f, names[o]): v for (f, o), v in by_task.items()},
+                           {(f, names[o]): task_part[f, o] for f, o in by_task},
+                           {(f, names[o]): parts[f * len(names) + o] for f, o in by_task}, counts)
+
+    def _corrupt(self, batch: Batch, view: PackedView, generator: torch.Generator | None,
+                 member: Tensor | None) -> tuple[dict[str, dict[int, list[Corruption]]], dict[int, list[Corruption]]]:
+        """(each objective's input corruptions per stream, all of them per stream), drawn in
+        objective order, then stream order: one draw sequence per batch. `member`: bool [B, O]
+        (which samples each objective scores) or None (all)."""
         own = {}
         for o, (name, obj) in enumerate(self.objectives.items()):
             corruptions = obj.corrupt(batch, view, generator)
@@ -249,8 +275,19 @@ class UnifiedModel(nn.Module):
         for per_stream in own.values():
             for k, cs in per_stream.items():
                 merged.setdefault(k, []).extend(cs)
-        hidden, final = self._trunk(batch, view, merged)  # [N, d]
+        return own, merged
 
+    def _score(self, batch: Batch, view: PackedView, hidden: Tensor, final: Grouping,
+               own: dict[str, dict[int, list[Corruption]]], member: Tensor | None, folder: Tensor, n_f: int
+               ) -> tuple[list[tuple[int, str, Rows, Tensor, Tensor]], dict[str, Tensor], Tensor, Tensor]:
+        """Each objective's rows on the hidden states `[N, d]`.
+
+        Returns:
+            (scored: (objective number, name, rows, row weights [m], each row's part of the
+            objective's plain loss [m]) for objectives with rows; plain loss per objective (a zero
+            that keeps the graph when it has none); [F, O] Σ weighted loss and [F, O] Σ weight per
+            (folder, objective)).
+        """
         cache: dict[str, tuple[Tensor, Tensor]] = {}
 
         def pools() -> tuple[Tensor, Tensor]:  # per-modality means, computed once if asked for
@@ -258,7 +295,6 @@ class UnifiedModel(nn.Module):
                 cache["pools"] = self._modality_pools(view, hidden)
             return cache["pools"]
 
-        n_f = max(self.task_weight.shape[0], max(view.folders, default=0) + 1)
         scored: list[tuple[int, str, Rows, Tensor, Tensor]] = []  # (o, name, rows, row weights, c)
         t_sum = hidden.new_zeros(n_f, len(self.objectives), dtype=torch.float32)  # [F, O] Σ loss
         t_cnt = torch.zeros_like(t_sum)  # [F, O] Σ weight
@@ -278,12 +314,19 @@ class UnifiedModel(nn.Module):
             t_sum[:, o] = t_sum[:, o].index_add(0, f, wl.detach().float())
             t_cnt[:, o] = t_cnt[:, o].index_add(0, f, w.detach().float())
             scored.append((o, name, rows, w, c))
-        if self.task_weight.shape[0] == 1:  # one task table row: balance per objective, all folders
-            b_sum, b_cnt = t_sum.sum(0, keepdim=True), t_cnt.sum(0, keepdim=True)  # [1, O]
-        else:
-            b_sum, b_cnt = t_sum, t_cnt  # [F, O]
-        mult, extra = self.balancer(b_sum / b_cnt.clamp(min=1e-12), b_cnt > 0)  # [F or 1, O] each
+        return scored, losses, t_sum, t_cnt
 
+    def _combine(self, view: PackedView, hidden: Tensor, scored: list[tuple[int, str, Rows, Tensor, Tensor]],
+                 folder: Tensor, task_w: Tensor, mult: Tensor, extra: Tensor | None, b_cnt: Tensor, n_f: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[tuple[str, list[str], Tensor]]]:
+        """The total loss — each scored row's part times its task weight and balancer multiplier
+        (`mult` [F or 1, O]), plus the balancer's `extra` term — and its parts.
+
+        Returns:
+            (total, [B] loss by sample (of detached parts), [M] each modality's part (attached),
+            [F, O] each task's part, per objective (name, keys, [2, K] Σ loss and Σ
+            weight per key)).
+        """
         b = view.batch_size
         total = hidden.new_zeros(())
         if extra is not None:  # Σ r · (each task's share of its objective's targets)
@@ -307,16 +350,7 @@ class UnifiedModel(nn.Module):
             k_sum = torch.zeros(k, device=d.device).index_add(0, rows.key, d)  # [K]
             k_cnt = torch.zeros(k, device=d.device).index_add(0, rows.key, w.detach())  # [K]
             stats.append((name, rows.keys, torch.stack([k_sum, k_cnt])))
-        by_stream, modality_loss, by_task, counted, parts, counts = self._read_metrics(
-            stats, by_modality, t_sum, t_cnt, task_part)
-        names = list(self.objectives)
-        counts = {(k[0], names[k[1]]) if isinstance(k, tuple) else k: c for k, c in counts.items()}
-        return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
-                           modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
-                                           if m in modality_loss}, hidden,
-                           {(f, names[o]): v for (f, o), v in by_task.items()},
-                           {(f, names[o]): task_part[f, o] for f, o in by_task},
-                           {(f, names[o]): parts[f * len(names) + o] for f, o in by_task}, counts)
+        return total, by_sample, by_modality, task_part, stats
 
     def _read_metrics(self, stats: list[tuple[str, list[str], Tensor]], by_modality: Tensor, t_sum: Tensor,
                       t_cnt: Tensor, task_part: Tensor) -> tuple[dict[str, float], dict[str, float],

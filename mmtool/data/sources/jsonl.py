@@ -30,7 +30,7 @@ Records are read by index: `__init__` stores the byte offset of every non-blank 
 decodes just that line, so parallel and resumed runs are exact. Every problem with a line (invalid
 JSON or UTF-8, no modality, missing or undecodable files, ragged or NaN arrays, mismatched lengths)
 is a `RecordError` located at `manifest:line`; so is JSON nested too deeply to parse or an
-integer beyond int64 (`preprocess.to_sample` turns any other failure within a record into one too).
+integer beyond int64 (`tokenizing.to_sample` turns any other failure within a record into one too).
 """
 
 from __future__ import annotations
