@@ -255,11 +255,13 @@ class UnifiedModel(nn.Module):
             stats, by_modality, t_sum, t_cnt, task_part)
         names = list(self.objectives)
         counts = {(k[0], names[k[1]]) if isinstance(k, tuple) else k: c for k, c in counts.items()}
+        # The attached scalars are cloned, not indexed views: FSDP2 hooks every output tensor and
+        # warns (once per rank and run) about views, which an in-place op could detach from its hook.
         return ModelOutput(total, losses, by_stream, by_sample.detach(), sum(view.seqlens), counted,
-                           modality_loss, {m: by_modality[i] for i, m in enumerate(self.modalities)
+                           modality_loss, {m: by_modality[i].clone() for i, m in enumerate(self.modalities)
                                            if m in modality_loss}, hidden,
                            {(f, names[o]): v for (f, o), v in by_task.items()},
-                           {(f, names[o]): task_part[f, o] for f, o in by_task},
+                           {(f, names[o]): task_part[f, o].clone() for f, o in by_task},
                            {(f, names[o]): parts[f * len(names) + o] for f, o in by_task}, counts)
 
     def _corrupt(self, batch: Batch, view: PackedView, generator: torch.Generator | None,
