@@ -338,8 +338,7 @@ class _Session:
         self._reduce(acc, shares, probing)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under --shard-model
             grad_norm = grad_norm.full_tensor()
-        line = {"step": step, **acc.result(seconds), "lr": lr, "grad_norm": float(grad_norm),
-                "seconds": seconds, **shares.result()}
+        line = {"step": step, **acc.result(), "lr": lr, "grad_norm": float(grad_norm), **shares.result()}
         if probing:
             line["probes"] = self.probes.finish()
         return line
@@ -372,7 +371,7 @@ class _Session:
 
     def _reduce(self, acc: StepMetrics, shares: ModalityShares, probing: bool) -> None:
         """Under torchrun, every rank's figures (the probes' too on a probe step) into `acc`,
-        `shares` and the probes: one SUM all-reduce and one 2-element MAX (`MetricLayout.reduce`)."""
+        `shares` and the probes: one SUM all-reduce and one 3-element MAX (`MetricLayout.reduce`)."""
         if self.layout is None:
             return
         summed = self.layout.reduce(acc, shares, self.probes.totals() if probing else None)

@@ -20,11 +20,13 @@ Two more figures are each rank's own before they are reduced:
     data_wait_mean       the mean over ranks of that share (= data_wait in one process)
     epoch                the smallest rank's loader epoch (an epoch of batches not a multiple of W
                          gives the ranks unequal shares, and they reach its end at different steps)
+    seconds              the slowest rank's step time; `tokens_per_s` is every rank's real tokens
+                         over it
 
 Under DDP, `MetricLayout.reduce` packs the sums — and `ModalityShares`' sums, and on probe steps the
 probes' (`mmtool.train.probes`) — into one float64 tensor with a fixed layout (every key the model
-can produce, known at setup) and all-reduces it (SUM) once per step; then a second, 2-element
-all-reduce (MAX) of (data wait, −epoch) gives the max and the min, which no sum can carry. Those two
+can produce, known at setup) and all-reduces it (SUM) once per step; then a second, 3-element
+all-reduce (MAX) of (data wait, −epoch, seconds) gives the maxima and the min, which no sum can carry. Those two
 collectives per step are all the metrics cost; rank 0 then logs the all-rank values.
 """
 
@@ -57,7 +59,7 @@ class StepMetrics:
         self.names = names
         self.wait, self.tokens, self.total, self.micro = 0.0, 0, 0.0, 0
         self.wait_max = self.wait_mean = 0.0  # shares of the step spent waiting (`close`, `reduce`)
-        self.epoch = 0
+        self.epoch, self.seconds = 0, 0.0  # `close`, `reduce`
         # group → key → [Σ value · weight, Σ weight]
         self.sums: dict[str, dict[str, list[float]]] = {g: {} for g in GROUPS}
 
@@ -87,16 +89,17 @@ class StepMetrics:
         the max and the mean until `MetricLayout.reduce` makes them all ranks'."""
         self.wait_max = self.wait_mean = self.wait / seconds
         self.epoch = epoch
+        self.seconds = seconds
 
-    def result(self, seconds: float) -> dict[str, Any]:
-        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, speed,
-        data wait, epoch); after `close`."""
+    def result(self) -> dict[str, Any]:
+        """The step's metrics entries (loss, per objective/stream/source/task, tokens, shares, step
+        seconds and speed, data wait, epoch); after `close`."""
         means = {g: {k: n / w for k, (n, w) in self.sums[g].items() if w > 0} for g in GROUPS}
         source = {k: w for k, (_, w) in self.sums["by_source"].items() if w > 0}
         all_tokens = max(sum(source.values()), 1)
         return {"loss": self.total / max(self.micro, 1), **means, "tokens": self.tokens,
                 "token_share": {k: source[k] / all_tokens for k in self.names if k in source},
-                "tokens_per_s": self.tokens / seconds, "data_wait": self.wait_max,
+                "seconds": self.seconds, "tokens_per_s": self.tokens / self.seconds, "data_wait": self.wait_max,
                 "data_wait_mean": self.wait_mean, "epoch": self.epoch}
 
 
@@ -157,7 +160,7 @@ class MetricLayout:
     def reduce(self, acc: StepMetrics, shares: Any, extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """Sums every rank's step figures into `acc` and `shares`, and `extra` (a float64 tensor of
         further sums, the same size on every rank: the probes') with them, in one all-reduce; then
-        takes the max data wait and the min epoch in a second, 2-element one. Collectives: every
+        takes the max data wait, the min epoch and the max step time in a second, 3-element one. Collectives: every
         rank calls this every step, after `acc.close`.
 
         Returns:
@@ -171,9 +174,9 @@ class MetricLayout:
         flat = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM)
         self.unpack(flat[:self.size], acc, shares)
         acc.wait_mean = float(flat[self.size]) / world
-        peak = _all_reduce(torch.tensor([acc.wait_max, -float(acc.epoch)], dtype=torch.float64),
+        peak = _all_reduce(torch.tensor([acc.wait_max, -float(acc.epoch), acc.seconds], dtype=torch.float64),
                            dist.ReduceOp.MAX)
-        acc.wait_max, acc.epoch = float(peak[0]), int(-peak[1])
+        acc.wait_max, acc.epoch, acc.seconds = float(peak[0]), int(-peak[1]), float(peak[2])
         return flat[self.size + 1:] if extra is not None else None
 
 

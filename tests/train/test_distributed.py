@@ -162,6 +162,7 @@ def test_accumulation_all_reduces_once_per_step_and_metrics_sum_the_ranks(accumu
         # two ranks' loader waits (perf_counter differences) are never bitwise equal
         assert 0 < x["data_wait_mean"] < x["data_wait"] < 1, x
         assert 0 <= 2 * x["data_wait_mean"] - x["data_wait"] <= x["data_wait"]
+        assert x["tokens_per_s"] == pytest.approx(x["tokens"] / x["seconds"], rel=1e-9)  # all ranks' tokens
 
 
 def test_probe_figures_of_two_ranks_equal_one_process(accumulated, data, tmp_path):
@@ -260,7 +261,9 @@ def test_step_figures_of_split_micro_batches_sum_to_the_whole(data):
     layout = MetricLayout(model, names)
     layout.unpack(layout.pack(parts[0], part_shares[0]) + layout.pack(parts[1], part_shares[1]),
                   parts[0], part_shares[0])
-    a, b = whole.result(1.0), parts[0].result(1.0)
+    whole.close(1.0, 0)
+    parts[0].close(1.0, 0)
+    a, b = whole.result(), parts[0].result()
     for key in ("loss", "losses", "by_stream", "by_task", "by_source", "tokens", "token_share"):
         assert a[key] == pytest.approx(b[key], rel=1e-12), key
     got, want = part_shares[0].result(), whole_shares.result()
