@@ -28,8 +28,9 @@ Run folder::
 Distributed: under `torchrun`, each rank reads its own share of the mixture (`Loader` rank split),
 gradients are averaged by DDP (gloo on CPU, NCCL on CUDA) once per step, after the last micro-batch,
 or the model is sharded with FSDP2 (`--shard-model`; `mmtool.train.distributed`); every rank's
-figures (the probes' too) are summed into each metrics line by one all-reduce, the data wait's max
-and the epoch's min by a second of two numbers (`mmtool.train.metrics`), and rank 0 logs and saves.
+figures (the probes' too) are summed into each metrics line by one all-reduce, the data wait's and
+step time's max and the epoch's min by a second of three numbers (`mmtool.train.metrics`), and rank
+0 logs and saves.
 """
 
 from __future__ import annotations
@@ -427,7 +428,6 @@ def train(cfg: TrainConfig, resume: bool = False,
     _validate(cfg)
     session, start_ckpt, changes, notes = _setup(cfg, resume)
     cfg, ddp, model, loader = session.cfg, session.ddp, session.model, session.loader
-    graphs_before = session.graphs_before
     t_start = time.perf_counter()
     if ddp.main:
         _write_run_files(session, start_ckpt, changes)
@@ -437,7 +437,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         on_start(_start_info(session, start_ckpt, changes, notes + trackers.notes))
     with loader, trackers, StopSignals() as stop:
         trackers.log_config(to_dict(cfg))
-        total = _train_steps(session, trackers, stop, on_step, graphs_before)
+        total = _train_steps(session, trackers, stop, on_step)
     if ddp.world > 1:
         dist.barrier()
     if math.isnan(total) and ddp.main:  # a finished run resumed: nothing left to train
@@ -446,7 +446,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     return {"steps": session.step, "final_loss": total, "parameters": model.num_parameters(),
             "seconds": time.perf_counter() - t_start, "checkpoint": str(session.last_ckpt),
             "drawn": loader.drawn_by_folder(), "world_size": ddp.world, "rank": ddp.rank,
-            "compile_graphs": compile_stats().graphs - graphs_before if cfg.compile else None}
+            "compile_graphs": compile_stats().graphs - session.graphs_before if cfg.compile else None}
 
 
 def _setup(cfg: TrainConfig, resume: bool) -> tuple[_Session, Path | None, dict[str, Any], list[str]]:
@@ -459,9 +459,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> tuple[_Session, Path | None, dict[
     cfg = dataclasses.replace(cfg, loggers=resolve_loggers(cfg.loggers))  # jsonl added; packages checked
     cfg = dataclasses.replace(cfg, mix_by=resolve_mix_by(cfg.mix_by, cfg.data))  # recorded resolved
     cfg = with_folder_objectives(cfg)
-    kind = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    ddp = init_distributed(kind)
+    ddp = init_distributed(device.type)
     loader = Loader(cfg.loader_config(ddp.rank, ddp.world, pin=device.type == "cuda"))
     cfg, objectives_note = with_feedable_objectives(cfg, loader.index.streams)
     start_ckpt, changes = _prepare_run(cfg, resume)
@@ -500,7 +499,7 @@ def _start_info(session: _Session, start_ckpt: Path | None, changes: dict[str, A
 
 
 def _train_steps(session: _Session, trackers: Any, stop: StopSignals,
-                 on_step: Callable[[dict[str, Any]], None] | None, graphs_before: int) -> float:
+                 on_step: Callable[[dict[str, Any]], None] | None) -> float:
     """Steps until `max_steps` (logging and checkpointing as they go) and returns the last step's
     loss (nan when there was no step left to train).
 
@@ -514,7 +513,7 @@ def _train_steps(session: _Session, trackers: Any, stop: StopSignals,
             raise _interrupted(session, stop)
         line = session.run_step()
         if cfg.compile:  # graphs compiled so far (first step: all of them, with its time)
-            line["compile_graphs"] = compile_stats().graphs - graphs_before
+            line["compile_graphs"] = compile_stats().graphs - session.graphs_before
         total = line["loss"]
         if ddp.main:
             trackers.log_step(line)

@@ -12,7 +12,7 @@ token-weighted — each micro-batch's mean loss weighs by the targets behind it:
     by_source[FOLDER]    Σ mean sample loss · real tokens / Σ real tokens of the folder
     tokens, token_share  real tokens of the step, each folder's share of them
 
-Two more figures are each rank's own before they are reduced:
+These figures are each rank's own before they are reduced:
 
     data_wait            the largest rank's share of its step spent waiting for its loader: the
                          slowest rank stalls every other at the gradient all-reduce, so the max is
@@ -26,8 +26,8 @@ Two more figures are each rank's own before they are reduced:
 Under DDP, `MetricLayout.reduce` packs the sums — and `ModalityShares`' sums, and on probe steps the
 probes' (`mmtool.train.probes`) — into one float64 tensor with a fixed layout (every key the model
 can produce, known at setup) and all-reduces it (SUM) once per step; then a second, 3-element
-all-reduce (MAX) of (data wait, −epoch, seconds) gives the maxima and the min, which no sum can carry. Those two
-collectives per step are all the metrics cost; rank 0 then logs the all-rank values.
+all-reduce (MAX) of (data wait, −epoch, seconds) gives the maxima and the min, which no sum can
+carry. Those two collectives per step are all the metrics cost; rank 0 then logs the all-rank values.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class StepMetrics:
         all_tokens = max(sum(source.values()), 1)
         return {"loss": self.total / max(self.micro, 1), **means, "tokens": self.tokens,
                 "token_share": {k: source[k] / all_tokens for k in self.names if k in source},
-                "seconds": self.seconds, "tokens_per_s": self.tokens / self.seconds, "data_wait": self.wait_max,
-                "data_wait_mean": self.wait_mean, "epoch": self.epoch}
+                "seconds": self.seconds, "tokens_per_s": self.tokens / self.seconds,
+                "data_wait": self.wait_max, "data_wait_mean": self.wait_mean, "epoch": self.epoch}
 
 
 class MetricLayout:
@@ -160,8 +160,8 @@ class MetricLayout:
     def reduce(self, acc: StepMetrics, shares: Any, extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """Sums every rank's step figures into `acc` and `shares`, and `extra` (a float64 tensor of
         further sums, the same size on every rank: the probes') with them, in one all-reduce; then
-        takes the max data wait, the min epoch and the max step time in a second, 3-element one. Collectives: every
-        rank calls this every step, after `acc.close`.
+        takes the max data wait, the min epoch and the max step time in a second, 3-element one.
+        Collectives: every rank calls this every step, after `acc.close`.
 
         Returns:
             `extra` summed over the ranks (None without `extra`).
@@ -174,8 +174,8 @@ class MetricLayout:
         flat = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM)
         self.unpack(flat[:self.size], acc, shares)
         acc.wait_mean = float(flat[self.size]) / world
-        peak = _all_reduce(torch.tensor([acc.wait_max, -float(acc.epoch), acc.seconds], dtype=torch.float64),
-                           dist.ReduceOp.MAX)
+        peak = _all_reduce(torch.tensor([acc.wait_max, -float(acc.epoch), acc.seconds],
+                                        dtype=torch.float64), dist.ReduceOp.MAX)
         acc.wait_max, acc.epoch, acc.seconds = float(peak[0]), int(-peak[1]), float(peak[2])
         return flat[self.size + 1:] if extra is not None else None
 
