@@ -258,11 +258,12 @@ def _check_modalities(want: list[str] | None, names: list[str]) -> None:
 class _Gatherer:
     """The evaluation loop's raw measurements, per model ("trained", "twin"): the intact pooled
     features of every evaluated sample, and per (modality, mode) ablation the affected samples'
-    remaining-modality losses (intact and ablated) and ablated features."""
+    remaining-modality losses (intact and ablated) and ablated features. The trained model
+    (`models["trained"]`) defines the modalities, streams and fusion; the twin shares them."""
 
-    def __init__(self, cfg: AblateConfig, model: Any, models: dict[str, Any], index: TokenIndex,
-                 fmap: np.ndarray):
+    def __init__(self, cfg: AblateConfig, models: dict[str, Any], index: TokenIndex, fmap: np.ndarray):
         self.cfg, self.models, self.index, self.fmap = cfg, models, index, fmap
+        model = models["trained"]
         self.device = next(model.parameters()).device
         self.names = list(model.modalities)
         self.mod_of_stream = model.modality_of_stream.cpu().numpy()
@@ -412,7 +413,7 @@ def ablate(cfg: AblateConfig, model: Any = None, run_cfg: Any = None,
     index = _RunStreamIndex([s.path for s in parse_data_specs(data)], model.streams)
     rng, plans, held = _plan_batches(cfg, index)
     _check_modalities(cfg.modalities, list(model.modalities))
-    gathered = _Gatherer(cfg, model, models, index, _folder_map(index, run_folders))
+    gathered = _Gatherer(cfg, models, index, _folder_map(index, run_folders))
     with torch.no_grad():
         for bi, samples in enumerate(plans):
             gathered.batch(bi, samples, rng)

@@ -101,7 +101,7 @@ def rebuild(batch: Batch, orders: list[np.ndarray], keep: list[int], keep_positi
     sample_of_new = np.repeat(np.arange(b), lens)  # [n]
     seg_order, seg_of_slot, seg_sample = _renumber_segments(
         old_seg, sample_of_new, max(int(batch.numpy("seg_stream").shape[0]), 1))
-    rows = {k: np.flatnonzero(new_stream == k) for k in batch.streams if (new_stream == k).any()}  # new slots
+    rows = {k: r for k in batch.streams if len(r := np.flatnonzero(new_stream == k))}  # new slots per stream
     plan = _plan(batch, n, b, len(seg_order), rows)
     buf, v = plan.allocate()
     v["slot_sample"][:] = sample_of_new

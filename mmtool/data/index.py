@@ -7,12 +7,9 @@ and `values` of all segments, and per segment its start in those buffers, its to
 in the sample's token sequence. A batch is then a handful of vectorized gathers (`batching.py`).
 
 Token placement (`seg_base`, `seg_step`, `seg_stride`): token j of a segment lands at position
-`base + (j // step) * stride + j % step` of its sample. Ordinary segments have `step = n` (so they are
-contiguous). Trajectory segments (roles observation/action/reward of a sample that has both
-observations and actions, shape `[T, k]`) have `step = k` and `stride = ` the timestep length, which
-interleaves them as Gato does: `obs_t | separator | action_t | reward_t`, for t = 0..T-1, after any
-other segments (e.g. a prompt). Separators are tokens of the data-less `separator` stream.
-`placement.py` computes it for a whole shard at once.
+`base + (j // step) * stride + j % step` of its sample; trajectory segments interleave as Gato's do
+(`mmtool.data.placement` says how, and computes it for a whole shard at once). Separators are tokens
+of the data-less `separator` stream.
 
 Each segment also carries its role as a stable integer (`role_code`, `seg_role`), so that a loss
 mask can select segments by role (`next-token:roles=assistant` trains on a conversation's
@@ -36,7 +33,7 @@ import pyarrow.compute as pc
 
 from mmtool.data import remote
 from mmtool.data import shards as store
-from mmtool.data.placement import AFTER_SEPARATOR, TIMESTEP_ROLES, placement  # noqa: F401  (re-exported)
+from mmtool.data.placement import placement
 from mmtool.data.schema import SPLITS
 from mmtool.errors import MMToolError
 

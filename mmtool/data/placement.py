@@ -31,7 +31,7 @@ class Placement(NamedTuple):
     sample_step_len: np.ndarray  # [n] tokens per timestep, separator included
 
 
-def excl_cumsum_in_groups(x: np.ndarray, group_start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _excl_cumsum_in_groups(x: np.ndarray, group_start: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Exclusive cumulative sum of `x` restarting at each group (groups are consecutive runs)."""
     cs = np.cumsum(x) - x  # [G] exclusive over everything
     return cs - np.repeat(cs[group_start], counts) if len(x) else cs
@@ -68,8 +68,8 @@ def placement(seg_offsets: np.ndarray, role: np.ndarray, first_dim: np.ndarray, 
     prefix = np.bincount(sample_of_seg, plain_tok, n).astype(np.int64)  # [n]
     step_len = np.bincount(sample_of_seg, step_tok, n).astype(np.int64) + traj  # [n] (+1 sep)
     obs_tok = np.bincount(sample_of_seg, np.where(aligned & ~after_sep, per_step, 0), n).astype(np.int64)
-    base_plain = excl_cumsum_in_groups(plain_tok, group_start, counts)
-    base_step = excl_cumsum_in_groups(step_tok, group_start, counts) + after_sep
+    base_plain = _excl_cumsum_in_groups(plain_tok, group_start, counts)
+    base_step = _excl_cumsum_in_groups(step_tok, group_start, counts) + after_sep
     seg_base = np.where(aligned, prefix[sample_of_seg] + base_step, base_plain)
     seg_stride = np.where(aligned, step_len[sample_of_seg], 0)
     return Placement(seg_base.astype(np.int64), np.maximum(per_step, 1).astype(np.int64),

@@ -55,8 +55,7 @@ from mmtool.data.schema import SCHEMA_VERSION, Sample, samples_to_batch
 from mmtool.data.slices import check_slice_flags, slice_parts, slice_writer, write_slice
 from mmtool.data.sources import build_source
 from mmtool.data.sources.base import Source
-from mmtool.data.tokenizing import (TokenizerSet, parse_tokenizer_overrides, to_sample,  # noqa: F401
-                                    to_samples)  # (to_sample: re-exported)
+from mmtool.data.tokenizing import TokenizerSet, parse_tokenizer_overrides, to_samples
 from mmtool.errors import MMToolError, RecordError
 from mmtool.io import read_json_object
 

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from mmtool.data import shards as store
-from mmtool.data.preprocess import PreprocessConfig, TokenizerSet, preprocess, to_sample
+from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.tokenizing import TokenizerSet, to_sample
 from mmtool.data.sources import build_source
 from mmtool.errors import MMToolError
 

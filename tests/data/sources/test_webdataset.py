@@ -12,7 +12,8 @@ from PIL import Image
 
 from mmtool.data import media
 from mmtool.data import shards as store
-from mmtool.data.preprocess import PreprocessConfig, TokenizerSet, preprocess
+from mmtool.data.preprocess import PreprocessConfig, preprocess
+from mmtool.data.tokenizing import TokenizerSet
 from mmtool.data.schema import Field, rows_to_samples
 from mmtool.data.sources import build_source
 from mmtool.data.tokenizers.base import build_tokenizer
